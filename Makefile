@@ -1,0 +1,18 @@
+# The README's two commands: `make demo` (main job, embedded default) and `make test`.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# The CPU build of torch, from a local wheel on these machines. Installed first, only when torch is
+# missing: otherwise pip would resolve `torch` to the newest CUDA build (several GB).
+TORCH_CPU_VERSION := 2.13.0
+
+.PHONY: install test demo
+
+install:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"
+	$(PIP) install --quiet -e ".[dev]"
+
+test: install
+	$(PYTHON) -m pytest
+
+demo: install
+	$(PYTHON) -m sdzero_mcore.cli demo

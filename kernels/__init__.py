@@ -1,0 +1,1 @@
+"""Triton kernels for SD-Zero distillation losses (imported as sdzero_kernels)."""

@@ -1,0 +1,168 @@
+"""megatron-core distributed checkpoints of a model, with the metadata that makes them self-describing.
+
+Layout of a checkpoint directory::
+
+    sdzero_checkpoint.json   written last: marks the checkpoint complete; architecture, vocab, TP
+    hf/                      the HF config, generation config and tokenizer files it came from
+    metadata.json, .metadata, *.distcp, common.pt
+                             megatron-core's torch_dist checkpoint (TP-independent layout)
+
+The dist checkpoint stores global tensors, so a checkpoint written at one TP size loads at any
+other; the vocabulary rows, padded to a TP-dependent multiple, load with megatron-core's
+``allow_shape_mismatch`` handling of the embedding and output layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from sdzero_mcore import __version__
+from sdzero_mcore.fileio import atomic_write_text
+from sdzero_mcore.checkpoint.hf_io import CheckpointError
+from sdzero_mcore.models.hf_config import ModelArch
+
+META_FILE = "sdzero_checkpoint.json"
+HF_FILES_DIR = "hf"
+FORMAT_VERSION = 1
+
+
+def holds_mcore_checkpoint(path: Path) -> bool:
+    return (path / META_FILE).is_file() or (path / "metadata.json").is_file()
+
+
+def write_checkpoint_meta(
+    ckpt_dir: Path,
+    arch: ModelArch,
+    *,
+    tensor_parallel_size: int,
+    padded_vocab_size: int,
+    params_dtype: torch.dtype,
+    **extra: Any,
+) -> dict:
+    """Write the completion marker, the last step of a save (one process)."""
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "created_by": f"sdzero-mcore {__version__}",
+        "architecture": arch.architecture,
+        "vocab_size": arch.vocab_size,
+        "padded_vocab_size": padded_vocab_size,
+        "tensor_parallel_size": tensor_parallel_size,
+        "params_dtype": str(params_dtype).removeprefix("torch."),
+        **extra,
+    }
+    atomic_write_text(ckpt_dir / META_FILE, json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / META_FILE
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: megatron checkpoint directory does not exist")
+    if not path.is_file():
+        raise CheckpointError(
+            f"{ckpt_dir}: not a complete sdzero-mcore checkpoint ({META_FILE} is missing; "
+            "an interrupted write leaves a hidden .NAME.tmp-* directory instead)"
+        )
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: corrupt metadata ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    return meta
+
+
+def checkpoint_arch(ckpt_dir: str | Path) -> ModelArch:
+    """The architecture a checkpoint holds, from the HF config saved beside it."""
+    read_checkpoint_meta(ckpt_dir)
+    return ModelArch.from_hf_dir(Path(ckpt_dir) / HF_FILES_DIR)
+
+
+def save_model(model, ckpt_dir: Path) -> None:
+    """Collective: every rank of the job writes its shards of ``model`` into ``ckpt_dir``."""
+    from megatron.core import dist_checkpointing
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+
+
+def load_model(model, ckpt_dir: str | Path) -> dict:
+    """Collective: load a complete checkpoint into ``model`` (any TP size). Returns its metadata."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_checkpoint_meta(ckpt_dir)
+    saved = checkpoint_arch(ckpt_dir)
+    if saved != model.hf_arch:
+        differing = [
+            name
+            for name in saved.__dataclass_fields__
+            if name not in ("dtype", "hf_config") and getattr(saved, name) != getattr(model.hf_arch, name)
+        ]
+        if differing:
+            raise CheckpointError(
+                f"{ckpt_dir}: checkpoint architecture differs from the model in: {', '.join(differing)}"
+            )
+    state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state_dict)
+    return meta
+
+
+@contextlib.contextmanager
+def single_process_group() -> Iterator[None]:
+    """A one-process gloo group for dist-checkpoint reads outside a distributed job."""
+    from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
+
+    apply_cpu_compat()  # megatron-core's checkpoint reader synchronises CUDA; no-op with a GPU
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError("reading a checkpoint tensor by tensor must run in a single process")
+        yield
+        return
+    with tempfile.TemporaryDirectory() as rendezvous:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}/store", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+def checkpoint_tensor_metadata(ckpt_dir: str | Path) -> dict:
+    """Global shape and dtype of every tensor key in a dist checkpoint (reads no tensor data)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+
+
+def load_global_tensor(ckpt_dir: str | Path, key: str, metadata: dict, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """One whole tensor key of a dist checkpoint (layers stacked on dim 0). Needs a process group."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if key not in metadata:
+        raise CheckpointError(f"{ckpt_dir}: dist checkpoint has no tensor '{key}'")
+    info = metadata[key]
+    target = torch.empty(info.global_shape, dtype=dtype or info.dtype)
+    request = {key: ShardedTensor.from_rank_offsets(key, target, replica_id=0)}
+    return dist_checkpointing.load(request, str(ckpt_dir))[key]
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` to disk before it is published by a rename."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as handle:
+                os.fsync(handle.fileno())

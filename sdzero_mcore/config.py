@@ -1,0 +1,525 @@
+"""Typed configuration: dataclass defaults, a YAML file on top, then dotted command-line overrides.
+
+OmegaConf structured configs do the merging and type conversion; every error it raises is
+translated into :class:`ConfigError`, whose message names the full dotted key and what is allowed.
+
+Value constraints live next to each field (``field(metadata={"rule": ...})``) and cross-field
+constraints in ``_check_relations``. Both run in :meth:`_Section.validate`, a walk over the tree
+that carries the dotted path prefix, so an error deep in the tree names e.g.
+``srt_train.optimizer.warmup_ratio`` rather than just ``warmup_ratio``.
+"""
+
+import argparse
+import difflib
+import hashlib
+import io
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field, fields, is_dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union, get_args, get_origin
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf, ValueNode
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException, ValidationError
+
+from sdzero_mcore.fileio import atomic_write_text
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "DistillConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "RolloutConfig",
+    "SDZeroConfig",
+    "SRTCollectConfig",
+    "SRTTrainConfig",
+    "add_config_args",
+    "config_from_args",
+    "config_hash",
+    "config_to_yaml",
+    "load_config",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the dotted key and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Field rules
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """A constraint on one field's value: ``test`` must hold, ``allowed`` describes what passes."""
+
+    test: Callable[[Any], bool]
+    allowed: str
+    problem: str = "is out of range; allowed:"
+
+    def check(self, key: str, value: Any) -> None:
+        if not self.test(value):
+            raise ConfigError(f"{key}: {value!r} {self.problem} {self.allowed}")
+
+
+def _one_of(*options: str) -> _Rule:
+    return _Rule(lambda value: value in options, ", ".join(options), problem="is not one of:")
+
+
+_AT_LEAST_1 = _Rule(lambda v: v >= 1, ">= 1")
+_NON_NEGATIVE = _Rule(lambda v: v >= 0, ">= 0")
+_POSITIVE = _Rule(lambda v: v > 0, "> 0")
+_NULL_OR_AT_LEAST_1 = _Rule(lambda v: v is None or v >= 1, "null or >= 1")
+_FRACTION_CLOSED = _Rule(lambda v: 0 <= v <= 1, "[0, 1]")
+_FRACTION_HALF_OPEN = _Rule(lambda v: 0 <= v < 1, "[0, 1)")
+_PROBABILITY = _Rule(lambda v: 0 < v <= 1, "(0, 1]")
+_FRACTION_OPEN = _Rule(lambda v: 0 < v < 1, "(0, 1)")
+
+
+def _checked(default: Any, rule: _Rule) -> Any:
+    """A dataclass field with a default and a value rule that :meth:`_Section.validate` enforces."""
+    return field(default=default, metadata={"rule": rule})
+
+
+# Set while load_config builds the dataclasses: it validates the finished tree once, with full
+# dotted paths, instead of each nested section validating itself with a path relative to it.
+_validation_deferred: ContextVar[bool] = ContextVar("sdzero_config_validation_deferred", default=False)
+
+
+@contextmanager
+def _deferred_validation() -> Iterator[None]:
+    token = _validation_deferred.set(True)
+    try:
+        yield
+    finally:
+        _validation_deferred.reset(token)
+
+
+class _Section:
+    """Base of all config dataclasses: validates field rules and cross-field constraints."""
+
+    def __post_init__(self) -> None:
+        if not _validation_deferred.get():
+            self.validate()
+
+    def validate(self, prefix: str = "") -> None:
+        """Check this section and its subsections; ``prefix`` is this section's dotted path plus '.'."""
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if isinstance(value, _Section):
+                value.validate(f"{prefix}{f.name}.")
+            elif "rule" in f.metadata:
+                f.metadata["rule"].check(prefix + f.name, value)
+        self._check_relations(prefix)
+
+    def _check_relations(self, prefix: str) -> None:
+        """Constraints between fields; sections that have some override this."""
+
+
+def _check_batch_sizes(prefix: str, global_batch_size: int, micro_batch_size: int) -> None:
+    if global_batch_size % micro_batch_size:
+        raise ConfigError(
+            f"{prefix}global_batch_size ({global_batch_size}) must be a multiple of "
+            f"{prefix}micro_batch_size ({micro_batch_size})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class ModelConfig(_Section):
+    """The policy model: where its weights are and how megatron-core builds it."""
+
+    hf_dir: Optional[str] = None  # HF checkpoint dir: config.json, safetensors, tokenizer
+    mcore_dir: Optional[str] = None  # megatron-core checkpoint written by `sdzero convert`
+    # auto = bfloat16 on GPU, float32 on CPU
+    dtype: str = _checked("auto", _one_of("auto", "bfloat16", "float16", "float32"))
+    # auto = transformer_engine when it is importable, else local
+    transformer_impl: str = _checked("auto", _one_of("auto", "local", "transformer_engine"))
+    make_vocab_size_divisible_by: int = _checked(128, _AT_LEAST_1)
+    max_seq_length: int = _checked(4096, _AT_LEAST_1)
+    recompute_activations: bool = False
+
+
+@dataclass
+class ParallelConfig(_Section):
+    """Model-parallel layout; data parallelism takes the remaining ranks."""
+
+    tensor_model_parallel_size: int = _checked(1, _AT_LEAST_1)
+    pipeline_model_parallel_size: int = _checked(
+        1,
+        _Rule(lambda v: v == 1, "1", problem="is not supported: pipeline parallelism is not implemented; allowed:"),
+    )
+    context_parallel_size: int = _checked(1, _AT_LEAST_1)
+    backend: str = _checked("auto", _one_of("auto", "nccl", "gloo"))
+    timeout_minutes: int = _checked(30, _AT_LEAST_1)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` ranks; ConfigError when TP x CP does not divide it."""
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        tp, cp = self.tensor_model_parallel_size, self.context_parallel_size
+        if world_size % (tp * cp):
+            valid = [str(n) for n in range(1, world_size + 1) if world_size % n == 0]
+            raise ConfigError(
+                f"parallel.tensor_model_parallel_size ({tp}) x parallel.context_parallel_size ({cp}) = {tp * cp} "
+                f"does not divide the world size {world_size}; valid TP x CP products for world size "
+                f"{world_size}: {', '.join(valid)}"
+            )
+        return world_size // (tp * cp)
+
+
+@dataclass
+class DataConfig(_Section):
+    """Training questions (split into the SRT phase and the distillation phase) and eval sets."""
+
+    dataset: str = "synthetic:arith"  # a JSONL/Parquet path, a HF datasets name, or synthetic:<task>
+    split: str = "train"
+    question_field: str = "question"
+    answer_field: str = "answer"
+    solution_field: Optional[str] = None
+    phase1_questions: int = _checked(6000, _AT_LEAST_1)
+    phase2_questions: int = _checked(9000, _AT_LEAST_1)
+    split_seed: int = 0
+    max_prompt_tokens: int = _checked(2048, _AT_LEAST_1)
+    prompt_preset: str = "default"
+    eval_datasets: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RolloutConfig(_Section):
+    """Generation engine and sampling settings for on-policy rollouts and reward scoring."""
+
+    backend: str = _checked("hf", _one_of("hf", "sglang"))
+    temperature: float = _checked(1.0, _NON_NEGATIVE)
+    top_p: float = _checked(1.0, _PROBABILITY)
+    top_k: int = _checked(-1, _Rule(lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"))
+    max_new_tokens: int = _checked(8192, _AT_LEAST_1)
+    seed: int = 0
+    weight_sync_bucket_mb: int = _checked(512, _AT_LEAST_1)
+    sglang_mem_fraction_static: float = _checked(0.5, _FRACTION_OPEN)
+    sglang_tp_size: int = _checked(1, _AT_LEAST_1)
+    sglang_url: Optional[str] = None  # a remote server/router; None = colocated in-process engine
+    reward_timeout_s: float = _checked(10.0, _POSITIVE)
+    reward_workers: int = _checked(4, _AT_LEAST_1)
+
+
+@dataclass
+class OptimizerConfig(_Section):
+    """Adam with a learning-rate schedule."""
+
+    lr: float = _checked(5e-6, _POSITIVE)
+    min_lr: float = _checked(0.0, _NON_NEGATIVE)
+    weight_decay: float = _checked(0.01, _NON_NEGATIVE)
+    adam_beta1: float = _checked(0.9, _FRACTION_HALF_OPEN)
+    adam_beta2: float = _checked(0.95, _FRACTION_HALF_OPEN)
+    adam_eps: float = _checked(1e-8, _POSITIVE)
+    clip_grad: float = _checked(1.0, _NON_NEGATIVE)  # 0 = off
+    # both warm up linearly first; constant then holds lr
+    lr_schedule: str = _checked("constant", _one_of("cosine", "constant"))
+    warmup_steps: int = _checked(0, _NON_NEGATIVE)
+    warmup_ratio: float = _checked(0.0, _FRACTION_HALF_OPEN)
+
+    def _check_relations(self, prefix: str) -> None:
+        if self.warmup_steps > 0 and self.warmup_ratio > 0:
+            raise ConfigError(
+                f"{prefix}warmup_steps ({self.warmup_steps}) and {prefix}warmup_ratio ({self.warmup_ratio}) "
+                f"are both set; set at most one of them above 0"
+            )
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}min_lr ({self.min_lr}) must be <= {prefix}lr ({self.lr})")
+
+
+@dataclass
+class SRTCollectConfig(_Section):
+    """Self-revision data collection: initial attempts, then revisions of each."""
+
+    n_init: int = _checked(1, _AT_LEAST_1)
+    n_rev: int = _checked(3, _AT_LEAST_1)
+    temperature: float = _checked(0.7, _NON_NEGATIVE)
+    revise_correct: bool = True
+    target_count: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    max_new_tokens: int = _checked(16384, _AT_LEAST_1)
+    output_file: str = "srt_records.jsonl"
+
+
+@dataclass
+class SRTTrainConfig(_Section):
+    """Self-revision training (phase 1)."""
+
+    # joint = L_revision + L_generation in one loss, as in the paper; sequential = the released
+    # code's two SFT stages, generation then revision
+    mode: str = _checked("joint", _one_of("joint", "sequential"))
+    epochs: int = _checked(3, _AT_LEAST_1)
+    global_batch_size: int = _checked(4, _AT_LEAST_1)
+    micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    max_seq_length: int = _checked(32768, _AT_LEAST_1)
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(
+            OptimizerConfig, lr=5e-6, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=1e-4,
+            adam_beta1=0.9, adam_beta2=0.95,
+        )
+    )
+
+    def _check_relations(self, prefix: str) -> None:
+        _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)
+
+
+@dataclass
+class DistillConfig(_Section):
+    """On-policy self-distillation (phase 2): the reviser teaches the generator via top-k KL."""
+
+    prompts_per_step: int = _checked(128, _AT_LEAST_1)
+    global_batch_size: int = _checked(128, _AT_LEAST_1)
+    micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    top_k: int = _checked(64, _Rule(lambda v: 1 <= v <= 256, "[1, 256]"))
+    kl: str = _checked("reverse", _one_of("reverse", "forward", "mixed"))
+    mixed_weight: float = _checked(0.5, _FRACTION_CLOSED)
+    tail: str = _checked("renorm", _one_of("renorm", "bucket"))
+    temperature: float = _checked(1.0, _POSITIVE)
+    teacher_sync_interval: int = _checked(0, _NON_NEGATIVE)  # 0 = sync the teacher at each epoch end only
+    max_response_tokens: int = _checked(8192, _AT_LEAST_1)
+    max_teacher_tokens: int = _checked(16384, _AT_LEAST_1)
+    epochs: int = _checked(1, _AT_LEAST_1)
+    train_steps: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(
+            OptimizerConfig, lr=5e-6, lr_schedule="constant", warmup_steps=20, weight_decay=0.01, clip_grad=1.0
+        )
+    )
+
+    def _check_relations(self, prefix: str) -> None:
+        _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)
+
+
+@dataclass
+class LoggingConfig(_Section):
+    """Where training metrics go."""
+
+    log_interval: int = _checked(1, _AT_LEAST_1)
+    tensorboard: bool = True
+    jsonl: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    """Checkpoint cadence and retention."""
+
+    save_interval: int = _checked(0, _NON_NEGATIVE)  # 0 = only at the end
+    keep_last: int = _checked(2, _AT_LEAST_1)
+    resume: bool = False
+
+
+@dataclass
+class SDZeroConfig(_Section):
+    """The whole run: one section per subsystem and per training phase."""
+
+    run_name: str = "sdzero"
+    output_dir: str = "runs/sdzero"
+    seed: int = 1234
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # for phases that have none
+    srt_collect: SRTCollectConfig = field(default_factory=SRTCollectConfig)
+    srt_train: SRTTrainConfig = field(default_factory=SRTTrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> SDZeroConfig:
+    """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides, validated."""
+    if isinstance(overrides, str):
+        raise TypeError("overrides must be a sequence of 'key=value' strings, not a single string")
+    merged = OmegaConf.structured(SDZeroConfig)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), source=f"config file {path}")
+    for item in overrides:
+        merged = _merge(merged, _parse_override(item), source=f"override {item!r}")
+    try:
+        with _deferred_validation():
+            cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe_omegaconf_error(err)) from None
+    cfg.validate()
+    return cfg
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    try:
+        # OmegaConf.load reads a top-level plain string as a key, so the shape is checked first.
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None and not isinstance(root, yaml.MappingNode):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of keys to values")
+        return OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML in {path}: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+    return str(err)
+
+
+def _parse_override(item: str) -> DictConfig:
+    key, sep, _ = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(
+            f"invalid override {item!r}: expected the form key=value, "
+            f"e.g. parallel.tensor_model_parallel_size=2"
+        )
+    try:
+        return OmegaConf.from_dotlist([item])
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML: {_yaml_problem(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override {item!r}: {_describe_omegaconf_error(err)}") from None
+
+
+def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    """``base`` with ``update`` merged in; errors name ``source`` (the file or the override)."""
+    try:
+        _check_keys(OmegaConf.to_container(update), SDZeroConfig, prefix="")
+        return OmegaConf.merge(base, update)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_describe_omegaconf_error(err)}") from None
+
+
+def _check_keys(node: Mapping[Any, Any], schema: type, prefix: str) -> None:
+    """Reject keys that ``schema`` lacks and scalars given for sections, before OmegaConf sees them."""
+    types = {f.name: f.type for f in fields(schema)}
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if name not in types:
+            raise ConfigError(_unknown_key_message(key, str(name), prefix, sorted(types)))
+        section = types[name]
+        if is_dataclass(section):
+            if not isinstance(value, Mapping):
+                allowed = ", ".join(sorted(f.name for f in fields(section)))
+                raise ConfigError(
+                    f"{key}: expected a mapping (a section with keys {allowed}), got {_describe_value(value)}"
+                )
+            _check_keys(value, section, prefix=f"{key}.")
+
+
+def _unknown_key_message(key: str, name: str, prefix: str, allowed: list[str]) -> str:
+    section = prefix.rstrip(".")
+    where = f"allowed keys under '{section}'" if section else "allowed top-level keys"
+    message = f"unknown key '{key}'; {where}: {', '.join(allowed)}"
+    close = difflib.get_close_matches(name, allowed, n=1)
+    if close:
+        message += f"; did you mean '{prefix}{close[0]}'?"
+    return message
+
+
+def _describe_omegaconf_error(err: OmegaConfBaseException) -> str:
+    key = err.full_key
+    expected = _schema_type(key) if key else None
+    if isinstance(err, ValidationError) and not isinstance(err, InterpolationResolutionError) and expected:
+        return f"{key}: expected {_type_name(expected)}, got {_describe_value(err.value)}"
+    # OmegaConf appends 'full_key: ...' and type details on later lines; the first line is the problem.
+    problem = (err.msg or str(err)).splitlines()[0]
+    return f"{key}: {problem}" if key else problem
+
+
+def _schema_type(key: str) -> Optional[Any]:
+    """The declared type of the dotted ``key`` in SDZeroConfig, or None if there is no such field."""
+    schema: Any = SDZeroConfig
+    declared = None
+    for name in key.split("."):
+        if not is_dataclass(schema):
+            return None
+        declared = {f.name: f.type for f in fields(schema)}.get(name)
+        if declared is None:
+            return None
+        schema = declared
+    return declared
+
+
+def _type_name(declared: Any) -> str:
+    args = [arg for arg in get_args(declared) if arg is not type(None)]
+    if get_origin(declared) is Union:
+        return f"{_type_name(args[0])} or null"
+    if get_origin(declared) is list:
+        return f"list of {_type_name(args[0])}"
+    return declared.__name__
+
+
+def _describe_value(value: Any) -> str:
+    """``value`` as the user wrote it, e.g. ``'two' (str)``."""
+    if isinstance(value, ValueNode):  # OmegaConf reports some values still wrapped in their node
+        value = value._value()
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if value is None:
+        return "null"
+    kind = {dict: "mapping", list: "list"}.get(type(value), type(value).__name__)
+    return f"{value!r} ({kind})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and identity
+
+
+def config_to_yaml(cfg: SDZeroConfig) -> str:
+    """The canonical YAML text of ``cfg``: every key, in declaration order."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: SDZeroConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML to ``path`` atomically: readers see the old file or the new one, never a part."""
+    atomic_write_text(path, config_to_yaml(cfg))
+
+
+def config_hash(cfg: SDZeroConfig) -> str:
+    """A short stable digest of ``cfg``: equal configs give equal hashes, any change gives another."""
+    return hashlib.sha256(config_to_yaml(cfg).encode("utf-8")).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config PATH`` and trailing ``key=value`` overrides to ``parser``."""
+    parser.add_argument(
+        "--config", metavar="PATH", default=None, help="YAML config file; keys it omits keep their defaults"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides applied after --config, e.g. parallel.tensor_model_parallel_size=2 "
+        "distill.optimizer.lr=1e-5; values are parsed as YAML, so lists read data.eval_datasets=[a,b]",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> SDZeroConfig:
+    """The config that the arguments added by :func:`add_config_args` describe."""
+    return load_config(args.config, args.overrides)

@@ -1,0 +1,183 @@
+"""megatron-core GPTModel built from a HF architecture (Qwen3 dense, Qwen2.5, Llama 3.x).
+
+The model computes what the HF checkpoint computes: RMSNorm with the HF epsilon, SwiGLU, RoPE with
+the HF theta and Llama 3 scaling, GQA, Qwen3's per-head QK-norm, Qwen2.5's QKV bias, tied or untied
+embeddings. The vocabulary is padded as Megatron pads it and the padded ids never get probability.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sdzero_mcore.models.hf_config import ModelArch
+
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_transformer_impl(transformer_impl: str = "auto") -> str:
+    """"auto" picks TransformerEngine when it is importable and a GPU is present, else local."""
+    if transformer_impl not in TRANSFORMER_IMPLS:
+        raise ValueError(
+            f"transformer_impl must be one of {', '.join(TRANSFORMER_IMPLS)}; got {transformer_impl!r}"
+        )
+    if transformer_impl == "auto":
+        use_te = transformer_engine_available() and torch.cuda.is_available()
+        return "transformer_engine" if use_te else "local"
+    if transformer_impl == "transformer_engine" and not transformer_engine_available():
+        raise ValueError("transformer_impl='transformer_engine' but transformer_engine is not installed")
+    return transformer_impl
+
+
+def transformer_config_for(
+    arch: ModelArch,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    perform_initialization: bool = True,
+    recompute_activations: bool = False,
+    use_cpu_initialization: bool = False,
+):
+    """The TransformerConfig that reproduces ``arch``."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    arch.check_tensor_parallel(tensor_model_parallel_size)
+    recompute = {"recompute_granularity": "selective"} if recompute_activations else {}
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        pipeline_model_parallel_size=1,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        attention_softmax_in_fp32=True,
+        use_cpu_initialization=use_cpu_initialization,
+        perform_initialization=perform_initialization,
+        init_method_std=arch.initializer_range,
+        # Fusions that need apex or TransformerEngine kernels stay off; the TE spec brings its own.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        **recompute,
+    )
+
+
+def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto"):
+    """TransformerEngine's layer spec when TE is in use, megatron-core's local spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if resolve_transformer_impl(transformer_impl) == "transformer_engine":
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, padded_vocab_size: int) -> torch.Tensor:
+    """Give the ids in [vocab_size, padded_vocab_size) the lowest logit, on a full or TP-local shard.
+
+    The lowest finite value rather than -inf: softmax still assigns them exactly zero, while
+    p * log p style terms downstream stay 0 instead of NaN.
+    """
+    from megatron.core import parallel_state
+
+    local = logits.shape[-1]
+    if local == padded_vocab_size:  # gathered logits, or TP = 1
+        start = 0
+    else:
+        start = parallel_state.get_tensor_model_parallel_rank() * local
+    if start + local <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + local, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, torch.finfo(logits.dtype).min)
+
+
+def build_gpt_model(
+    arch: ModelArch,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    transformer_impl: str = "auto",
+    parallel_output: bool = True,
+    make_vocab_size_divisible_by: int = 128,
+    perform_initialization: bool = True,
+    recompute_activations: bool = False,
+    max_sequence_length: Optional[int] = None,
+    on_cpu: Optional[bool] = None,
+):
+    """A GPTModel for ``arch`` at the tensor/context-parallel sizes of megatron's parallel_state.
+
+    ``parallel_output=True`` returns vocab-parallel logits [b, s, V_padded / TP] (what the
+    distillation kernels take); False gathers them to [b, s, V_padded]. Either way the padded ids
+    are masked. The model carries ``hf_arch`` and ``padded_vocab_size`` for the converters.
+    ``on_cpu`` (default: when no GPU is visible) keeps the parameters in host memory.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    cp = parallel_state.get_context_parallel_world_size()
+    config = transformer_config_for(
+        arch,
+        params_dtype=params_dtype,
+        tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
+        perform_initialization=perform_initialization,
+        recompute_activations=recompute_activations,
+        use_cpu_initialization=on_cpu,
+    )
+    padded_vocab_size = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec_for(arch, transformer_impl),
+        vocab_size=padded_vocab_size,
+        max_sequence_length=max_sequence_length or arch.max_position_embeddings,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rope.theta,
+    )
+    # megatron-core hard-codes three of Llama 3's four scaling constants; set the frequencies the
+    # HF config asks for instead (also right for unscaled RoPE). inv_freq is not a parameter or a
+    # buffer, so this does not touch checkpoints.
+    inv_freq = arch.rope.inv_freq(arch.head_dim)
+    model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+
+    vocab_size = arch.vocab_size
+
+    def _mask_hook(module, inputs, output):
+        logits, bias = output
+        return mask_padded_vocab(logits, vocab_size, padded_vocab_size), bias
+
+    model.output_layer.register_forward_hook(_mask_hook)
+    model.hf_arch = arch
+    model.padded_vocab_size = padded_vocab_size
+    if not on_cpu:
+        model.cuda(torch.cuda.current_device())
+    return model

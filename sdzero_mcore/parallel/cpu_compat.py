@@ -1,0 +1,119 @@
+"""Lets megatron-core (0.16.x) GPTModel run forward, backward and distributed checkpointing on CPU.
+
+megatron-core assumes CUDA in a handful of places that are not about computation:
+
+* ``torch.cuda.current_device()`` names the device for buffers it allocates (rotary frequencies,
+  tensor-parallel gathers, checkpoint barriers); on a CPU-only machine the current device is the CPU.
+* ``torch.cuda.synchronize()`` fences the distributed-checkpoint writer; with no CUDA stream there is
+  nothing to wait for.
+* The model-parallel RNG tracker keeps per-name *CUDA* generator states and forks them around
+  tensor-parallel initialisation and dropout. On CPU the same bookkeeping is done on the CPU
+  generator, so dropout masks still differ between tensor-parallel ranks and stay reproducible.
+* The fused-softmax path builds its default causal mask with ``device="cuda"``.
+
+:func:`apply_cpu_compat` installs these redirections only when CUDA is absent, once per process.
+It never changes behaviour on a machine with a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+
+_lock = threading.Lock()
+_applied = False
+
+
+def cpu_compat_applied() -> bool:
+    """True when this process runs megatron-core with the CPU redirections installed."""
+    return _applied
+
+
+def apply_cpu_compat(force: bool = False) -> bool:
+    """Install the CPU redirections if CUDA is unavailable (or ``force``). Returns whether they are on.
+
+    Idempotent. ``force`` exists for tests that check the redirections themselves.
+    """
+    global _applied
+    with _lock:
+        if _applied:
+            return True
+        if torch.cuda.is_available() and not force:
+            return False
+        _redirect_torch_cuda()
+        _install_cpu_rng_tracker()
+        _redirect_default_causal_mask()
+        _applied = True
+        return True
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _no_synchronize(device=None) -> None:  # noqa: ARG001 - signature of torch.cuda.synchronize
+    return None
+
+
+def _redirect_torch_cuda() -> None:
+    torch.cuda.current_device = _cpu_current_device
+    torch.cuda.synchronize = _no_synchronize
+
+
+def _get_cpu_rng_state(device="cuda", clone=False, graph_safe=False):  # noqa: ARG001
+    # torch.get_rng_state already returns a copy.
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):  # noqa: ARG001
+    torch.set_rng_state(new_state)
+
+
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
+        """megatron-core's RNG tracker with the CPU generator in place of the CUDA one."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mcore_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            # The CUDA tracker warns when the CPU generator moves inside a fork; here the CPU
+            # generator *is* the forked stream, so that check does not apply.
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer_state)
+
+    mcore_random._get_cuda_rng_state = _get_cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    # initialize_rng_tracker looks the class up by this module-level name when it builds a tracker.
+    mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    mcore_random.initialize_rng_tracker(force_reset=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _redirect_default_causal_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask

@@ -1,0 +1,113 @@
+"""Shared test helpers: HF reference runs and the worker that runs megatron at several TP sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ARCHITECTURES = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"]
+VOCAB = 1111  # not a multiple of 128: padding differs between TP=1 (1152) and TP=2 (1280)
+BATCH, SEQ = 2, 24
+
+
+def fixed_inputs(vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=generator)
+    labels = torch.randint(0, vocab, (BATCH, SEQ), generator=generator)
+    return ids, labels
+
+
+def hf_reference(hf_dir: Path) -> dict:
+    """Logits, mean cross-entropy and its gradients (mapped to global megatron tensors) from transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from sdzero_mcore.checkpoint.mapping import concrete_mappings, hf_to_global
+    from sdzero_mcore.models.hf_config import ModelArch
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids, labels = fixed_inputs()
+    logits = model(ids).logits
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss.backward()
+    arch = ModelArch.from_hf_dir(hf_dir)
+    # A tied lm_head is the embedding parameter itself, so its gradient already holds both uses.
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    global_grads = {
+        m.mcore: hf_to_global(m, grads, arch, padded_vocab=arch.vocab_size) for m in concrete_mappings(arch)
+    }
+    return {"logits": logits.detach(), "loss": loss.detach(), "grads": global_grads}
+
+
+def gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
+    from megatron.core import parallel_state
+    import torch.distributed as dist
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(shards, tensor.contiguous(), group=group)
+    return shards
+
+
+def global_grads(model) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped."""
+    from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, mappings_by_param_name
+
+    table = mappings_by_param_name(model.hf_arch)
+    out = {}
+    for name, param in model.named_parameters():
+        mapping = table[name]
+        full = gather_shards(mapping, gather_tp(param.main_grad))
+        if mapping.kind is Kind.VOCAB:
+            full = full[: model.hf_arch.vocab_size]
+        out[mapping.mcore] = full
+    return out
+
+
+def megatron_run(model) -> dict:
+    """Full-vocabulary logits (padding stripped), the mean cross-entropy and global gradients.
+
+    The backward goes through megatron-core's DDP wrapper and ``finalize_model_grads``, as in
+    training: that step all-reduces the gradients of parameters that see only their TP rank's
+    heads (Qwen3's QK-norm) and averages over data-parallel ranks.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ids, labels = fixed_inputs()
+    positions = torch.arange(SEQ).expand(BATCH, -1)
+    ddp = DistributedDataParallel(
+        config=model.config, ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True), module=model
+    )
+    with torch.no_grad():
+        logits_local = ddp(ids, positions, attention_mask=None)
+    logits = torch.cat(gather_tp(logits_local), dim=-1)
+    # megatron's own vocab-parallel cross-entropy path, so the backward crosses the TP group.
+    loss = ddp(ids, positions, attention_mask=None, labels=labels).mean()
+    loss.backward()
+    finalize_model_grads([ddp])
+    return {
+        "logits": logits[..., : model.hf_arch.vocab_size],
+        "padded_logits_max": logits[..., model.hf_arch.vocab_size :].max(),
+        "loss": loss.detach(),
+        "grads": global_grads(model),
+    }
+
+
+def parity_worker(mcore_dir: str, tp_sizes: list[int], out_path: str) -> None:
+    """Load the converted checkpoint at each TP size in turn and record what megatron computes."""
+    import torch.distributed as dist
+
+    from sdzero_mcore.checkpoint.loading import build_model_from_mcore
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+
+    init_distributed("gloo")
+    results = {}
+    for tp in tp_sizes:
+        initialize_model_parallel(tensor_model_parallel_size=tp)
+        model = build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local")
+        results[tp] = megatron_run(model)
+        results[tp]["padded_vocab_size"] = model.padded_vocab_size
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    destroy_distributed()
