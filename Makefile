@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # missing: otherwise pip would resolve `torch` to the newest CUDA build (several GB).
 TORCH_CPU_VERSION := 2.13.0
 
-.PHONY: install test demo
+.PHONY: install test demo bench bench-kernels
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"
@@ -16,3 +16,10 @@ test: install
 
 demo: install
 	$(PYTHON) -m sdzero_mcore.cli demo
+
+# Kernel benchmark (tools/bench_kernels.py): the H100 table on a GPU, a smoke run on CPU.
+bench-kernels: install
+	$(PYTHON) tools/bench_kernels.py $(BENCH_ARGS)
+
+
+bench: bench-kernels

@@ -29,6 +29,7 @@ setup(
         # GPU machines keep the CUDA build they have.
         "torch>=2.4",
         "megatron-core>=0.16.1,<0.20",
+        "triton>=3.0",  # kernels; on CPU they run under TRITON_INTERPRET=1 or fall back to PyTorch
         "transformers>=4.56",
         "safetensors>=0.4",
         "omegaconf>=2.3",

@@ -1,0 +1,168 @@
+"""Argument checks, backend choice and tensor-parallel reductions shared by the kernels.
+
+Nothing here imports the trainer: ``sdzero_kernels`` stands on torch and triton alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KL_MODES = ("reverse", "forward", "mixed")
+TAIL_MODES = ("renorm", "bucket")
+MAX_K = 256
+# Rows processed together by the PyTorch path: bounds its float32 temporaries to [ROW_CHUNK, V].
+ROW_CHUNK = 1024
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Triton on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1; PyTorch otherwise.
+
+    ``SDZERO_KERNELS_BACKEND=torch|triton`` overrides the choice (the tests use it).
+    """
+    forced = os.environ.get("SDZERO_KERNELS_BACKEND", "auto")
+    if forced not in ("auto", "torch", "triton"):
+        raise ValueError(f"SDZERO_KERNELS_BACKEND must be auto, torch or triton; got {forced!r}")
+    if forced != "auto":
+        return forced == "triton"
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks: ValueError naming the argument; nothing is silently clamped or cast away.
+
+
+def check_logits(name: str, logits) -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGIT_DTYPES:
+        raise ValueError(f"{name} must be bfloat16, float16 or float32, got {logits.dtype}")
+    if logits.dim() < 2 or logits.shape[-1] < 1:
+        raise ValueError(f"{name} must be [T, V] or [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_temperature(temperature) -> float:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_mixed_weight(mixed_weight) -> float:
+    if not isinstance(mixed_weight, (int, float)) or not 0.0 <= mixed_weight <= 1.0:
+        raise ValueError(f"mixed_weight must be in [0, 1], got {mixed_weight!r}")
+    return float(mixed_weight)
+
+
+def forward_weight(kl: str, mixed_weight: float) -> float:
+    """Weight of KL(teacher || student) in the loss; reverse KL gets 1 minus it."""
+    return {"reverse": 0.0, "forward": 1.0, "mixed": mixed_weight}[kl]
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"tensors must be on one device: {listed}")
+
+
+def rows_view(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] as [T, V] with unit stride along V (a view whenever the layout allows)."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    return logits.reshape(-1, logits.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------
+# Tensor parallelism: each rank holds the vocab shard [rank * V_local, (rank + 1) * V_local).
+
+
+def tp_size_rank(tp_group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    if tp_group is None:
+        return 1, 0
+    return dist.get_world_size(tp_group), dist.get_rank(tp_group)
+
+
+def combine_lse(row_max: torch.Tensor, row_sum: torch.Tensor, tp_group, *weighted: torch.Tensor):
+    """Global log-sum-exp per row from per-shard (max, sum of exp(x - max)): a MAX then a SUM all-reduce.
+
+    ``weighted`` are per-shard sums of exp(x - max) * f(x) for some f; they are rescaled and summed
+    alongside, and returned divided by the global sum, i.e. as expectations of f under softmax(x).
+    Returns (lse, *expectations).
+    """
+    if tp_size_rank(tp_group)[0] > 1:
+        global_max = row_max.clone()
+        dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+        factor = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), torch.exp(row_max - global_max))
+        stacked = torch.stack([row_sum, *weighted]) * factor
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=tp_group)
+        row_max, row_sum, weighted = global_max, stacked[0], tuple(stacked[1:])
+    return (row_max + torch.log(row_sum), *(w / row_sum for w in weighted))
+
+
+def all_reduce_max(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    if tp_size_rank(tp_group)[0] > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=tp_group)
+    return tensor
+
+
+def gather_student_logits(
+    student: torch.Tensor, teacher_ids: torch.Tensor, tp_group, inv_temp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student logits / temperature at the teacher's global ids, complete on every TP rank.
+
+    Returns (z [T, K] float32, local column of each id (clamped), whether this rank owns it).
+    """
+    tp_size, tp_rank = tp_size_rank(tp_group)
+    local_vocab = student.shape[-1]
+    local_ids = teacher_ids - tp_rank * local_vocab
+    owned = (local_ids >= 0) & (local_ids < local_vocab)
+    local_ids = local_ids.clamp(0, local_vocab - 1)
+    z = torch.gather(student, 1, local_ids).float() * inv_temp
+    z = z.masked_fill(~owned, float("-inf"))
+    return all_reduce_max(z, tp_group), local_ids, owned
+
+
+def check_teacher_topk_inputs(student: torch.Tensor, teacher_logprobs, teacher_ids, tp_group) -> None:
+    """Shapes, dtypes, devices and the id range (which costs one device sync)."""
+    for name, value in (("teacher_logprobs", teacher_logprobs), ("teacher_ids", teacher_ids)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    lead = tuple(student.shape[:-1])
+    if tuple(teacher_logprobs.shape[:-1]) != lead or teacher_logprobs.dim() != student.dim():
+        raise ValueError(
+            f"teacher_logprobs must be [..., K] matching student_logits {tuple(student.shape)}; "
+            f"got {tuple(teacher_logprobs.shape)}"
+        )
+    if tuple(teacher_ids.shape) != tuple(teacher_logprobs.shape):
+        raise ValueError(
+            f"teacher_ids must have the shape of teacher_logprobs {tuple(teacher_logprobs.shape)}; "
+            f"got {tuple(teacher_ids.shape)}"
+        )
+    if not teacher_logprobs.is_floating_point():
+        raise ValueError(f"teacher_logprobs must be a floating tensor, got {teacher_logprobs.dtype}")
+    if teacher_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"teacher_ids must be int64 or int32, got {teacher_ids.dtype}")
+    k = teacher_ids.shape[-1]
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"teacher_ids must hold 1..{MAX_K} ids per token, got K={k}")
+    check_same_device(student_logits=student, teacher_logprobs=teacher_logprobs, teacher_ids=teacher_ids)
+    vocab = student.shape[-1] * tp_size_rank(tp_group)[0]
+    if k > vocab:
+        raise ValueError(f"teacher_ids has K={k} ids per token, more than the vocabulary size {vocab}")
+    if teacher_ids.numel():
+        low, high = teacher_ids.min().item(), teacher_ids.max().item()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"teacher_ids must lie in [0, {vocab}); found ids in [{low}, {high}]")
