@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # missing: otherwise pip would resolve `torch` to the newest CUDA build (several GB).
 TORCH_CPU_VERSION := 2.13.0
 
-.PHONY: install test demo bench bench-kernels
+.PHONY: install test demo bench bench-kernels bench-attention
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"
@@ -21,5 +21,8 @@ demo: install
 bench-kernels: install
 	$(PYTHON) tools/bench_kernels.py $(BENCH_ARGS)
 
+# Attention benchmark (tools/bench_attention.py): SDPA core attention vs megatron-core's unfused one.
+bench-attention: install
+	$(PYTHON) tools/bench_attention.py $(BENCH_ARGS)
 
-bench: bench-kernels
+bench: bench-kernels bench-attention

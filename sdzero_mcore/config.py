@@ -145,6 +145,8 @@ class ModelConfig(_Section):
     dtype: str = _checked("auto", _one_of("auto", "bfloat16", "float16", "float32"))
     # auto = transformer_engine when it is importable, else local
     transformer_impl: str = _checked("auto", _one_of("auto", "local", "transformer_engine"))
+    # core attention of the local spec: fused SDPA (supports CP), or megatron-core's unfused one
+    local_attention: str = _checked("sdpa", _one_of("sdpa", "unfused"))
     make_vocab_size_divisible_by: int = _checked(128, _AT_LEAST_1)
     max_seq_length: int = _checked(4096, _AT_LEAST_1)
     recompute_activations: bool = False
@@ -160,6 +162,8 @@ class ParallelConfig(_Section):
         _Rule(lambda v: v == 1, "1", problem="is not supported: pipeline parallelism is not implemented; allowed:"),
     )
     context_parallel_size: int = _checked(1, _AT_LEAST_1)
+    # TransformerEngine's CP scheme; the local spec's SDPA attention always all-gathers K and V
+    cp_comm_type: str = _checked("p2p", _one_of("p2p", "all_gather", "a2a", "a2a+p2p"))
     backend: str = _checked("auto", _one_of("auto", "nccl", "gloo"))
     timeout_minutes: int = _checked(30, _AT_LEAST_1)
 

@@ -23,7 +23,8 @@ from sdzero_mcore.config import (
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PARALLEL_KEYS = (
-    "backend, context_parallel_size, pipeline_model_parallel_size, tensor_model_parallel_size, timeout_minutes"
+    "backend, context_parallel_size, cp_comm_type, pipeline_model_parallel_size, tensor_model_parallel_size, "
+    "timeout_minutes"
 )
 
 
@@ -236,6 +237,8 @@ def test_no_omegaconf_traceback_leaks():
         ("model.dtype=fp8", "'fp8' is not one of: auto, bfloat16, float16, float32"),
         ("model.transformer_impl=te", "'te' is not one of: auto, local, transformer_engine"),
         ("parallel.backend=mpi", "'mpi' is not one of: auto, nccl, gloo"),
+        ("parallel.cp_comm_type=ring", "'ring' is not one of: p2p, all_gather, a2a, a2a+p2p"),
+        ("model.local_attention=flash", "'flash' is not one of: sdpa, unfused"),
         ("rollout.backend=vllm", "'vllm' is not one of: hf, sglang"),
         ("srt_train.mode=both", "'both' is not one of: joint, sequential"),
         ("distill.tail=drop", "'drop' is not one of: renorm, bucket"),

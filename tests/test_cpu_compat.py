@@ -109,21 +109,26 @@ def test_gpt_model_forward_backward_with_dropout_on_cpu():
         init_distributed("gloo")
         arch = ModelArch.from_hf_config(tiny_hf_config("Qwen3ForCausalLM").to_dict())
 
-        def step(dropout):
+        def step(dropout, local_attention):
             initialize_model_parallel(1, seed=3)
             torch.manual_seed(0)
-            model = build_gpt_model(arch, transformer_impl="local")
+            model = build_gpt_model(arch, transformer_impl="local", local_attention=local_attention)
             for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):  # attention dropout, run under the tracker's fork
+                # attention dropout, run under the tracker's fork: an nn.Dropout in megatron's
+                # unfused attention, SDPA's dropout_p in ours
+                if isinstance(module, torch.nn.Dropout):
                     module.p = dropout
+                if hasattr(module, "dropout_p"):
+                    module.dropout_p = dropout
             ids = torch.randint(0, 1000, (2, 8), generator=torch.Generator().manual_seed(0))
             loss = model(ids, torch.arange(8).expand(2, -1), None, labels=ids).mean()
             loss.backward()
             return loss.item(), model.embedding.word_embeddings.weight.grad.norm().item()
 
-        first, second, no_dropout = step(0.5), step(0.5), step(0.0)
-        assert first == second, (first, second)
-        assert first != no_dropout and all(v == v and v > 0 for v in first), (first, no_dropout)
+        for impl in ("sdpa", "unfused"):
+            first, second, no_dropout = step(0.5, impl), step(0.5, impl), step(0.0, impl)
+            assert first == second, (impl, first, second)
+            assert first != no_dropout and all(v == v and v > 0 for v in first), (impl, first, no_dropout)
         print("ok", first)
         """
     )

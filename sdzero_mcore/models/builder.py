@@ -16,6 +16,11 @@ import torch.nn.functional as F
 from sdzero_mcore.models.hf_config import ModelArch
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
+# Core attention of the local spec: SDPA (fused kernels, context parallelism) or megatron-core's own
+# unfused DotProductAttention (materialises [b, h, s, s]; no CP), kept as the reference and baseline.
+LOCAL_ATTENTION_IMPLS = ("sdpa", "unfused")
+# TransformerEngine's context-parallel schemes; the local SDPA attention implements all_gather.
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
 
 
 def transformer_engine_available() -> bool:
@@ -45,11 +50,14 @@ def transformer_config_for(
     perform_initialization: bool = True,
     recompute_activations: bool = False,
     use_cpu_initialization: bool = False,
+    cp_comm_type: Optional[str] = None,
 ):
     """The TransformerConfig that reproduces ``arch``."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     arch.check_tensor_parallel(tensor_model_parallel_size)
+    if cp_comm_type is not None and cp_comm_type not in CP_COMM_TYPES:
+        raise ValueError(f"cp_comm_type must be one of {', '.join(CP_COMM_TYPES)}; got {cp_comm_type!r}")
     recompute = {"recompute_granularity": "selective"} if recompute_activations else {}
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -69,6 +77,7 @@ def transformer_config_for(
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_model_parallel_size,
         context_parallel_size=context_parallel_size,
+        cp_comm_type=cp_comm_type if context_parallel_size > 1 else None,
         pipeline_model_parallel_size=1,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -89,13 +98,22 @@ def transformer_config_for(
     )
 
 
-def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto"):
-    """TransformerEngine's layer spec when TE is in use, megatron-core's local spec otherwise."""
+def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa"):
+    """TransformerEngine's layer spec when TE is in use, otherwise megatron-core's local spec with
+    its core attention swapped for :class:`SDPACoreAttention` (``local_attention="sdpa"``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if local_attention not in LOCAL_ATTENTION_IMPLS:
+        raise ValueError(f"local_attention must be one of {', '.join(LOCAL_ATTENTION_IMPLS)}; got {local_attention!r}")
     if resolve_transformer_impl(transformer_impl) == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    if local_attention == "sdpa":
+        from sdzero_mcore.models.attention import SDPACoreAttention
+
+        # The spec is built fresh by each call, so setting the submodule changes no shared state.
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, padded_vocab_size: int) -> torch.Tensor:
@@ -122,6 +140,8 @@ def build_gpt_model(
     *,
     params_dtype: torch.dtype = torch.float32,
     transformer_impl: str = "auto",
+    local_attention: str = "sdpa",
+    cp_comm_type: str = "p2p",
     parallel_output: bool = True,
     make_vocab_size_divisible_by: int = 128,
     perform_initialization: bool = True,
@@ -135,6 +155,8 @@ def build_gpt_model(
     distillation kernels take); False gathers them to [b, s, V_padded]. Either way the padded ids
     are masked. The model carries ``hf_arch`` and ``padded_vocab_size`` for the converters.
     ``on_cpu`` (default: when no GPU is visible) keeps the parameters in host memory.
+    Context parallelism uses TE's ``cp_comm_type`` scheme with the TE spec, and the all-gather
+    scheme of :class:`SDPACoreAttention` with the local spec.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -143,6 +165,14 @@ def build_gpt_model(
         on_cpu = not torch.cuda.is_available()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
+    impl = resolve_transformer_impl(transformer_impl)
+    if impl == "local":
+        if cp > 1 and local_attention != "sdpa":
+            raise ValueError(
+                f"context_parallel_size={cp} needs local_attention='sdpa' (megatron-core's unfused "
+                "DotProductAttention has no context parallelism) or transformer_impl='transformer_engine'"
+            )
+        cp_comm_type = "all_gather"
     config = transformer_config_for(
         arch,
         params_dtype=params_dtype,
@@ -151,11 +181,12 @@ def build_gpt_model(
         perform_initialization=perform_initialization,
         recompute_activations=recompute_activations,
         use_cpu_initialization=on_cpu,
+        cp_comm_type=cp_comm_type,
     )
     padded_vocab_size = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec_for(arch, transformer_impl),
+        transformer_layer_spec=layer_spec_for(arch, impl, local_attention),
         vocab_size=padded_vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         parallel_output=parallel_output,

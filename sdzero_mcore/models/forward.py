@@ -1,8 +1,17 @@
-"""Running a built GPTModel: token ids in, full-vocabulary logits out."""
+"""Running a built GPTModel: full-sequence token ids in, logits out, at any TP x CP layout.
+
+Every rank of a context-parallel group passes the same full [B, S] batch; :func:`cp_local_batch`
+pads it to a multiple of 2 x CP and keeps this rank's load-balanced part (chunks r and 2*CP-1-r),
+which is what megatron-core's RoPE and the attention expect.
+"""
 
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 import torch
+
+from sdzero_mcore.parallel.context_parallel import gather_from_cp, split_batch_for_cp
 
 
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
@@ -11,11 +20,38 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(seq, device=input_ids.device).expand(batch, seq)
 
 
+def cp_size_rank() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+
+
+def cp_local_batch(
+    input_ids: torch.Tensor,
+    extra: Optional[Mapping[str, torch.Tensor]] = None,
+    pad_values: Optional[Mapping[str, object]] = None,
+) -> dict[str, torch.Tensor]:
+    """This CP rank's part of ``input_ids`` [B, S], its position ids, and of any token-level ``extra``.
+
+    Returns a dict with ``input_ids``, ``position_ids`` and the keys of ``extra``, each padded to
+    ``padded_seq_len(S, CP)`` and split. At CP = 1 it pads nothing and splits nothing.
+    """
+    cp_size, cp_rank = cp_size_rank()
+    batch = {"input_ids": input_ids, "position_ids": position_ids_for(input_ids), **(extra or {})}
+    return split_batch_for_cp(batch, cp_size, cp_rank, pad_values=pad_values)
+
+
+def vocab_parallel_logits(model, local: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [B, s_local, V_padded / TP] for a batch prepared by :func:`cp_local_batch`."""
+    return model(local["input_ids"], local["position_ids"], attention_mask=None)
+
+
 def causal_lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits [B, S, vocab_size] over the real vocabulary, gathered across TP ranks if needed."""
+    """Logits [B, S, vocab_size] over the real vocabulary in sequence order, gathered over TP and CP."""
     from megatron.core import tensor_parallel
 
-    logits = model(input_ids, position_ids_for(input_ids), attention_mask=None)
+    logits = vocab_parallel_logits(model, cp_local_batch(input_ids))
     if logits.shape[-1] != model.padded_vocab_size:  # vocab-parallel output
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
-    return logits[..., : model.hf_arch.vocab_size]
+    logits = gather_from_cp(logits, dim=1)
+    return logits[:, : input_ids.shape[1], : model.hf_arch.vocab_size]

@@ -10,6 +10,8 @@ megatron-core assumes CUDA in a handful of places that are not about computation
   tensor-parallel initialisation and dropout. On CPU the same bookkeeping is done on the CPU
   generator, so dropout masks still differ between tensor-parallel ranks and stay reproducible.
 * The fused-softmax path builds its default causal mask with ``device="cuda"``.
+* Under context parallelism, RoPE picks this rank's positions with an index tensor it pins and
+  moves to CUDA; on CPU the same index is built in host memory.
 
 :func:`apply_cpu_compat` installs these redirections only when CUDA is absent, once per process.
 It never changes behaviour on a machine with a GPU.
@@ -46,6 +48,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
         _redirect_torch_cuda()
         _install_cpu_rng_tracker()
         _redirect_default_causal_mask()
+        _redirect_rope_cp_slicing()
         _applied = True
         return True
 
@@ -117,3 +120,22 @@ def _redirect_default_causal_mask() -> None:
     from megatron.core.fusions import fused_softmax
 
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+
+
+def _cpu_pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """megatron-core's get_pos_emb_on_this_cp_rank without pinned memory or CUDA: chunks r and 2CP-1-r."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    chunked = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[seq_dim + 1 :])
+    chunked = chunked.index_select(seq_dim, index)
+    return chunked.view(*chunked.shape[:seq_dim], -1, *chunked.shape[seq_dim + 2 :])
+
+
+def _redirect_rope_cp_slicing() -> None:
+    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+
+    # rotary_pos_embedding imported the function by name, so both bindings are replaced.
+    rope_utils.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank

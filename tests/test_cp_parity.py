@@ -1,0 +1,170 @@
+"""Context parallelism end to end (gloo ranks): CP = 2 and CP = 2 x TP = 2 against CP = 1.
+
+A tiny Qwen3-shaped checkpoint is run at several layouts in one world of ranks; at CP = 1 the
+other ranks are data-parallel replicas of the same batch. Recorded per layout: the logits gathered
+back to sequence order, the parameter gradients of a token-mean cross-entropy, and the Phase 2
+distillation loss (and its gradients) on two sequences of different lengths.
+"""
+
+import pytest
+import torch
+from helpers import VOCAB
+
+from sdzero_mcore.checkpoint.convert import hf_to_mcore
+from sdzero_mcore.models.tiny import save_tiny_hf_model
+from sdzero_mcore.parallel import run_local_workers
+
+TOL = 1e-4
+SEQ = 21  # odd: padded to 24 for CP = 2
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def distill_samples():
+    from sdzero_mcore.losses import DistillSample
+
+    generator = torch.Generator().manual_seed(5)
+
+    def ids(n):
+        return torch.randint(0, VOCAB, (n,), generator=generator).tolist()
+
+    # different prompt, response and teacher-context lengths; the teacher's sequence is longer
+    return [
+        DistillSample(prompt_ids=ids(5), response_ids=ids(7), teacher_prefix_ids=ids(17)),
+        DistillSample(prompt_ids=ids(3), response_ids=ids(11), teacher_prefix_ids=ids(9)),
+    ]
+
+
+def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
+    import torch.distributed as dist
+    from helpers import global_grads
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from sdzero_mcore.checkpoint.loading import build_model_from_mcore
+    from sdzero_mcore.losses import collate_distill, distill_loss, teacher_targets
+    from sdzero_mcore.models.forward import causal_lm_logits, cp_local_batch
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+    from sdzero_mcore.parallel.context_parallel import global_token_count, token_mean_loss
+
+    init_distributed("gloo")
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=generator)
+    labels = torch.randint(0, VOCAB, (2, SEQ), generator=generator)
+    loss_mask = torch.ones(2, SEQ, dtype=torch.bool)
+    loss_mask[1, 15:] = False  # a shorter second sequence
+    batch = collate_distill(distill_samples(), pad_id=0)
+    results = {}
+
+    def fresh_model():
+        model = build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local")
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+        return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+    for tp, cp in layouts:
+        initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+        record = {"dp": parallel_state.get_data_parallel_world_size()}
+        ddp = fresh_model()
+        with torch.no_grad():
+            record["logits"] = causal_lm_logits(ddp.module, ids)
+
+        # token-mean cross-entropy through megatron's vocab-parallel CE, split over CP
+        local = cp_local_batch(ids, {"labels": labels, "loss_mask": loss_mask})
+        per_token = ddp(local["input_ids"], local["position_ids"], None, labels=local["labels"])
+        objective, value = token_mean_loss(per_token, local["loss_mask"], global_token_count(local["loss_mask"]))
+        objective.backward()
+        finalize_model_grads([ddp])
+        record["ce"] = value
+        record["ce_grads"] = global_grads(ddp.module)
+
+        # Phase 2 loss: the frozen teacher is a second copy of the same weights with a longer context
+        ddp = fresh_model()
+        teacher = build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local").eval()
+        for kl, tail in (("reverse", "renorm"), ("mixed", "bucket")):
+            ddp.zero_grad_buffer()
+            targets = teacher_targets(teacher, batch, k=8)
+            loss = distill_loss(ddp, batch, targets, kl=kl, tail=tail)
+            loss.objective.backward()
+            finalize_model_grads([ddp])
+            record[f"distill_{kl}_{tail}"] = loss.value
+            record[f"distill_{kl}_{tail}_grads"] = global_grads(ddp.module)
+            record[f"distill_{kl}_{tail}_tokens"] = loss.num_tokens
+        record["distill_targets"] = (targets.logprobs, targets.ids, targets.loss_mask)
+        results[(tp, cp)] = record
+    if dist.get_rank() == 0:
+        torch.save(results, out_path)
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cp")
+    hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB)
+    hf_to_mcore(hf_dir, root / "mcore", tensor_parallel_size=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cp2(checkpoint):
+    run_local_workers(cp_worker, 2, str(checkpoint / "mcore"), [(1, 2), (1, 1)], str(checkpoint / "cp2.pt"))
+    return torch.load(checkpoint / "cp2.pt")
+
+
+@pytest.fixture(scope="module")
+def cp2tp2(checkpoint):
+    run_local_workers(cp_worker, 4, str(checkpoint / "mcore"), [(2, 2), (1, 1)], str(checkpoint / "cp2tp2.pt"))
+    return torch.load(checkpoint / "cp2tp2.pt")
+
+
+@pytest.fixture(params=["cp2", "cp2tp2"])
+def runs(request):
+    results = request.getfixturevalue(request.param)
+    layout = (1, 2) if request.param == "cp2" else (2, 2)
+    return request.param, results[layout], results[(1, 1)]
+
+
+def test_logits_equal_cp1(runs):
+    name, cp, ref = runs
+    assert cp["logits"].shape == ref["logits"].shape == (2, SEQ, VOCAB)
+    diff = (cp["logits"] - ref["logits"]).abs().max().item()
+    print(f"{name}: max |logits - CP1| = {diff:.3e}")
+    assert diff < TOL
+
+
+def test_gradients_equal_cp1(runs):
+    name, cp, ref = runs
+    assert abs(cp["ce"].item() - ref["ce"].item()) < 1e-5
+    assert cp["ce_grads"].keys() == ref["ce_grads"].keys() and ref["ce_grads"]
+    worst = max(_max_rel(cp["ce_grads"][k], ref["ce_grads"][k]) for k in ref["ce_grads"])
+    print(f"{name}: max relative |grad - CP1 grad| = {worst:.3e}")
+    assert worst < TOL
+
+
+@pytest.mark.parametrize("mode", ["reverse_renorm", "mixed_bucket"])
+def test_distillation_loss_and_gradients_equal_cp1(runs, mode):
+    name, cp, ref = runs
+    # the global batch holds one copy of the 7 + 11 response tokens per data-parallel replica
+    assert cp[f"distill_{mode}_tokens"].item() == 18 * cp["dp"]
+    assert ref[f"distill_{mode}_tokens"].item() == 18 * ref["dp"]
+    loss, ref_loss = cp[f"distill_{mode}"].item(), ref[f"distill_{mode}"].item()
+    print(f"{name} {mode}: loss {loss:.6f} vs CP1 {ref_loss:.6f}")
+    assert ref_loss > 0 and abs(loss - ref_loss) < 1e-5 * max(1.0, ref_loss)
+    grads, ref_grads = cp[f"distill_{mode}_grads"], ref[f"distill_{mode}_grads"]
+    worst = max(_max_rel(grads[k], ref_grads[k]) for k in ref_grads)
+    print(f"{name} {mode}: max relative |grad - CP1 grad| = {worst:.3e}")
+    assert worst < TOL
+
+
+def test_teacher_targets_sit_on_the_response_positions(cp2):
+    """18 response tokens in all; the targets at CP = 2 are those of CP = 1."""
+    logprobs, ids, mask = cp2[(1, 2)]["distill_targets"]
+    ref_logprobs, ref_ids, ref_mask = cp2[(1, 1)]["distill_targets"]
+    assert mask.sum().item() == 7 + 11
+    # student prompt lengths 5 and 3: the first loss position is the last prompt token
+    assert mask[0].nonzero()[0].item() == 4 and mask[1].nonzero()[0].item() == 2
+    n = ref_mask.shape[1]
+    assert torch.equal(mask[:, :n], ref_mask) and not mask[:, n:].any()
+    assert torch.equal(ids[:, :n][ref_mask], ref_ids[ref_mask])
+    assert (logprobs[:, :n][ref_mask] - ref_logprobs[ref_mask]).abs().max().item() < 1e-5
