@@ -26,3 +26,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def megatron_single_rank():
+    """A one-process gloo world with megatron's parallel state at TP = CP = 1."""
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+
+    init_distributed("gloo")
+    initialize_model_parallel(1, seed=0)
+    yield
+    destroy_distributed()

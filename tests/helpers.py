@@ -111,3 +111,34 @@ def parity_worker(mcore_dir: str, tp_sizes: list[int], out_path: str) -> None:
     if dist.get_rank() == 0:
         torch.save(results, out_path)
     destroy_distributed()
+
+
+def peak_allocated_bytes(fn) -> int:
+    """Peak bytes held by torch's CPU allocator during ``fn()`` beyond what was held before.
+
+    Read from the profiler's memory events (every allocation and free of the allocator).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def megatron_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy continuation by a megatron model, recomputing the whole sequence each step (the oracle)."""
+    from sdzero_mcore.models.forward import causal_lm_logits
+
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = causal_lm_logits(model, torch.tensor([ids]))
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]

@@ -8,16 +8,6 @@ from sdzero_mcore.models.attention import SDPACoreAttention
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def megatron_single_rank():
-    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
-
-    init_distributed("gloo")
-    initialize_model_parallel(1, seed=0)
-    yield
-    destroy_distributed()
-
-
 def _config(heads: int, groups: int, head_dim: int):
     from megatron.core.transformer.transformer_config import TransformerConfig
 

@@ -1,0 +1,53 @@
+"""Rollout engines: the RolloutEngine contract, the in-process ``hf`` backend and the ``sglang`` backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from sdzero_mcore.rollout.base import Completion, RolloutEngine, SamplingParams
+
+__all__ = ["Completion", "RolloutEngine", "SamplingParams", "make_rollout_engine", "sampling_from_config"]
+
+
+def sampling_from_config(rollout_cfg, *, stop_token_ids: Sequence[int] = (), n: int = 1, return_logprobs: bool = False,
+                         seed: Optional[int] = None) -> SamplingParams:
+    """The SamplingParams of a ``RolloutConfig`` section (``sdzero_mcore.config``)."""
+    return SamplingParams(
+        temperature=rollout_cfg.temperature,
+        top_p=rollout_cfg.top_p,
+        top_k=rollout_cfg.top_k,
+        max_new_tokens=rollout_cfg.max_new_tokens,
+        stop_token_ids=tuple(stop_token_ids),
+        n=n,
+        seed=rollout_cfg.seed if seed is None else seed,
+        return_logprobs=return_logprobs,
+    )
+
+
+def make_rollout_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtype: torch.dtype = torch.float32,
+                        device=None, load_weights: bool = False) -> RolloutEngine:
+    """The engine ``rollout_cfg.backend`` names, serving the architecture in ``hf_dir``.
+
+    ``load_weights=False`` starts the hf backend without reading weights (the trainer syncs them
+    before the first generation); SGLang always loads ``hf_dir`` at start-up.
+    """
+    if rollout_cfg.backend == "hf":
+        from sdzero_mcore.rollout.hf import HFRolloutEngine
+
+        build = HFRolloutEngine.from_pretrained if load_weights else HFRolloutEngine.from_config
+        return build(hf_dir, dtype=dtype, device=device)
+    if rollout_cfg.backend == "sglang":
+        from sdzero_mcore.rollout.sglang import RemoteSGLangEngine, SGLangRolloutEngine
+
+        if rollout_cfg.sglang_url:
+            return RemoteSGLangEngine(rollout_cfg.sglang_url, tokenizer=tokenizer)
+        return SGLangRolloutEngine(
+            str(hf_dir),
+            tp_size=rollout_cfg.sglang_tp_size,
+            mem_fraction_static=rollout_cfg.sglang_mem_fraction_static,
+            tokenizer=tokenizer,
+        )
+    raise ValueError(f"rollout.backend must be one of hf, sglang; got {rollout_cfg.backend!r}")
