@@ -36,6 +36,8 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.60",
         "psutil>=5.9",  # megatron-core's distributed-checkpoint writer needs it
+        "datasets>=5.2,<6",  # jsonl / json / parquet / Hub question sets
+        "math-verify>=0.9",  # the math reward
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5.5"],

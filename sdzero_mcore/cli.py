@@ -23,12 +23,33 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(
         commands.add_parser("demo", help="the embedded demo: tiny model, CPU, no downloads")
     )
+    phases = {
+        "srt-collect": "Phase 1: attempts, rewards and revisions -> D_revision",
+        "srt-train": "Phase 1: SRT training (L_revision + L_generation) on D_revision",
+        "distill": "Phase 2: on-policy self-distillation from the SRT checkpoint",
+        "run": "the whole pipeline: srt-collect -> srt-train -> distill -> accuracy check",
+    }
+    for name, help_text in phases.items():
+        sub = commands.add_parser(
+            name, help=help_text, description=f"{help_text}. Run under torchrun / srun for several GPUs; one process on CPU."
+        )
+        sub.add_argument("config", help="YAML run config (e.g. examples/tiny_cpu.yaml)")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.top_k=32")
+        sub.add_argument("--init-from", help="starting checkpoint (default: model.mcore_dir or model.hf_dir)")
+        if name in ("srt-train", "distill"):
+            sub.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     quiet_dependency_warnings()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may follow the options (argparse stops filling a positional list early)
+    if getattr(args, "overrides", None) is not None and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "convert":
         from sdzero_mcore.checkpoint.convert import run_convert
 
@@ -37,7 +58,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from sdzero_mcore.demo import run_demo
 
         return 0 if run_demo(args.out_dir, args.architecture, args.tp) else 1
+    if args.command in ("srt-collect", "srt-train", "distill", "run"):
+        return run_phase(args)
     raise AssertionError(args.command)
+
+
+def run_phase(args) -> int:
+    """Load the config, run the phase; a bad config or data prints one line and exits 2."""
+    import json
+
+    from sdzero_mcore.config import ConfigError, load_config
+    from sdzero_mcore.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "srt-collect":
+            from sdzero_mcore.phases.srt_collect import run_srt_collect
+
+            result = run_srt_collect(cfg, args.init_from)
+        elif args.command == "srt-train":
+            from sdzero_mcore.phases.srt_train import run_srt_train
+
+            result = run_srt_train(cfg, args.init_from, max_steps=args.max_steps)
+        elif args.command == "distill":
+            from sdzero_mcore.phases.self_distill import run_distill
+
+            result = run_distill(cfg, args.init_from, max_steps=args.max_steps)
+        else:
+            from sdzero_mcore.phases.pipeline import run_pipeline
+
+            result = json.dumps(run_pipeline(cfg, args.init_from), indent=2)
+    except (ConfigError, DataError) as error:
+        print(f"sdzero {args.command}: {error}", file=sys.stderr)
+        return 2
+    print(f"sdzero {args.command}: {result}")
+    return 0
 
 
 if __name__ == "__main__":  # `python -m sdzero_mcore.cli`; spawned workers re-import this module

@@ -184,19 +184,70 @@ class ParallelConfig(_Section):
 
 @dataclass
 class DataConfig(_Section):
-    """Training questions (split into the SRT phase and the distillation phase) and eval sets."""
+    """Training questions (split into the SRT phase and the distillation phase) and eval sets.
 
-    dataset: str = "synthetic:arith"  # a JSONL/Parquet path, a HF datasets name, or synthetic:<task>
-    split: str = "train"
-    question_field: str = "question"
-    answer_field: str = "answer"
+    Loading, validation and the split live in ``sdzero_mcore.data``; prompts and the control
+    phrases P_r in ``sdzero_mcore.data.prompts``.
+    """
+
+    # a .jsonl/.json/.parquet path, a HF Hub dataset name, or synthetic:<task>
+    dataset: str = "synthetic:arith"
+    split: str = "train"  # Hub datasets only: a local file is one split
+    subset: Optional[str] = None  # Hub dataset configuration (e.g. open-r1/codeforces' verifiable-prompts)
+    # auto = from the file extension; set it for files with another extension
+    data_format: str = _checked("auto", _one_of("auto", "jsonl", "json", "parquet"))
+    # column names: auto picks openr1_math / codeforces / plain from the dataset's columns;
+    # each *_field below, when set, overrides the preset's choice
+    field_preset: str = _checked("auto", _one_of("auto", "openr1_math", "codeforces", "plain"))
+    question_field: Optional[str] = None
+    answer_field: Optional[str] = None  # required for math rows
+    tests_field: Optional[str] = None  # set = code rows: tests required, answer optional
     solution_field: Optional[str] = None
+    id_field: Optional[str] = None  # none = id/uid/uuid when present, else a hash of the question
+    # None keeps every other column in Question.extra; [] keeps none (wide datasets: less memory)
+    extra_fields: Optional[list[str]] = None
+    skip_invalid: bool = False  # skip and count invalid rows instead of stopping at the first
+    limit: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)  # read at most this many rows
+    synthetic_size: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)  # None = phase1 + phase2
+    synthetic_seed: int = 0
     phase1_questions: int = _checked(6000, _AT_LEAST_1)
     phase2_questions: int = _checked(9000, _AT_LEAST_1)
     split_seed: int = 0
     max_prompt_tokens: int = _checked(2048, _AT_LEAST_1)
-    prompt_preset: str = "default"
+    # auto = the tokenizer's chat template when it has one, else "Question: ...\nAnswer:"
+    prompt_template: str = _checked("auto", _one_of("auto", "chat", "plain"))
+    # P_r: paper = PAPER.md's exact phrases; custom = p_r_correct (r = 1) and p_r_incorrect (r = 0)
+    p_r_preset: str = _checked("paper", _one_of("paper", "custom"))
+    p_r_correct: Optional[str] = None
+    p_r_incorrect: Optional[str] = None
     eval_datasets: list[str] = field(default_factory=list)
+
+    def _check_relations(self, prefix: str) -> None:
+        phrases = {"p_r_correct": self.p_r_correct, "p_r_incorrect": self.p_r_incorrect}
+        if self.p_r_preset == "custom":
+            for name, text in phrases.items():
+                if text is None or not text.strip():
+                    raise ConfigError(
+                        f"{prefix}p_r_preset=custom needs a non-empty {prefix}{name}, got {text!r}"
+                    )
+        else:
+            for name, text in phrases.items():
+                if text is not None:
+                    raise ConfigError(
+                        f"{prefix}{name} is set but {prefix}p_r_preset is {self.p_r_preset!r}; "
+                        f"set {prefix}p_r_preset=custom to use custom phrases"
+                    )
+        if self.synthetic_size is not None:
+            if not self.dataset.startswith("synthetic:"):
+                raise ConfigError(
+                    f"{prefix}synthetic_size is set but {prefix}dataset ({self.dataset!r}) is not synthetic:<task>"
+                )
+            needed = self.phase1_questions + self.phase2_questions
+            if self.synthetic_size < needed:
+                raise ConfigError(
+                    f"{prefix}synthetic_size ({self.synthetic_size}) is less than {prefix}phase1_questions "
+                    f"({self.phase1_questions}) + {prefix}phase2_questions ({self.phase2_questions}) = {needed}"
+                )
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Training phases: SRT collection and training, Phase 2 self-distillation; each one job."""

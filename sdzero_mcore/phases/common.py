@@ -1,0 +1,178 @@
+"""What every phase sets up the same way: process groups, models, tokenizer, questions, rewards, engine.
+
+A phase reads the run config, calls these, and then runs its own loop (see ``self_distill.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from sdzero_mcore.config import ConfigError, SDZeroConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSource:
+    """Where a phase's starting weights are: an sdzero-mcore checkpoint or a HF directory."""
+
+    path: Path
+    kind: str  # "mcore" | "hf"
+
+    @property
+    def hf_files_dir(self) -> Path:
+        """The directory with config.json and the tokenizer files."""
+        return self.path / "hf" if self.kind == "mcore" else self.path
+
+
+def resolve_model_source(path: str | Path, what: str) -> ModelSource:
+    """Check a checkpoint path before any work starts; the error names ``what`` (a config key)."""
+    from sdzero_mcore.checkpoint.mcore_io import META_FILE
+
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return ModelSource(path, "mcore")
+    if (path / "config.json").is_file():
+        return ModelSource(path, "hf")
+    if not path.exists():
+        raise ConfigError(f"{what}: checkpoint {path} does not exist")
+    raise ConfigError(
+        f"{what}: {path} is neither an sdzero-mcore checkpoint (no {META_FILE}) nor a HF model directory "
+        "(no config.json)"
+    )
+
+
+def params_dtype(cfg: SDZeroConfig) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.model.dtype)
+
+
+def check_layout(cfg: SDZeroConfig, source: ModelSource) -> None:
+    """TP must divide the heads: checked from config.json before any process group exists."""
+    from sdzero_mcore.models.hf_config import ModelArch
+
+    arch = ModelArch.from_hf_dir(source.hf_files_dir)
+    try:
+        arch.check_tensor_parallel(cfg.parallel.tensor_model_parallel_size)
+    except ValueError as error:
+        raise ConfigError(f"parallel.tensor_model_parallel_size: {error}") from None
+
+
+def setup_parallel(cfg: SDZeroConfig):
+    from sdzero_mcore.parallel import init_distributed, initialize_model_parallel
+
+    init_distributed(cfg.parallel.backend, timeout_minutes=cfg.parallel.timeout_minutes)
+    return initialize_model_parallel(
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        context_parallel_size=cfg.parallel.context_parallel_size,
+        seed=cfg.seed,
+    )
+
+
+def build_model(cfg: SDZeroConfig, source: ModelSource):
+    from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
+
+    kwargs = dict(
+        params_dtype=params_dtype(cfg),
+        transformer_impl=cfg.model.transformer_impl,
+        local_attention=cfg.model.local_attention,
+        cp_comm_type=cfg.parallel.cp_comm_type,
+        make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+    )
+    build = build_model_from_mcore if source.kind == "mcore" else build_model_from_hf
+    return build(source.path, **kwargs)
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.hf_files_dir)
+
+
+def phase_questions(cfg: SDZeroConfig) -> tuple[list, list]:
+    """(phase 1, phase 2) questions: loaded, validated and split as the data section says."""
+    from sdzero_mcore.data import load_from_config, split_phases
+
+    loaded = load_from_config(cfg.data)
+    return split_phases(loaded.questions, cfg.data.phase1_questions, cfg.data.phase2_questions, cfg.data.split_seed)
+
+
+def reward_name(cfg: SDZeroConfig, questions: Sequence) -> str:
+    """The verifier for the data: the synthetic task's own, code when rows carry tests, else math."""
+    if cfg.data.dataset.startswith("synthetic:"):
+        return cfg.data.dataset
+    return "code" if questions and questions[0].tests is not None else "math"
+
+
+def make_reward_fn(cfg: SDZeroConfig, questions: Sequence):
+    from sdzero_mcore.rewards import get_reward_fn
+
+    name = reward_name(cfg, questions)
+    if name.startswith("synthetic:"):  # verified in-process: pure Python, bounded work
+        return get_reward_fn(name)
+    if name == "code":  # its timeout is a per-sample budget over all tests: keep the reward's default
+        return get_reward_fn(name, num_workers=cfg.rollout.reward_workers)
+    return get_reward_fn(name, timeout_s=cfg.rollout.reward_timeout_s, num_workers=cfg.rollout.reward_workers)
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def data_parallel_shard(items: Sequence, *, group: Optional[dist.ProcessGroup] = None) -> list:
+    """This data-parallel rank's share of a step's items (round robin)."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_data_parallel_world_size()
+    rank = parallel_state.get_data_parallel_rank()
+    return list(items[rank::size])
+
+
+def reward_target(question) -> object:
+    """What the verifier compares a response with: a code question's tests, a synthetic row (countdown
+    checks the numbers used and the target), else the answer."""
+    if question.tests is not None:
+        return question.tests
+    if "task" in question.extra:
+        return {**question.extra, "answer": question.answer}
+    return question.answer
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def serving_engine(cfg: SDZeroConfig, source: ModelSource, tokenizer):
+    """Rank 0's rollout engine serving ``source`` (None on other ranks). A HF directory loads
+    directly; an sdzero-mcore checkpoint is read by megatron at the configured layout and streamed
+    in (every rank joins), so both formats serve the same weights."""
+    from sdzero_mcore.rollout import make_rollout_engine
+
+    if source.kind == "hf":
+        if not is_rank0():
+            return None
+        return make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, load_weights=True)
+    from sdzero_mcore.phases.self_distill import sync_engine
+
+    setup_parallel(cfg)
+    model = build_model(cfg, source)
+    engine = make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer) if is_rank0() else None
+    sync_engine(engine, model, cfg.rollout.weight_sync_bucket_mb)
+    return engine

@@ -1,0 +1,39 @@
+"""A minimal accuracy check of a checkpoint (greedy, one sample per question); the full evaluation
+suite (avg@k, pass@k, generate-then-revise) is a separate module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from sdzero_mcore.config import SDZeroConfig
+from sdzero_mcore.fileio import atomic_write_text
+from sdzero_mcore.phases import common
+
+
+def greedy_accuracy(cfg: SDZeroConfig, checkpoint: str | Path, questions: Sequence, out_file: Path) -> dict:
+    """Greedy accuracy of ``checkpoint`` on ``questions``, written to ``out_file`` (JSON) by rank 0."""
+    from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids
+    from sdzero_mcore.rollout import SamplingParams
+
+    source = common.resolve_model_source(checkpoint, "eval checkpoint")
+    tokenizer = common.load_tokenizer(source)
+    engine = common.serving_engine(cfg, source, tokenizer)
+    result = None
+    if engine is not None:
+        prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
+        sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                                  stop_token_ids=tuple(sorted(default_stop_ids(tokenizer))))
+        completions = engine.generate(prompts, sampling)
+        with common.make_reward_fn(cfg, questions) as reward_fn:
+            results = reward_fn.score_batch([c.text for c in completions], [common.reward_target(q) for q in questions])
+        result = {
+            "checkpoint": str(checkpoint),
+            "questions": len(questions),
+            "accuracy": sum(r.reward for r in results) / max(1, len(results)),
+            "mean_response_tokens": sum(len(c.token_ids) for c in completions) / max(1, len(completions)),
+        }
+        atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")
+    common.barrier()
+    return common.broadcast_object(result)

@@ -1,0 +1,262 @@
+"""Phase 2: on-policy self-distillation (``sdzero distill``), DESIGN.md "Data flow of one Phase 2 step".
+
+Per step: sample one response per question from the rollout engine (holding the student's
+current weights), score it, build the teacher context x + y + sep + P_r + sep + y on token ids,
+take the frozen teacher's top-K at the response positions, and train the student on ``topk_kl``
+against it. Then push the new weights into the engine; every ``teacher_sync_interval`` steps
+(and at each epoch end) copy the student into the teacher: the paper's iterative self-evolution.
+
+Rank 0 owns the rollout engine and the reward workers; the step's samples are broadcast, every
+data-parallel rank trains on its share, and every rank joins the weight sync (TP collectives).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from sdzero_mcore.config import ConfigError, SDZeroConfig
+from sdzero_mcore.losses.distill import DistillSample, collate_distill, distill_loss, teacher_targets
+from sdzero_mcore.parallel.context_parallel import global_token_count, split_for_cp
+from sdzero_mcore.phases import common
+
+logger = logging.getLogger(__name__)
+PHASE = "distill"
+
+
+@dataclass
+class Rollout:
+    """One scored student sample, as token ids."""
+
+    question_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    reward: int
+    finish_reason: str
+
+
+def truncate_for_teacher(x_ids: Sequence[int], y_ids: Sequence[int], reward: int, tokenizer, preset, max_teacher_tokens: int):
+    """The longest prefix of ``y`` whose teacher context fits ``max_teacher_tokens`` (None if none does)."""
+    from sdzero_mcore.data.prompts import teacher_context
+
+    length = len(y_ids)
+    while length > 0:
+        context = teacher_context(x_ids, y_ids[:length], reward, tokenizer, preset)
+        if len(context.ids) <= max_teacher_tokens:
+            return context, list(y_ids[:length])
+        length = min(length - 1, (max_teacher_tokens - (len(context.ids) - 2 * length)) // 2)
+    return None, []
+
+
+def check_teacher_budget(prompts: Sequence[Sequence[int]], tokenizer, preset, max_teacher_tokens: int) -> None:
+    """Fail before any work when a prompt leaves no room for even one response token."""
+    from sdzero_mcore.data.prompts import control_ids
+
+    separator = max(len(control_ids(tokenizer, r, preset)) for r in (0, 1))
+    worst = max(range(len(prompts)), key=lambda i: len(prompts[i]))
+    needed = len(prompts[worst]) + separator + 2
+    if needed > max_teacher_tokens:
+        raise ConfigError(
+            f"distill.max_teacher_tokens ({max_teacher_tokens}) is smaller than the teacher context of phase-2 "
+            f"question {worst}: {len(prompts[worst])} prompt tokens + {separator} P_r tokens + 2 response tokens"
+        )
+
+
+def epoch_order(num_questions: int, epoch: int, seed: int) -> list[int]:
+    order = list(range(num_questions))
+    random.Random(seed * 1000003 + epoch).shuffle(order)
+    return order
+
+
+def step_questions(step: int, per_step: int, num_questions: int, seed: int) -> tuple[int, list[int], bool]:
+    """(epoch, question indices, whether this step ends the epoch) for a step; steps never split an epoch."""
+    steps_per_epoch = max(1, num_questions // per_step)
+    epoch, within = divmod(step, steps_per_epoch)
+    order = epoch_order(num_questions, epoch, seed)
+    return epoch, order[within * per_step : (within + 1) * per_step], within == steps_per_epoch - 1
+
+
+@torch.no_grad()
+def sync_teacher(teacher, student) -> None:
+    """Copy the student's weights into the teacher (same layout, shard by shard)."""
+    for (name, t), (_, s) in zip(teacher.named_parameters(), student.named_parameters()):
+        t.copy_(s)
+
+
+def weights_checksum(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def sync_engine(engine, student, bucket_mb: int) -> None:
+    """All ranks stream (TP collectives); rank 0 feeds its engine."""
+    from sdzero_mcore.parallel.resharding import iter_hf_buckets
+
+    buckets = iter_hf_buckets(student, bucket_mb * 2**20)
+    if engine is not None:
+        engine.update_weights(buckets)
+    else:
+        for _ in buckets:
+            pass
+
+
+def kl_by_reward(per_token: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """Sums of KL and token counts for r = 0 and r = 1 responses (this rank's share, over CP)."""
+    from megatron.core import parallel_state
+
+    per_sample = per_token.sum(dim=1)
+    if parallel_state.get_context_parallel_world_size() > 1:
+        dist.all_reduce(per_sample, group=parallel_state.get_context_parallel_group())
+    out = {}
+    for r in (0, 1):
+        chosen = rewards == r
+        out[f"kl_sum_r{r}"] = float(per_sample[chosen].sum())
+        out[f"tokens_r{r}"] = float(lengths[chosen].sum())
+    return out
+
+
+def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Optional[int] = None) -> Path:
+    """Run Phase 2 from ``init_from`` (default: model.mcore_dir or model.hf_dir). Returns the final checkpoint."""
+    from tqdm import tqdm
+
+    from sdzero_mcore.data.prompts import control_phrases_from_config, default_stop_ids, prompt_ids
+    from sdzero_mcore.rollout import make_rollout_engine, sampling_from_config
+    from sdzero_mcore.trainer import Trainer
+
+    start = init_from or cfg.model.mcore_dir or cfg.model.hf_dir
+    if start is None:
+        raise ConfigError("distill: set model.mcore_dir or model.hf_dir (the SRT checkpoint the student starts from)")
+    source = common.resolve_model_source(start, "model.mcore_dir" if cfg.model.mcore_dir else "model.hf_dir")
+    common.check_layout(cfg, source)
+    tokenizer = common.load_tokenizer(source)
+    preset = control_phrases_from_config(cfg.data)
+    _, questions = common.phase_questions(cfg)
+    prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
+    check_teacher_budget(prompts, tokenizer, preset, cfg.distill.max_teacher_tokens)
+    dcfg = cfg.distill
+    steps_per_epoch = max(1, len(questions) // dcfg.prompts_per_step)
+    total_steps = dcfg.train_steps or steps_per_epoch * dcfg.epochs
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps)
+
+    common.setup_parallel(cfg)
+    student = common.build_model(cfg, source)
+    teacher = common.build_model(cfg, source).eval().requires_grad_(False)
+    run_dir = Path(cfg.output_dir)
+    trainer = Trainer(
+        student, dcfg.optimizer, total_steps=total_steps, run_dir=run_dir, phase=PHASE,
+        hf_files_dir=source.hf_files_dir, logging_cfg=cfg.logging, checkpoint_cfg=cfg.checkpoint,
+    )
+    if cfg.checkpoint.resume and trainer.latest_checkpoint() is not None:
+        # the teacher is restored too: it is the student of the last sync, not of this step
+        trainer.load_checkpoint(trainer.latest_checkpoint(), extra_models={"teacher": teacher})
+    stop_ids = sorted(default_stop_ids(tokenizer))
+    engine = None
+    reward_fn = None
+    if common.is_rank0():
+        engine = make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, dtype=common.params_dtype(cfg))
+        reward_fn = common.make_reward_fn(cfg, questions)
+    sync_engine(engine, student, cfg.rollout.weight_sync_bucket_mb)
+    counters = trainer.state.data.setdefault("counters", {"generations": 0, "generated_tokens": 0})
+
+    progress = tqdm(total=total_steps, initial=trainer.state.step, desc="distill", disable=not (cfg.logging.progress and common.is_rank0()))
+    try:
+        while trainer.state.step < total_steps:
+            step = trainer.state.step
+            epoch, indices, ends_epoch = step_questions(step, dcfg.prompts_per_step, len(questions), cfg.seed)
+            rollouts = None
+            if engine is not None:
+                engine.wake()
+                sampling = replace(
+                    sampling_from_config(cfg.rollout, stop_token_ids=stop_ids, seed=cfg.rollout.seed + step),
+                    max_new_tokens=min(dcfg.max_response_tokens, cfg.rollout.max_new_tokens),
+                )
+                completions = engine.generate([prompts[i] for i in indices], sampling)
+                results = reward_fn.score_batch([c.text for c in completions], [common.reward_target(questions[i]) for i in indices])
+                rollouts = [
+                    Rollout(i, prompts[i], c.token_ids, int(r.reward), c.finish_reason)
+                    for i, c, r in zip(indices, completions, results)
+                ]
+                engine.sleep()
+            rollouts = common.broadcast_object(rollouts)
+            counters["generations"] += len(rollouts)
+            counters["generated_tokens"] += sum(len(r.response_ids) for r in rollouts)
+
+            samples, kept = [], []
+            for rollout in rollouts:
+                if not rollout.response_ids:
+                    continue
+                context, y = truncate_for_teacher(rollout.prompt_ids, rollout.response_ids, rollout.reward, tokenizer, preset, dcfg.max_teacher_tokens)
+                if context is None:
+                    continue
+                samples.append(DistillSample(rollout.prompt_ids, y, context.ids[: context.response_start]))
+                kept.append(rollout)
+            mine = common.data_parallel_shard(list(zip(samples, kept)))
+            metrics = train_on_samples(trainer, teacher, mine, tokenizer, dcfg)
+            metrics.update(
+                reward_rate=sum(r.reward for r in rollouts) / max(1, len(rollouts)),
+                response_length=sum(len(r.response_ids) for r in rollouts) / max(1, len(rollouts)),
+                epoch=epoch,
+                **counters,
+            )
+            sync_engine(engine, student, cfg.rollout.weight_sync_bucket_mb)
+            interval = dcfg.teacher_sync_interval
+            if (interval and trainer.state.step % interval == 0) or ends_epoch:
+                sync_teacher(teacher, student)
+                metrics["teacher_synced"] = True
+            metrics["teacher_checksum"] = weights_checksum(teacher)
+            trainer.log(metrics)
+            progress.update(1)
+            progress.set_postfix(kl=f"{metrics.get('kl_per_token', float('nan')):.4f}", reward=f"{metrics['reward_rate']:.2f}")
+            if cfg.checkpoint.save_interval and trainer.state.step % cfg.checkpoint.save_interval == 0:
+                trainer.save_checkpoint(extra_models={"teacher": teacher})
+        final = trainer.save_checkpoint(final=True, extra_models={"teacher": teacher})
+    finally:
+        progress.close()
+        trainer.close()
+        if reward_fn is not None:
+            reward_fn.close()
+    return final
+
+
+def train_on_samples(trainer, teacher, mine, tokenizer, dcfg) -> dict:
+    """One optimizer step on this DP rank's (sample, rollout) pairs, in micro-batches."""
+    from megatron.core import parallel_state
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    micro = [mine[i : i + dcfg.micro_batch_size] for i in range(0, len(mine), dcfg.micro_batch_size)]
+    prepared = []
+    local_tokens = torch.zeros((), dtype=torch.float64)
+    for chunk in micro:
+        batch = collate_distill([s for s, _ in chunk], pad_id)
+        targets = teacher_targets(teacher, batch, k=dcfg.top_k, temperature=dcfg.temperature)
+        cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+        local_tokens += split_for_cp(targets.loss_mask, cp, cp_rank, dim=1).sum()
+        rewards = torch.tensor([r.reward for _, r in chunk])
+        prepared.append((batch, targets, rewards))
+    num_tokens = local_tokens.clone()
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(num_tokens, group=group)
+
+    def loss_fn(model, item):
+        batch, targets, rewards = item
+        loss = distill_loss(model, batch, targets, kl=dcfg.kl, mixed_weight=dcfg.mixed_weight, tail=dcfg.tail,
+                            temperature=dcfg.temperature, num_tokens=num_tokens)
+        return loss.objective, {"kl_per_token": loss.value, **kl_by_reward(loss.per_token, rewards, batch.response_len)}
+
+    metrics = trainer.train_step(prepared, loss_fn)
+    for r in (0, 1):
+        sums = torch.tensor([metrics.pop(f"kl_sum_r{r}", 0.0), metrics.pop(f"tokens_r{r}", 0.0)], dtype=torch.float64)
+        dp = parallel_state.get_data_parallel_group()
+        if dist.get_world_size(dp) > 1:
+            dist.all_reduce(sums, group=dp)
+        metrics[f"kl_per_token_r{r}"] = float(sums[0] / sums[1]) if sums[1] > 0 else math.nan
+    metrics["response_tokens"] = float(num_tokens)
+    return metrics

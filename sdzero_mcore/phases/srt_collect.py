@@ -1,0 +1,193 @@
+"""Phase 1 collection (``sdzero srt-collect``): attempts, their rewards, and revisions of each.
+
+For every Phase 1 question: ``n_init`` attempts y_init ~ pi(.|x) and their rewards; then, for
+each attempt (correct ones too when ``revise_correct``), ``n_rev`` revisions
+y_rev ~ pi(.|x, y_init, P_r) and theirs. Every revision becomes one record in an append-only
+JSONL file; the verified-correct ones form D_revision, the SRT training set.
+
+Crash safety: all records of a question are appended in one write followed by a ``done`` line
+and an fsync. A rerun of the same command truncates the file after the last ``done`` line (a
+kill mid-question leaves at most a partial question, which is dropped) and skips the questions
+already done; sampling is seeded per question, so the redone question gets the same samples.
+Nothing is lost or duplicated. D_revision and the summary are derived from the log, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from sdzero_mcore.config import SDZeroConfig
+from sdzero_mcore.fileio import atomic_write_text
+from sdzero_mcore.phases import common
+
+RECORDS_FILE = "srt_records.jsonl"
+REVISION_FILE = "d_revision.jsonl"
+SUMMARY_FILE = "summary.json"
+COMPLETE_FILE = "complete.json"  # every question done (or target_count reached)
+
+
+def config_hash(cfg: SDZeroConfig) -> str:
+    relevant = {"data": cfg.data.__dict__, "collect": cfg.srt_collect.__dict__, "rollout": cfg.rollout.__dict__}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def question_seed(base: int, question_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{base}:{question_id}".encode()).digest()[:4], "little")
+
+
+def recover_log(path: Path) -> set[str]:
+    """Truncate ``path`` after its last complete question; return the ids of the questions done."""
+    if not path.exists():
+        return set()
+    done: set[str] = set()
+    keep = 0
+    offset = 0
+    with path.open("rb") as handle:
+        for raw in handle:
+            offset += len(raw)
+            if not raw.endswith(b"\n"):
+                break  # a line cut by the kill
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            if record.get("type") == "done":
+                done.add(record["question_id"])
+                keep = offset
+    if keep != path.stat().st_size:
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+    return done
+
+
+def collect_dir(cfg: SDZeroConfig) -> Path:
+    return Path(cfg.output_dir) / "srt_collect"
+
+
+def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
+    """Collect (or finish collecting) Phase 1 data; returns the D_revision file."""
+    from tqdm import tqdm
+
+    from sdzero_mcore.data.prompts import control_phrases_from_config, default_stop_ids, prompt_ids, revision_context
+    from sdzero_mcore.rollout import sampling_from_config
+
+    start = init_from or cfg.model.hf_dir or cfg.model.mcore_dir
+    source = common.resolve_model_source(start, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_dir")
+    tokenizer = common.load_tokenizer(source)
+    preset = control_phrases_from_config(cfg.data)
+    questions, _ = common.phase_questions(cfg)
+    ccfg = cfg.srt_collect
+    out = collect_dir(cfg)
+    engine = common.serving_engine(cfg, source, tokenizer)
+    if not common.is_rank0():  # rank 0 generates; the others only joined the weight streaming
+        common.barrier()
+        return out / REVISION_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / RECORDS_FILE
+    done = recover_log(log)
+    reward_fn = common.make_reward_fn(cfg, questions)
+    stop_ids = sorted(default_stop_ids(tokenizer))
+    base = replace(
+        sampling_from_config(cfg.rollout, stop_token_ids=stop_ids),
+        temperature=ccfg.temperature,
+        max_new_tokens=ccfg.max_new_tokens,
+    )
+    chash = config_hash(cfg)
+    kept = _count_kept(log)
+    pending = [q for q in questions if q.id not in done]
+    try:
+        for question in tqdm(pending, desc="srt-collect", disable=not cfg.logging.progress):
+            if ccfg.target_count is not None and kept >= ccfg.target_count:
+                break
+            seed = question_seed(cfg.rollout.seed, question.id)
+            x = prompt_ids(tokenizer, question.question, template=cfg.data.prompt_template)
+            attempts = engine.generate([x], replace(base, n=ccfg.n_init, seed=seed))
+            target = common.reward_target(question)
+            init_rewards = reward_fn.score_batch([a.text for a in attempts], [target] * len(attempts))
+            lines = []
+            for a_index, (attempt, r_init) in enumerate(zip(attempts, init_rewards)):
+                if r_init.reward == 1 and not ccfg.revise_correct:
+                    continue
+                context = revision_context(x, attempt.token_ids, r_init.reward, tokenizer, preset, stop_token_ids=stop_ids)
+                revisions = engine.generate([context], replace(base, n=ccfg.n_rev, seed=seed + 1 + a_index))
+                rev_rewards = reward_fn.score_batch([r.text for r in revisions], [target] * len(revisions))
+                for r_index, (revision, r_rev) in enumerate(zip(revisions, rev_rewards)):
+                    lines.append({
+                        "type": "revision",
+                        "question_id": question.id, "attempt_id": a_index, "revision_id": r_index,
+                        "x": question.question, "x_ids": x,
+                        "y_init_ids": attempt.token_ids, "y_init": attempt.text, "r_init": r_init.reward,
+                        "p_r": preset.for_reward(r_init.reward),
+                        "y_rev_ids": revision.token_ids, "y_rev": revision.text, "r_rev": r_rev.reward,
+                        "init_tokens": len(attempt.token_ids), "rev_tokens": len(revision.token_ids),
+                        "model": str(source.path), "config_hash": chash,
+                    })
+                    kept += r_rev.reward
+            lines.append({
+                "type": "done", "question_id": question.id,
+                "attempts": [{"r": r.reward, "tokens": len(a.token_ids)} for a, r in zip(attempts, init_rewards)],
+            })
+            _append(log, lines)
+        else:
+            atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash}) + "\n")
+        if ccfg.target_count is not None and kept >= ccfg.target_count:
+            atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash, "target_reached": kept}) + "\n")
+    finally:
+        reward_fn.close()
+    path = write_outputs(out)
+    common.barrier()
+    return path
+
+
+def collection_complete(cfg: SDZeroConfig) -> bool:
+    return (collect_dir(cfg) / COMPLETE_FILE).is_file()
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    data = "".join(json.dumps(r) + "\n" for r in records)
+    with path.open("a") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _records(path: Path):
+    if not path.exists():
+        return
+    with path.open() as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def _count_kept(path: Path) -> int:
+    return sum(1 for r in _records(path) if r["type"] == "revision" and r["r_rev"] == 1)
+
+
+def write_outputs(out: Path) -> Path:
+    """D_revision (the verified-correct revisions) and the summary, rebuilt from the log."""
+    revisions, attempts = [], []
+    for record in _records(out / RECORDS_FILE):
+        (revisions if record["type"] == "revision" else attempts).append(record)
+    kept = [r for r in revisions if r["r_rev"] == 1]
+    atomic_write_text(out / REVISION_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+    init = [a for done in attempts for a in done["attempts"]]
+
+    def rate(rows, key):
+        return sum(r[key] for r in rows) / len(rows) if rows else None
+
+    summary = {
+        "questions": len(attempts),
+        "initial_accuracy": rate(init, "r"),
+        "revision_accuracy_given_r_init_0": rate([r for r in revisions if r["r_init"] == 0], "r_rev"),
+        "revision_accuracy_given_r_init_1": rate([r for r in revisions if r["r_init"] == 1], "r_rev"),
+        "kept": len(kept),
+        "generations": len(init) + len(revisions),
+        "generated_tokens": sum(a["tokens"] for a in init) + sum(r["rev_tokens"] for r in revisions),
+    }
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return out / REVISION_FILE

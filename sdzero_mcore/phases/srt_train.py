@@ -1,0 +1,142 @@
+"""Phase 1 training (``sdzero srt-train``): L_SRT = L_revision + L_generation on D_revision.
+
+For each kept record (x, y_init, P_r, y_rev) the sequence is x + y_init + sep(P_r) + y_rev (the
+trailing EOS of y_init removed, ``data.prompts.srt_examples``):
+
+* L_revision: NLL of y_rev given x + y_init + P_r (loss on the y_rev tokens only);
+* L_generation: NLL of [y_init, P_r, y_rev] given x (loss on everything after x).
+
+Both are completion-only token means over the global batch, summed (``srt_train.mode=joint``,
+the paper), or trained one after the other as two SFT stages, generation then revision
+(``mode=sequential``, the released code's variant). One forward pass scores both terms.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from sdzero_mcore.config import ConfigError, SDZeroConfig
+from sdzero_mcore.parallel.context_parallel import global_token_count, token_mean_loss
+from sdzero_mcore.phases import common
+
+PHASE = "srt"
+
+
+def load_examples(path: Path, tokenizer, preset, max_len: int) -> list:
+    """SRT examples from a D_revision file; records longer than ``max_len`` tokens are dropped (counted)."""
+    from sdzero_mcore.data.prompts import srt_examples
+
+    if not path.is_file():
+        raise ConfigError(f"srt-train: D_revision file {path} does not exist (run srt-collect first)")
+    examples, too_long = [], 0
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+            pair = srt_examples(record["x_ids"], record["y_init_ids"], record["r_init"], record["y_rev_ids"], tokenizer, preset)
+        except (json.JSONDecodeError, KeyError, ValueError) as error:
+            raise ConfigError(f"{path}:{line_no}: not a D_revision record ({error})") from None
+        if len(pair.revision.ids) > max_len:
+            too_long += 1
+            continue
+        examples.append(pair)
+    if not examples:
+        raise ConfigError(f"{path}: no SRT examples ({too_long} longer than srt_train.max_seq_length={max_len})")
+    return examples
+
+
+def collate_srt(pairs: Sequence, pad_id: int, terms: Sequence[str]) -> dict:
+    """ids [B, S], labels [B, S] (next tokens) and one loss mask per term, aligned to the labels."""
+    width = max(len(p.revision.ids) for p in pairs)
+    ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+    masks = {term: torch.zeros((len(pairs), width), dtype=torch.bool) for term in terms}
+    for row, pair in enumerate(pairs):
+        seq = pair.revision.ids
+        ids[row, : len(seq)] = torch.tensor(seq)
+        labels[row, : len(seq) - 1] = torch.tensor(seq[1:])
+        for term in terms:
+            example = getattr(pair, term)
+            # position i predicts token i + 1: target tokens [start, end) are scored at [start-1, end-1)
+            masks[term][row, example.loss_start - 1 : example.loss_end - 1] = True
+    return {"input_ids": ids, "labels": labels, **{f"mask_{t}": m for t, m in masks.items()}}
+
+
+def srt_stages(mode: str) -> list[tuple[str, tuple[str, ...]]]:
+    if mode == "joint":
+        return [("srt", ("revision", "generation"))]
+    return [("srt_generation", ("generation",)), ("srt_revision", ("revision",))]
+
+
+def run_srt_train(cfg: SDZeroConfig, init_from: Optional[str] = None, d_revision: Optional[str] = None,
+                  *, max_steps: Optional[int] = None) -> Path:
+    """Train on D_revision; returns the final checkpoint of the last stage."""
+    from tqdm import tqdm
+
+    from sdzero_mcore.data.prompts import control_phrases_from_config
+    from sdzero_mcore.models.forward import cp_local_batch
+    from sdzero_mcore.phases.srt_collect import REVISION_FILE, collect_dir
+    from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
+    from sdzero_mcore.trainer import Trainer, latest_checkpoint
+
+    tcfg = cfg.srt_train
+    start = init_from or cfg.model.hf_dir or cfg.model.mcore_dir
+    source = common.resolve_model_source(start, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_dir")
+    common.check_layout(cfg, source)
+    tokenizer = common.load_tokenizer(source)
+    examples = load_examples(Path(d_revision or collect_dir(cfg) / REVISION_FILE), tokenizer,
+                             control_phrases_from_config(cfg.data), tcfg.max_seq_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    common.setup_parallel(cfg)
+    steps_per_epoch = max(1, len(examples) // tcfg.global_batch_size)
+    final = None
+    for stage, terms in srt_stages(tcfg.mode):
+        previous = latest_checkpoint(Path(cfg.output_dir) / "checkpoints" / stage)
+        if cfg.checkpoint.resume and previous is not None and read_checkpoint_meta(previous).get("final"):
+            final = source = common.ModelSource(previous, "mcore")  # this stage is complete
+            continue
+        # each stage trains a fresh module (one DDP wrapper per module), from the previous stage's result
+        model = common.build_model(cfg, source)
+        total = steps_per_epoch * tcfg.epochs if max_steps is None else min(max_steps, steps_per_epoch * tcfg.epochs)
+        trainer = Trainer(model, tcfg.optimizer, total_steps=total, run_dir=cfg.output_dir, phase=stage,
+                          hf_files_dir=source.hf_files_dir, logging_cfg=cfg.logging, checkpoint_cfg=cfg.checkpoint)
+        if cfg.checkpoint.resume and previous is not None:
+            trainer.load_checkpoint(previous)
+        progress = tqdm(total=total, initial=trainer.state.step, desc=stage, disable=not (cfg.logging.progress and common.is_rank0()))
+        while trainer.state.step < total:
+            epoch, within = divmod(trainer.state.step, steps_per_epoch)
+            order = list(range(len(examples)))
+            random.Random(cfg.seed * 7919 + epoch).shuffle(order)
+            chosen = [examples[i] for i in order[within * tcfg.global_batch_size : (within + 1) * tcfg.global_batch_size]]
+            mine = common.data_parallel_shard(chosen)
+            micro = [collate_srt(mine[i : i + tcfg.micro_batch_size], pad_id, terms)
+                     for i in range(0, len(mine), tcfg.micro_batch_size)]
+            local = [cp_local_batch(mb["input_ids"], {k: v for k, v in mb.items() if k != "input_ids"}) for mb in micro]
+            counts = {t: global_token_count(torch.cat([mb[f"mask_{t}"].flatten() for mb in local])) for t in terms}
+
+            def loss_fn(ddp, mb):
+                per_token = ddp(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
+                objective, logs = 0.0, {}
+                for term in terms:
+                    term_objective, value = token_mean_loss(per_token, mb[f"mask_{term}"], counts[term])
+                    objective = objective + term_objective
+                    logs[f"loss_{term}"] = value
+                return objective, logs
+
+            metrics = trainer.train_step(local, loss_fn)
+            metrics["loss"] = sum(metrics[f"loss_{t}"] for t in terms)
+            metrics.update({f"tokens_{t}": float(counts[t]) for t in terms}, epoch=epoch)
+            trainer.log(metrics)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if cfg.checkpoint.save_interval and trainer.state.step % cfg.checkpoint.save_interval == 0:
+                trainer.save_checkpoint()
+        progress.close()
+        final = trainer.save_checkpoint(final=True)
+        trainer.close()
+        source = common.ModelSource(final, "mcore")
+    return final.path if isinstance(final, common.ModelSource) else final

@@ -1,0 +1,372 @@
+"""Code reward: extraction, checkers, judging, and empirical containment of hostile programs
+(infinite loop, fork bomb, memory bomb, writes outside the work dir, network), with the machine
+checked for leftovers after each."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+
+import psutil
+import pytest
+
+from sdzero_mcore.rewards import CodeReward, get_reward_fn
+from sdzero_mcore.rewards.code import outputs_match, parse_problem
+from sdzero_mcore.rewards.extraction import last_code_block
+from sdzero_mcore.rewards.sandbox import Limits
+
+TIME_LIMIT_S = 1.0
+WALL_TIME_LIMIT_S = 2.5
+MAX_PROCESSES = 16
+# A run ends by WALL_TIME_LIMIT_S; allow time for the kill, the clean-up and a loaded 2-core CI
+# machine, but far less than any runaway would take.
+RUN_BOUND_S = WALL_TIME_LIMIT_S + 4.0
+
+ADD_TESTS = [{"input": "1 2\n", "output": "3\n"}, {"input": "5 7\n", "output": "12"}]
+
+
+def python(source: str) -> str:
+    return f"Here is my solution.\n```python\n{source}\n```\n"
+
+
+def cpp(source: str) -> str:
+    return f"```cpp\n{source}\n```"
+
+
+PY_ADD = python("a, b = map(int, input().split())\nprint(a + b)")
+CPP_ADD = cpp('#include <iostream>\nint main(){long long a,b; std::cin>>a>>b; std::cout<<a+b<<"\\n";}')
+
+
+@pytest.fixture(scope="module")
+def reward():
+    with CodeReward(
+        time_limit_s=TIME_LIMIT_S, wall_time_limit_s=WALL_TIME_LIMIT_S, memory_limit_mb=256, max_processes=MAX_PROCESSES,
+        num_workers=2, timeout_s=30.0,
+    ) as code_reward:
+        yield code_reward
+
+
+def _snapshot(sandbox_uid: int) -> dict:
+    ours = os.geteuid()
+    sandbox_processes = set()
+    if sandbox_uid != ours:  # as non-root the sandbox uid is ours, and this process tree is below
+        for process in psutil.process_iter(["uids"]):
+            with contextlib.suppress(psutil.Error):
+                if process.info["uids"] and process.info["uids"].real == sandbox_uid:
+                    sandbox_processes.add(process.pid)
+    return {
+        "descendants": {p.pid for p in psutil.Process().children(recursive=True)},
+        "sandbox_uid_processes": sandbox_processes,
+        "work_dirs": {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("sdzero_sandbox_")},
+    }
+
+
+@pytest.fixture
+def machine_unharmed(reward):
+    """Asserts after the test that no process, sandbox-uid process or work dir was left behind."""
+    uid = reward.sandbox.run_as_uid
+    before = _snapshot(uid)
+    yield
+    deadline = time.monotonic() + 3.0
+    while True:  # the kernel may need a moment to finish tearing down a killed pid namespace
+        after = _snapshot(uid)
+        leftovers = {key: after[key] - before[key] for key in after}
+        if not any(leftovers.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not any(leftovers.values()), f"left behind: {leftovers}"
+
+
+# ---- pure helpers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "actual, expected, checker, match",
+    [
+        ("3\n", "3", "tokens", True),
+        ("1  2\n3\n", "1 2 3", "tokens", True),
+        ("1 2", "1 2 3", "tokens", False),
+        ("12", "1 2", "tokens", False),
+        ("a\r\nb\n\n", "a\nb", "exact", True),
+        ("a  b", "a b", "exact", False),
+        ("0.3333333", "0.33333333", "float", True),  # within 1e-6
+        ("1000000.5", "1000000", "float", True),  # relative 5e-7
+        ("0.3334", "0.3333", "float", False),
+        ("YES 1.0", "YES 1", "float", True),
+        ("NO 1.0", "YES 1", "float", False),
+        ("nan", "nan", "float", True),  # identical tokens
+        ("1.0", "nan", "float", False),
+    ],
+)
+def test_outputs_match(actual, expected, checker, match):
+    assert outputs_match(actual, expected, checker) is match
+
+
+def test_parse_problem_forms_and_errors():
+    assert parse_problem(ADD_TESTS).tests == (("1 2\n", "3\n"), ("5 7\n", "12"))
+    assert parse_problem({"tests": ADD_TESTS, "checker": "float"}).checker == "float"
+    assert parse_problem(json.dumps(ADD_TESTS)).checker == "tokens"
+    with pytest.raises(ValueError, match="no tests"):
+        parse_problem([])
+    with pytest.raises(ValueError, match="'tests' key"):
+        parse_problem({"cases": ADD_TESTS})
+    with pytest.raises(ValueError, match="unknown checker"):
+        parse_problem({"tests": ADD_TESTS, "checker": "fuzzy"})
+    with pytest.raises(ValueError, match="test 1"):
+        parse_problem([{"input": "", "output": ""}, {"input": 1, "output": "2"}])
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_problem("print(1)")
+    with pytest.raises(TypeError, match="list of tests"):
+        parse_problem(42)
+
+
+def test_last_code_block():
+    text = "```python\nprint(1)\n```\nbetter:\n```cpp\nint main(){}\n```\n"
+    assert last_code_block(text) == ("cpp", "int main(){}\n")
+    assert last_code_block("```py\nx=1\n```") == ("python", "x=1\n")
+    assert last_code_block("```c++\nint main(){}\n```")[0] == "cpp"
+    assert last_code_block("```\n#include <cstdio>\nint main(){}\n```")[0] == "cpp"
+    assert last_code_block("```\nprint(2)\n```") == ("python", "print(2)\n")
+    assert last_code_block("```java\nclass A {}\n```")[0] == "java"
+    assert last_code_block("```python\nprint(1)\n```\n```python\nprint(2)") == ("python", "print(1)\n")  # unclosed last
+    assert last_code_block("no code") is None
+
+
+# ---- judging ------------------------------------------------------------------------------------
+
+
+def test_python_programs_are_judged(reward, machine_unharmed):
+    cases = [
+        (PY_ADD, 1, "correct"),
+        (python("a, b = map(int, input().split())\nprint(a - b)"), 0, "wrong_answer"),
+        (python("a, b = map(int, input().split())\nprint(a + b)\nraise ValueError('late')"), 0, "runtime_error"),
+        (python("import sys\nsys.exit(3)"), 0, "runtime_error"),
+        ("the answer is a + b", 0, "no_answer"),
+        ("```java\nclass Main {}\n```", 0, "unsupported_language"),
+    ]
+    results = reward.score_batch([c[0] for c in cases], [ADD_TESTS] * len(cases))
+    assert [(r.reward, r.reason) for r in results] == [(c[1], c[2]) for c in cases]
+    assert results[0].extracted == "a, b = map(int, input().split())\nprint(a + b)\n"
+    assert results[4].extracted is None
+
+
+def test_checker_modes_from_the_problem(reward, machine_unharmed):
+    third = python("print(1/3)")
+    assert reward.score(third, {"tests": [{"input": "", "output": "0.333333333"}], "checker": "float"}).reward == 1
+    assert reward.score(third, {"tests": [{"input": "", "output": "0.333333333"}]}).reason == "wrong_answer"
+    assert reward.score(python("print('a  b')"), {"tests": [{"input": "", "output": "a b"}], "checker": "exact"}).reward == 0
+    assert reward.score(python("print('a  b')"), json.dumps([{"input": "", "output": "a b"}])).reward == 1
+
+
+def test_cpp_programs_are_judged(reward, machine_unharmed):
+    cases = [CPP_ADD, cpp("#include <cstdio>\nint main(){int a,b; scanf(\"%d %d\",&a,&b); printf(\"%d\\n\", a*b);}"),
+             cpp("int main() { return undeclared; }")]
+    results = reward.score_batch(cases, [ADD_TESTS] * 3)
+    if shutil.which("g++") is None:
+        assert [r.reason for r in results] == ["unsupported_language"] * 3
+    else:
+        assert [(r.reward, r.reason) for r in results] == [(1, "correct"), (0, "wrong_answer"), (0, "compile_error")]
+
+
+def test_cpp_without_a_compiler_is_unsupported():
+    with CodeReward(cxx="no-such-compiler-sdzero") as no_cxx:
+        assert no_cxx.score(CPP_ADD, ADD_TESTS).reason == "unsupported_language"
+
+
+def test_get_reward_fn_builds_code_reward():
+    with get_reward_fn("code", time_limit_s=3.0) as built:
+        assert isinstance(built, CodeReward) and built.time_limit_s == 3.0
+
+
+# ---- containment --------------------------------------------------------------------------------
+
+
+def _timed_score(reward, response, tests=ADD_TESTS):
+    start = time.monotonic()
+    result = reward.score(response, tests)
+    return result, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["while True:\n    pass", "import time\ntime.sleep(3600)", "import signal, time\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True: pass"],
+    ids=["busy", "sleeping", "ignores-SIGXCPU"],
+)
+def test_runaway_programs_time_out(reward, machine_unharmed, source):
+    result, elapsed = _timed_score(reward, python(source))
+    assert (result.reward, result.reason) == (0, "timeout")
+    assert elapsed < RUN_BOUND_S, elapsed
+
+
+def test_fork_bomb_is_contained(reward, machine_unharmed):
+    result, elapsed = _timed_score(reward, python("import os\nwhile True:\n    os.fork()"))
+    # The first failed fork raises in whichever process hits the limit; the run ends either way.
+    assert result.reward == 0 and result.reason in ("runtime_error", "timeout"), result
+    assert elapsed < RUN_BOUND_S, elapsed
+    persistent = python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    result, elapsed = _timed_score(reward, persistent)
+    assert (result.reward, result.reason) == (0, "timeout")
+    assert elapsed < RUN_BOUND_S, elapsed
+
+
+def test_process_limit_is_enforced(reward, machine_unharmed):
+    # Count how many children a program can hold at once: RLIMIT_NPROC must stop it below the limit.
+    source = (
+        "import os, time\ncount = 0\nwhile count < 200:\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n"
+        "    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    count += 1\nprint(count)\n"
+    )
+    sandbox = reward.sandbox
+    limits = Limits(cpu_s=5, wall_s=10, memory_bytes=256 << 20, max_processes=MAX_PROCESSES, max_file_bytes=1 << 20)
+    with sandbox.workspace() as workspace:
+        with open(os.path.join(workspace.box, "bomb.py"), "w") as handle:
+            handle.write(source)
+        run = sandbox.run([sandbox.python_executable, "-I", "bomb.py"], workspace, limits=limits, python_program=True)
+    assert run.returncode == 0, run
+    forked = int(run.stdout.decode())
+    assert 0 < forked < MAX_PROCESSES, forked
+
+
+def test_fork_bomb_does_not_starve_a_concurrent_sample(reward, machine_unharmed):
+    if reward.sandbox.isolation != "namespaces":
+        pytest.skip("rlimits isolation counts processes per uid across sandboxes (documented)")
+    bomb = python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    # The honest program forks too (a subprocess), which fails if the bomb used up a shared count.
+    honest = python(
+        "import subprocess, sys\na, b = map(int, input().split())\n"
+        "print(subprocess.run([sys.executable, '-c', f'print({a}+{b})'], capture_output=True, text=True).stdout.strip())"
+    )
+    results = reward.score_batch([bomb, honest], [ADD_TESTS, ADD_TESTS])
+    assert [(r.reward, r.reason) for r in results] == [(0, "timeout"), (1, "correct")]
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["x = bytearray(1 << 30)\nprint(len(x))", "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))"],
+    ids=["one-allocation", "growing"],
+)
+def test_memory_bomb_is_contained(reward, machine_unharmed, source):
+    result, elapsed = _timed_score(reward, python(source))
+    assert (result.reward, result.reason) == (0, "memory_limit")
+    assert elapsed < RUN_BOUND_S, elapsed
+
+
+def test_output_flood_is_cut(machine_unharmed):
+    with CodeReward(time_limit_s=TIME_LIMIT_S, max_output_mb=1) as small_output:
+        result = small_output.score(python("while True:\n    print('x' * 1000)"), ADD_TESTS)
+    assert (result.reward, result.reason) == (0, "output_limit")
+
+
+@contextlib.contextmanager
+def _host_dir_writable_by(uid: int):
+    """A directory outside the sandbox work dir and outside the tmpfs-covered dirs that the
+    sandbox uid could write to on the host, so only the sandbox stops the write."""
+    candidates = ["/srv", "/opt"] if os.geteuid() == 0 else [os.path.expanduser("~")]
+    for parent in candidates:
+        try:
+            path = tempfile.mkdtemp(prefix="sdzero_escape_", dir=parent)
+        except OSError:
+            continue
+        try:
+            os.chmod(path, 0o777)
+            if os.geteuid() == 0:
+                os.chown(path, uid, uid)
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+        return
+    pytest.skip(f"no writable directory outside /tmp among {candidates} for the escape test")
+
+
+def test_writes_outside_the_work_dir_do_not_land(reward, machine_unharmed):
+    if reward.sandbox.isolation != "namespaces":
+        pytest.skip("rlimits isolation does not contain writes to world-writable directories (documented)")
+    tmp_target = f"/tmp/sdzero_escape_{uuid.uuid4().hex}"
+    with _host_dir_writable_by(reward.sandbox.run_as_uid) as host_dir:
+        host_target = os.path.join(host_dir, "escaped.txt")
+        source = (
+            "import os\nresults = []\n"
+            f"for path in ({tmp_target!r}, {host_target!r}, 'inside.txt'):\n"
+            "    try:\n        open(path, 'w').write('x')\n        results.append('wrote')\n"
+            "    except OSError as exc:\n        results.append(type(exc).__name__)\n"
+            "print(results[2])\n"
+            "import sys\nprint(results, file=sys.stderr)\n"
+        )
+        result = reward.score(python(source), [{"input": "", "output": "wrote"}])
+        # The program ran to the end (it could write its own work dir), and nothing reached the host.
+        assert (result.reward, result.reason) == (1, "correct")
+        assert not os.path.exists(tmp_target)
+        assert not os.path.exists(host_target)
+        assert os.listdir(host_dir) == []
+
+
+@contextlib.contextmanager
+def _listener():
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    server.setblocking(False)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _assert_no_connection(server):
+    with pytest.raises(BlockingIOError):
+        server.accept()
+
+
+NETWORK_PROGRAM = (
+    "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'hi')\nprint('connected')"
+)
+
+
+def test_network_is_blocked(reward, machine_unharmed):
+    with _listener() as server:
+        port = server.getsockname()[1]
+        result = reward.score(python(NETWORK_PROGRAM.format(port=port)), [{"input": "", "output": "connected"}])
+        assert (result.reward, result.reason) == (0, "runtime_error")
+        _assert_no_connection(server)
+    if shutil.which("g++") and reward.sandbox.isolation == "namespaces":
+        with _listener() as server:
+            port = server.getsockname()[1]
+            program = cpp(
+                "#include <arpa/inet.h>\n#include <cstdio>\n#include <sys/socket.h>\nint main(){\n"
+                "int s = socket(AF_INET, SOCK_STREAM, 0); sockaddr_in a{}; a.sin_family = AF_INET;\n"
+                f"a.sin_port = htons({port}); inet_pton(AF_INET, \"127.0.0.1\", &a.sin_addr);\n"
+                "if (connect(s, (sockaddr*)&a, sizeof a) == 0) puts(\"connected\"); else puts(\"blocked\"); }"
+            )
+            result = reward.score(program, [{"input": "", "output": "connected"}])
+            assert (result.reward, result.reason) == (0, "wrong_answer")  # it printed "blocked"
+            _assert_no_connection(server)
+
+
+def test_rlimits_fallback_still_contains_python(machine_unharmed):
+    with CodeReward(time_limit_s=TIME_LIMIT_S, max_processes=MAX_PROCESSES, isolation="rlimits") as fallback:
+        assert fallback.sandbox.isolation == "rlimits"
+        assert fallback.score(PY_ADD, ADD_TESTS).reason == "correct"
+        with _listener() as server:
+            port = server.getsockname()[1]
+            result = fallback.score(python(NETWORK_PROGRAM.format(port=port)), [{"input": "", "output": "connected"}])
+            assert (result.reward, result.reason) == (0, "runtime_error")
+            _assert_no_connection(server)
+        result, elapsed = _timed_score(fallback, python("while True:\n    pass"))
+        assert (result.reward, result.reason) == (0, "timeout") and elapsed < RUN_BOUND_S
+        result, _ = _timed_score(fallback, python("x = bytearray(1 << 30)"))
+        assert result.reason == "memory_limit"
+
+
+def test_rlimits_fallback_contains_a_fork_bomb_when_root(machine_unharmed):
+    if os.geteuid() != 0:
+        pytest.skip("as non-root, rlimits mode runs programs under the trainer's uid, whose processes share the limit")
+    bomb = python("import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass")
+    with CodeReward(time_limit_s=TIME_LIMIT_S, wall_time_limit_s=WALL_TIME_LIMIT_S, max_processes=MAX_PROCESSES, isolation="rlimits") as fallback:
+        result, elapsed = _timed_score(fallback, bomb)
+    assert (result.reward, result.reason) == (0, "timeout")
+    assert elapsed < RUN_BOUND_S, elapsed
