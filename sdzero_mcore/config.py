@@ -264,6 +264,10 @@ class RolloutConfig(_Section):
     sglang_mem_fraction_static: float = _checked(0.5, _FRACTION_OPEN)
     sglang_tp_size: int = _checked(1, _AT_LEAST_1)
     sglang_url: Optional[str] = None  # a remote server/router; None = colocated in-process engine
+    # remote server only: the address and port the server reaches training rank 0 at for the NCCL
+    # weight broadcast (None / 0: this host's address, a free port)
+    sglang_sync_address: Optional[str] = None
+    sglang_sync_port: int = _checked(0, _NON_NEGATIVE)
     reward_timeout_s: float = _checked(10.0, _POSITIVE)
     reward_workers: int = _checked(4, _AT_LEAST_1)
 
@@ -354,6 +358,11 @@ class DistillConfig(_Section):
 
     def _check_relations(self, prefix: str) -> None:
         _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)
+        if self.global_batch_size != self.prompts_per_step:
+            raise ConfigError(
+                f"{prefix}global_batch_size ({self.global_batch_size}) must equal {prefix}prompts_per_step "
+                f"({self.prompts_per_step}): one response per prompt, one optimizer step per rollout batch (the paper's setup)"
+            )
 
 
 @dataclass

@@ -6,10 +6,13 @@ normalised over the global batch (``parallel.context_parallel.token_mean_loss``)
 are simply accumulated over the micro-batches; megatron-core's DDP and ``finalize_model_grads``
 reduce them over DP x CP and fix up the parameters that see only their TP rank's part (QK-norm).
 
-Optimizer: ``torch.optim.AdamW`` over the TP-local parameters, fed from DDP's fp32 ``main_grad``
-buffers, with no weight decay on norms and biases (megatron's default). This is what runs on CPU,
-where megatron-core's own optimizers cannot (they allocate on CUDA); its state is saved per rank,
-so optimizer state resumes at the same parallel layout (the model weights load at any layout).
+Optimizer: ``torch.optim.AdamW`` over fp32 master copies of the TP-local parameters (the
+parameters themselves when they are fp32), fed from DDP's fp32 ``main_grad`` buffers and copied
+back to bf16 after each step, with no weight decay on norms and biases (megatron's default).
+megatron-core's own optimizers (and its DistributedOptimizer, which shards this state over DP)
+allocate on CUDA and cannot run on the CPU machines this is developed on, so they are not used;
+the optimizer state is saved per rank and resumes at the same parallel layout (the model weights
+load at any layout).
 
 Checkpoints (``<run>/checkpoints/<phase>/step_NNNNNNN``) are sdzero-mcore model checkpoints
 (megatron-core dist format + ``hf/`` + ``sdzero_checkpoint.json``, written last) with the
@@ -132,13 +135,21 @@ class Trainer:
             module=model,
         )
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if any(p.dtype == torch.float16 for _, p in named):
+            raise ValueError("float16 training needs loss scaling, which this trainer does not do; use bfloat16 or float32")
+        # bf16 weights train through fp32 master copies: an AdamW update of lr 5e-6 is far below
+        # bf16's resolution, so applying it to the bf16 tensors directly would mostly round away.
+        self.masters = {
+            n: (p.detach().float().clone().requires_grad_(True) if p.dtype != torch.float32 else p) for n, p in named
+        }
         groups = [
-            {"params": [p for n, p in named if not _no_weight_decay(n, p)], "weight_decay": optim_cfg.weight_decay},
-            {"params": [p for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
+            {"params": [self.masters[n] for n, p in named if not _no_weight_decay(n, p)], "weight_decay": optim_cfg.weight_decay},
+            {"params": [self.masters[n] for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
         ]
         self.optimizer = torch.optim.AdamW(
             groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps
         )
+        self._named = named
         warmup = warmup_steps_for(optim_cfg, total_steps)
         min_ratio = optim_cfg.min_lr / optim_cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -172,18 +183,22 @@ class Trainer:
             objective.backward()
             logs.append(log)
         finalize_model_grads([self.ddp])
-        for param in self.model.parameters():
-            if param.requires_grad:
-                param.grad = param.main_grad.to(param.dtype)
+        for name, param in self._named:
+            self.masters[name].grad = param.main_grad  # fp32, reduced over DP x CP
         grad_norm = self.grad_norm()
         if self.clip_grad > 0 and math.isfinite(grad_norm) and grad_norm > self.clip_grad:
             scale = self.clip_grad / (grad_norm + 1e-6)
-            for param in self.model.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+            for master in self.masters.values():
+                master.grad.mul_(scale)
         lr = self.optimizer.param_groups[0]["lr"]
         if math.isfinite(grad_norm):
             self.optimizer.step()
+            with torch.no_grad():
+                for name, param in self._named:
+                    if self.masters[name] is not param:
+                        param.copy_(self.masters[name])
+        for master in self.masters.values():
+            master.grad = None  # main_grad is the DDP buffer; nothing else to keep between steps
         self.scheduler.step()
         self.state.step += 1
         metrics = {"grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
@@ -196,10 +211,10 @@ class Trainer:
 
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         total = torch.zeros((), dtype=torch.float64)
-        for name, param in self.model.named_parameters():
-            if param.grad is None or (name in self._replicated and tp_rank != 0):
+        for name, master in self.masters.items():
+            if master.grad is None or (name in self._replicated and tp_rank != 0):
                 continue
-            total += param.grad.detach().double().pow(2).sum().cpu()
+            total += master.grad.detach().double().pow(2).sum().cpu()
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             device = next(self.model.parameters()).device
             total = total.to(device)
@@ -240,6 +255,8 @@ class Trainer:
         torch.save(
             {
                 "optimizer": self.optimizer.state_dict(),
+                # fp32 masters of 16-bit weights: the checkpointed bf16 weights alone lose precision
+                "masters": {n: m.detach() for n, m in self.masters.items() if m.dtype != dict(self._named)[n].dtype},
                 "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(),
             },
@@ -299,6 +316,12 @@ class Trainer:
             )
         rank = dist.get_rank() if dist.is_initialized() else 0
         saved = torch.load(ckpt_dir / f"train_state_rank{rank:05d}.pt", weights_only=False)
+        with torch.no_grad():
+            for name, master in self.masters.items():
+                if name in saved["masters"]:
+                    master.copy_(saved["masters"][name])
+                elif master is not dict(self._named)[name]:
+                    master.copy_(dict(self._named)[name])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])

@@ -317,3 +317,11 @@ def test_config_selects_the_backend(hf_model_dir, monkeypatch):
         make_rollout_engine(RolloutConfig(backend="sglang"), hf_model_dir)
     params = sampling_from_config(RolloutConfig(temperature=0.7, top_p=0.95, max_new_tokens=99, seed=4), stop_token_ids=[2], n=3)
     assert params == SamplingParams(temperature=0.7, top_p=0.95, top_k=-1, max_new_tokens=99, stop_token_ids=(2,), n=3, seed=4)
+
+
+def test_a_failed_weight_update_raises(fake_sglang, hf_model_dir, megatron_single_rank):
+    engine = SGLangRolloutEngine(str(hf_model_dir))
+    engine.engine.update_weights_from_tensor = lambda **kwargs: (False, "Failed to update parameter online: shape mismatch")
+    _, buckets = megatron_buckets(hf_model_dir)
+    with pytest.raises(RuntimeError, match="update_weights_from_tensor failed: Failed to update parameter online"):
+        engine.update_weights(buckets)

@@ -155,3 +155,28 @@ def test_srt_training_logs_both_terms_and_learns(hf_dir, tmp_path, mode, tp):
         final = tmp_path / "run" / "checkpoints" / "srt_revision" / "step_0000006"
     meta = json.loads((final / "sdzero_checkpoint.json").read_text())
     assert meta["final"] and meta["tensor_parallel_size"] == tp
+
+
+def collect_worker(hf_dir: str, out: str) -> None:
+    from sdzero_mcore.phases.srt_collect import run_srt_collect
+
+    run_srt_collect(load_config(TINY, [f"output_dir={out}", *COLLECT]), hf_dir)
+
+
+def test_two_ranks_collect_once(hf_dir, tmp_path):
+    """Under a 2-rank launch only rank 0 generates; rank 1 waits for its result (no duplicate records)."""
+    run_local_workers(collect_worker, 2, str(hf_dir), str(tmp_path / "two"))
+    records = _records(tmp_path / "two")
+    assert sum(r["type"] == "done" for r in records) == 6
+    assert not list((tmp_path / "two" / "srt_collect").glob(".rank0-result-*"))
+
+
+def test_a_log_from_another_config_is_refused(hf_dir, tmp_path):
+    from sdzero_mcore.config import ConfigError
+    from sdzero_mcore.phases.srt_collect import run_srt_collect
+
+    log = tmp_path / "srt_collect" / RECORDS_FILE
+    log.parent.mkdir(parents=True)
+    log.write_text(json.dumps({"type": "revision", "question_id": "q", "config_hash": "0123456789abcdef"}) + "\n")
+    with pytest.raises(ConfigError, match="was collected with another config"):
+        run_srt_collect(load_config(TINY, [f"output_dir={tmp_path}", *COLLECT]), str(hf_dir))

@@ -157,7 +157,7 @@ def distill_loss(
     from sdzero_kernels import topk_kl
 
     cp_size, cp_rank = cp_size_rank()
-    local = cp_local_batch(batch.student_ids.to(targets.ids.device))
+    local = cp_local_batch(batch.student_ids)
     logprobs = split_for_cp(targets.logprobs, cp_size, cp_rank, dim=1)
     ids = split_for_cp(targets.ids, cp_size, cp_rank, dim=1)
     mask = split_for_cp(targets.loss_mask, cp_size, cp_rank, dim=1)

@@ -41,9 +41,14 @@ def cp_local_batch(
     return split_batch_for_cp(batch, cp_size, cp_rank, pad_values=pad_values)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def vocab_parallel_logits(model, local: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [B, s_local, V_padded / TP] for a batch prepared by :func:`cp_local_batch`."""
-    return model(local["input_ids"], local["position_ids"], attention_mask=None)
+    """Logits [B, s_local, V_padded / TP] for a batch prepared by :func:`cp_local_batch` (moved to the model's device)."""
+    device = model_device(model)
+    return model(local["input_ids"].to(device), local["position_ids"].to(device), attention_mask=None)
 
 
 def causal_lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -159,20 +159,68 @@ def barrier() -> None:
         dist.barrier()
 
 
+def run_on_rank0(fn, signal_dir: Path, poll_s: float = 2.0):
+    """``fn()`` on global rank 0, its (JSON-able) result on every rank.
+
+    The other ranks wait by polling for a result file rather than in a collective: rank 0's work
+    (collecting, evaluating) can outlast the process group's timeout. If rank 0 fails, the
+    launcher (torchrun / srun) ends the other ranks.
+    """
+    import json
+    import time
+    import uuid
+
+    from sdzero_mcore.fileio import atomic_write_text
+
+    token = broadcast_object(uuid.uuid4().hex)
+    signal = Path(signal_dir) / f".rank0-result-{token}.json"
+    if is_rank0():
+        result = fn()
+        signal.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(signal, json.dumps({"result": result}))
+    else:
+        while not signal.is_file():
+            time.sleep(poll_s)
+        result = json.loads(signal.read_text())["result"]
+    barrier()  # everyone has read the result
+    if is_rank0():
+        signal.unlink(missing_ok=True)
+    return result
+
+
 def serving_engine(cfg: SDZeroConfig, source: ModelSource, tokenizer):
     """Rank 0's rollout engine serving ``source`` (None on other ranks). A HF directory loads
     directly; an sdzero-mcore checkpoint is read by megatron at the configured layout and streamed
     in (every rank joins), so both formats serve the same weights."""
     from sdzero_mcore.rollout import make_rollout_engine
 
+    setup_parallel(cfg)  # also when rank 0 alone loads a HF directory: it must know it is rank 0
+    dtype = params_dtype(cfg)
     if source.kind == "hf":
         if not is_rank0():
             return None
-        return make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, load_weights=True)
+        return make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, dtype=dtype, load_weights=True)
     from sdzero_mcore.phases.self_distill import sync_engine
 
-    setup_parallel(cfg)
     model = build_model(cfg, source)
-    engine = make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer) if is_rank0() else None
+    engine = make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, dtype=dtype) if is_rank0() else None
     sync_engine(engine, model, cfg.rollout.weight_sync_bucket_mb)
     return engine
+
+
+def collective_device() -> torch.device:
+    """Where small tensors for collectives live: the current GPU with NCCL, else the CPU (gloo)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def pad_micro_batches(micro: list, make_filler) -> list:
+    """Append ``make_filler()`` micro-batches (no loss tokens) until every data-parallel rank has as
+    many as the busiest one. Every micro-batch runs collectives (DDP, the loss's all-reduces), so
+    ranks with different counts would pair unrelated collectives and hang."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    count = torch.tensor(len(micro), device=collective_device())
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
+    return micro + [make_filler() for _ in range(int(count) - len(micro))]

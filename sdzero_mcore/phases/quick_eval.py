@@ -20,12 +20,15 @@ def greedy_accuracy(cfg: SDZeroConfig, checkpoint: str | Path, questions: Sequen
     source = common.resolve_model_source(checkpoint, "eval checkpoint")
     tokenizer = common.load_tokenizer(source)
     engine = common.serving_engine(cfg, source, tokenizer)
-    result = None
-    if engine is not None:
-        prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
-        sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
-                                  stop_token_ids=tuple(sorted(default_stop_ids(tokenizer))))
-        completions = engine.generate(prompts, sampling)
+
+    def evaluate() -> dict:
+        try:
+            prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
+            sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
+                                      stop_token_ids=tuple(sorted(default_stop_ids(tokenizer))))
+            completions = engine.generate(prompts, sampling)
+        finally:
+            engine.shutdown()
         with common.make_reward_fn(cfg, questions) as reward_fn:
             results = reward_fn.score_batch([c.text for c in completions], [common.reward_target(q) for q in questions])
         result = {
@@ -35,5 +38,6 @@ def greedy_accuracy(cfg: SDZeroConfig, checkpoint: str | Path, questions: Sequen
             "mean_response_tokens": sum(len(c.token_ids) for c in completions) / max(1, len(completions)),
         }
         atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")
-    common.barrier()
-    return common.broadcast_object(result)
+        return result
+
+    return common.run_on_rank0(evaluate, out_file.parent)

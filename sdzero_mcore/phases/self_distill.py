@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.losses.distill import DistillSample, collate_distill, distill_loss, teacher_targets
+from sdzero_mcore.models.forward import model_device
 from sdzero_mcore.parallel.context_parallel import global_token_count, split_for_cp
 from sdzero_mcore.phases import common
 
@@ -106,6 +107,20 @@ def sync_engine(engine, student, bucket_mb: int) -> None:
             pass
 
 
+def connect_remote_weight_sync(engine, rollout_cfg) -> None:
+    """A remote SGLang server joins a weight-sync group with this rank (rank 0 of it) once."""
+    import socket
+
+    from sdzero_mcore.rollout.sglang import RemoteSGLangEngine
+
+    if not isinstance(engine, RemoteSGLangEngine):
+        return
+    from sdzero_mcore.parallel.launch import free_port
+
+    address = rollout_cfg.sglang_sync_address or socket.gethostbyname(socket.gethostname())
+    engine.init_weights_update_group(address, rollout_cfg.sglang_sync_port or free_port(), rollout_cfg.sglang_tp_size)
+
+
 def kl_by_reward(per_token: torch.Tensor, rewards: torch.Tensor, lengths: torch.Tensor) -> dict:
     """Sums of KL and token counts for r = 0 and r = 1 responses (this rank's share, over CP)."""
     from megatron.core import parallel_state
@@ -117,7 +132,7 @@ def kl_by_reward(per_token: torch.Tensor, rewards: torch.Tensor, lengths: torch.
     for r in (0, 1):
         chosen = rewards == r
         out[f"kl_sum_r{r}"] = float(per_sample[chosen].sum())
-        out[f"tokens_r{r}"] = float(lengths[chosen].sum())
+        out[f"tokens_r{r}"] = float(lengths.to(chosen.device)[chosen].sum())
     return out
 
 
@@ -161,6 +176,7 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
     reward_fn = None
     if common.is_rank0():
         engine = make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, dtype=common.params_dtype(cfg))
+        connect_remote_weight_sync(engine, cfg.rollout)
         reward_fn = common.make_reward_fn(cfg, questions)
     sync_engine(engine, student, cfg.rollout.weight_sync_bucket_mb)
     counters = trainer.state.data.setdefault("counters", {"generations": 0, "generated_tokens": 0})
@@ -197,8 +213,14 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
                     continue
                 samples.append(DistillSample(rollout.prompt_ids, y, context.ids[: context.response_start]))
                 kept.append(rollout)
-            mine = common.data_parallel_shard(list(zip(samples, kept)))
-            metrics = train_on_samples(trainer, teacher, mine, tokenizer, dcfg)
+            if not samples:  # every response empty or unfittable: no data, no update (same on all ranks)
+                trainer.state.step += 1
+                trainer.scheduler.step()
+                trainer.log({"skipped": True, "reason": "no trainable responses", **counters})
+                progress.update(1)
+                continue
+            pairs = list(zip(samples, kept))
+            metrics = train_on_samples(trainer, teacher, common.data_parallel_shard(pairs), pairs[0], tokenizer, dcfg)
             metrics.update(
                 reward_rate=sum(r.reward for r in rollouts) / max(1, len(rollouts)),
                 response_length=sum(len(r.response_ids) for r in rollouts) / max(1, len(rollouts)),
@@ -222,23 +244,35 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
         trainer.close()
         if reward_fn is not None:
             reward_fn.close()
+        if engine is not None:
+            engine.shutdown()
     return final
 
 
-def train_on_samples(trainer, teacher, mine, tokenizer, dcfg) -> dict:
-    """One optimizer step on this DP rank's (sample, rollout) pairs, in micro-batches."""
+def train_on_samples(trainer, teacher, mine, filler, tokenizer, dcfg) -> dict:
+    """One optimizer step on this DP rank's (sample, rollout) pairs, in micro-batches.
+
+    ``filler`` (any sample of the step) pads this rank up to the busiest rank's micro-batch
+    count, with its loss mask cleared and reward -1 so it counts nowhere.
+    """
     from megatron.core import parallel_state
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     micro = [mine[i : i + dcfg.micro_batch_size] for i in range(0, len(mine), dcfg.micro_batch_size)]
+    micro = [(chunk, False) for chunk in micro]
+    micro = common.pad_micro_batches(micro, lambda: ([filler], True))
     prepared = []
-    local_tokens = torch.zeros((), dtype=torch.float64)
-    for chunk in micro:
+    device = model_device(teacher)
+    local_tokens = torch.zeros((), dtype=torch.float64, device=device)
+    cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    for chunk, is_filler in micro:
         batch = collate_distill([s for s, _ in chunk], pad_id)
         targets = teacher_targets(teacher, batch, k=dcfg.top_k, temperature=dcfg.temperature)
-        cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+        rewards = torch.tensor([r.reward for _, r in chunk], device=device)
+        if is_filler:
+            targets.loss_mask.zero_()
+            rewards.fill_(-1)
         local_tokens += split_for_cp(targets.loss_mask, cp, cp_rank, dim=1).sum()
-        rewards = torch.tensor([r.reward for _, r in chunk])
         prepared.append((batch, targets, rewards))
     num_tokens = local_tokens.clone()
     group = parallel_state.get_data_parallel_group(with_context_parallel=True)
@@ -253,7 +287,7 @@ def train_on_samples(trainer, teacher, mine, tokenizer, dcfg) -> dict:
 
     metrics = trainer.train_step(prepared, loss_fn)
     for r in (0, 1):
-        sums = torch.tensor([metrics.pop(f"kl_sum_r{r}", 0.0), metrics.pop(f"tokens_r{r}", 0.0)], dtype=torch.float64)
+        sums = torch.tensor([metrics.pop(f"kl_sum_r{r}", 0.0), metrics.pop(f"tokens_r{r}", 0.0)], dtype=torch.float64, device=device)
         dp = parallel_state.get_data_parallel_group()
         if dist.get_world_size(dp) > 1:
             dist.all_reduce(sums, group=dp)

@@ -71,24 +71,33 @@ def collect_dir(cfg: SDZeroConfig) -> Path:
 
 def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
     """Collect (or finish collecting) Phase 1 data; returns the D_revision file."""
-    from tqdm import tqdm
-
-    from sdzero_mcore.data.prompts import control_phrases_from_config, default_stop_ids, prompt_ids, revision_context
-    from sdzero_mcore.rollout import sampling_from_config
+    from sdzero_mcore.data.prompts import control_phrases_from_config
 
     start = init_from or cfg.model.hf_dir or cfg.model.mcore_dir
     source = common.resolve_model_source(start, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_dir")
     tokenizer = common.load_tokenizer(source)
     preset = control_phrases_from_config(cfg.data)
     questions, _ = common.phase_questions(cfg)
-    ccfg = cfg.srt_collect
     out = collect_dir(cfg)
-    engine = common.serving_engine(cfg, source, tokenizer)
-    if not common.is_rank0():  # rank 0 generates; the others only joined the weight streaming
-        common.barrier()
-        return out / REVISION_FILE
+    check_log_config(out / RECORDS_FILE, config_hash(cfg))  # before any work, on every rank
+    engine = common.serving_engine(cfg, source, tokenizer)  # every rank joins a megatron weight stream
+    # rank 0 generates and writes; the others wait for it
+    path = common.run_on_rank0(
+        lambda: str(_collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out)), out
+    )
+    return Path(path)
+
+
+def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Path) -> Path:
+    from tqdm import tqdm
+
+    from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids, revision_context
+    from sdzero_mcore.rollout import sampling_from_config
+
+    ccfg = cfg.srt_collect
     out.mkdir(parents=True, exist_ok=True)
     log = out / RECORDS_FILE
+    chash = config_hash(cfg)
     done = recover_log(log)
     reward_fn = common.make_reward_fn(cfg, questions)
     stop_ids = sorted(default_stop_ids(tokenizer))
@@ -97,7 +106,6 @@ def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
         temperature=ccfg.temperature,
         max_new_tokens=ccfg.max_new_tokens,
     )
-    chash = config_hash(cfg)
     kept = _count_kept(log)
     pending = [q for q in questions if q.id not in done]
     try:
@@ -139,13 +147,33 @@ def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
             atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash, "target_reached": kept}) + "\n")
     finally:
         reward_fn.close()
-    path = write_outputs(out)
-    common.barrier()
-    return path
+        engine.shutdown()
+    return write_outputs(out)
 
 
 def collection_complete(cfg: SDZeroConfig) -> bool:
-    return (collect_dir(cfg) / COMPLETE_FILE).is_file()
+    """Whether this config's collection has finished (a marker from another config does not count)."""
+    marker = collect_dir(cfg) / COMPLETE_FILE
+    return marker.is_file() and json.loads(marker.read_text()).get("config_hash") == config_hash(cfg)
+
+
+def check_log_config(log: Path, chash: str) -> None:
+    """Refuse to extend a log written under another data/collection/rollout config."""
+    from sdzero_mcore.config import ConfigError
+
+    if not log.is_file():
+        return
+    with log.open() as handle:
+        first = handle.readline()
+    try:
+        found = json.loads(first).get("config_hash") if first.strip() else None
+    except json.JSONDecodeError:
+        return  # a cut first line: recover_log drops it
+    if found is not None and found != chash:
+        raise ConfigError(
+            f"{log} was collected with another config (hash {found}, this one {chash}); "
+            "use another output_dir or delete the log to start over"
+        )
 
 
 def _append(path: Path, records: list[dict]) -> None:

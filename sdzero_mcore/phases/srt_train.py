@@ -66,6 +66,11 @@ def collate_srt(pairs: Sequence, pad_id: int, terms: Sequence[str]) -> dict:
     return {"input_ids": ids, "labels": labels, **{f"mask_{t}": m for t, m in masks.items()}}
 
 
+def _without_targets(batch: dict) -> dict:
+    """A micro-batch that only keeps a data-parallel rank in step with the others (no loss tokens)."""
+    return {k: (v.zero_() if k.startswith("mask_") else v) for k, v in batch.items()}
+
+
 def srt_stages(mode: str) -> list[tuple[str, tuple[str, ...]]]:
     if mode == "joint":
         return [("srt", ("revision", "generation"))]
@@ -78,7 +83,7 @@ def run_srt_train(cfg: SDZeroConfig, init_from: Optional[str] = None, d_revision
     from tqdm import tqdm
 
     from sdzero_mcore.data.prompts import control_phrases_from_config
-    from sdzero_mcore.models.forward import cp_local_batch
+    from sdzero_mcore.models.forward import cp_local_batch, model_device
     from sdzero_mcore.phases.srt_collect import REVISION_FILE, collect_dir
     from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
     from sdzero_mcore.trainer import Trainer, latest_checkpoint
@@ -115,7 +120,10 @@ def run_srt_train(cfg: SDZeroConfig, init_from: Optional[str] = None, d_revision
             mine = common.data_parallel_shard(chosen)
             micro = [collate_srt(mine[i : i + tcfg.micro_batch_size], pad_id, terms)
                      for i in range(0, len(mine), tcfg.micro_batch_size)]
-            local = [cp_local_batch(mb["input_ids"], {k: v for k, v in mb.items() if k != "input_ids"}) for mb in micro]
+            micro = common.pad_micro_batches(micro, lambda: _without_targets(collate_srt(chosen[:1], pad_id, terms)))
+            device = model_device(model)
+            local = [cp_local_batch(mb["input_ids"].to(device), {k: v.to(device) for k, v in mb.items() if k != "input_ids"})
+                     for mb in micro]
             counts = {t: global_token_count(torch.cat([mb[f"mask_{t}"].flatten() for mb in local])) for t in terms}
 
             def loss_fn(ddp, mb):

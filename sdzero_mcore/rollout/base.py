@@ -89,6 +89,9 @@ class RolloutEngine(Protocol):
     def wake(self) -> None:
         """Take the memory back before generating."""
 
+    def shutdown(self) -> None:
+        """Release the engine for good (processes, memory); call when a phase ends."""
+
 
 def check_prompts(prompt_ids: Sequence[Sequence[int]], vocab_size: Optional[int] = None) -> list[list[int]]:
     """Prompts as lists of ints; an empty prompt or an id outside the vocabulary names its index."""

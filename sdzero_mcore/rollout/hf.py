@@ -23,7 +23,9 @@ class HFRolloutEngine:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if device is None:  # the trainer's GPU when there is one: generating on the CPU would be hopeless
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device)
         self.model.to(self.device)
         self.max_batch_size = max_batch_size
         self.asleep = False
@@ -176,6 +178,13 @@ class HFRolloutEngine:
         if self.device.type == "cuda":
             self.model.to(self.device)
         self.asleep = False
+
+    def shutdown(self) -> None:
+        """Drop the model (and its accelerator memory); the engine cannot be used afterwards."""
+        self.model = None
+        self.asleep = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _load_tokenizer(path: str | Path):

@@ -88,6 +88,15 @@ def completion_from_output(output: dict, prompt_index: int, sample_index: int, d
     return Completion(prompt_index, sample_index, token_ids, text, kind, logprobs, meta={"sglang": meta})
 
 
+def check_engine_result(method: str, result: Any) -> None:
+    """SGLang reports a failed weight update as ``(False, message)`` (or ``{"success": False}``)
+    instead of raising; an engine left with stale weights must not go unnoticed."""
+    if isinstance(result, tuple) and result and result[0] is False:
+        raise RuntimeError(f"SGLang {method} failed: {result[1] if len(result) > 1 else result}")
+    if isinstance(result, dict) and result.get("success") is False:
+        raise RuntimeError(f"SGLang {method} failed: {result.get('message', result)}")
+
+
 def bucket_payloads_by_dtype(bucket: NamedTensors) -> "OrderedDict[torch.dtype, list[tuple[str, torch.Tensor]]]":
     """Group a bucket's tensors by dtype: a flattened bucket holds a single dtype."""
     groups: "OrderedDict[torch.dtype, list]" = OrderedDict()
@@ -185,8 +194,11 @@ class SGLangRolloutEngine:
                 )
                 payloads = self._gather_payloads(payload)
                 if self.is_owner:
-                    self.engine.update_weights_from_tensor(
-                        named_tensors=payloads, load_format="flattened_bucket", flush_cache=False
+                    check_engine_result(
+                        "update_weights_from_tensor",
+                        self.engine.update_weights_from_tensor(
+                            named_tensors=payloads, load_format="flattened_bucket", flush_cache=False
+                        ),
                     )
                 if self.ipc_group is not None:
                     # the owner's engine has read the IPC handles before any rank frees its tensors
@@ -360,6 +372,10 @@ class RemoteSGLangEngine:
 
     def wake(self) -> None:
         """A remote server keeps its own GPUs; nothing to take back."""
+
+    def shutdown(self) -> None:
+        """The server outlives the run; only our side of the weight-sync group is dropped."""
+        self.group = None
 
 
 class _TorchGroup:
