@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser("demo", help="the embedded demo: tiny model, CPU, no downloads")
     )
     phases = {
+        "sft": "step 0: supervised fine-tuning on a synthetic task's worked solutions (a base model)",
         "srt-collect": "Phase 1: attempts, rewards and revisions -> D_revision",
         "srt-train": "Phase 1: SRT training (L_revision + L_generation) on D_revision",
         "distill": "Phase 2: on-policy self-distillation from the SRT checkpoint",
@@ -36,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("config", help="YAML run config (e.g. examples/tiny_cpu.yaml)")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.top_k=32")
         sub.add_argument("--init-from", help="starting checkpoint (default: model.mcore_dir or model.hf_dir)")
-        if name in ("srt-train", "distill"):
+        if name in ("sft", "srt-train", "distill"):
             sub.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+        if name == "sft":
+            sub.add_argument("--examples", type=int, default=2000, help="worked solutions to train on")
     return parser
 
 
@@ -58,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from sdzero_mcore.demo import run_demo
 
         return 0 if run_demo(args.out_dir, args.architecture, args.tp) else 1
-    if args.command in ("srt-collect", "srt-train", "distill", "run"):
+    if args.command in ("sft", "srt-collect", "srt-train", "distill", "run"):
         return run_phase(args)
     raise AssertionError(args.command)
 
@@ -72,7 +75,11 @@ def run_phase(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "srt-collect":
+        if args.command == "sft":
+            from sdzero_mcore.phases.sft import run_sft
+
+            result = run_sft(cfg, args.init_from, examples=args.examples, max_steps=args.max_steps)
+        elif args.command == "srt-collect":
             from sdzero_mcore.phases.srt_collect import run_srt_collect
 
             result = run_srt_collect(cfg, args.init_from)

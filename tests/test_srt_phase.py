@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import VOCAB
 
 from sdzero_mcore.config import load_config
@@ -180,3 +179,23 @@ def test_a_log_from_another_config_is_refused(hf_dir, tmp_path):
     log.write_text(json.dumps({"type": "revision", "question_id": "q", "config_hash": "0123456789abcdef"}) + "\n")
     with pytest.raises(ConfigError, match="was collected with another config"):
         run_srt_collect(load_config(TINY, [f"output_dir={tmp_path}", *COLLECT]), str(hf_dir))
+
+
+def test_sft_examples_and_questions_are_disjoint_from_the_phases(hf_dir):
+    from transformers import AutoTokenizer
+
+    from sdzero_mcore.phases import common
+    from sdzero_mcore.phases.sft import sft_examples, sft_questions
+
+    cfg = load_config(TINY, [*COLLECT])
+    questions = sft_questions(cfg, 50)
+    phase1, phase2 = common.phase_questions(cfg)
+    assert len(questions) == 50
+    assert not {q.id for q in questions} & ({q.id for q in phase1} | {q.id for q in phase2})
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    (example,) = sft_examples(questions[:1], tokenizer, "auto", 512)
+    ids, start, end = example.completion.ids, example.completion.loss_start, example.completion.loss_end
+    assert tokenizer.decode(ids[start:end - 1]) == " " + questions[0].solution and ids[end - 1] == tokenizer.eos_token_id
+    from sdzero_mcore.data.prompts import prompt_ids
+
+    assert end == len(ids) and ids[:start] == prompt_ids(tokenizer, questions[0].question)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.losses.distill import DistillSample, collate_distill, distill_loss, teacher_targets
 from sdzero_mcore.models.forward import model_device
-from sdzero_mcore.parallel.context_parallel import global_token_count, split_for_cp
+from sdzero_mcore.parallel.context_parallel import split_for_cp
 from sdzero_mcore.phases import common
 
 logger = logging.getLogger(__name__)
