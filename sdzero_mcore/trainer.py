@@ -150,6 +150,7 @@ class Trainer:
             groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps
         )
         self._named = named
+        self._params = dict(named)
         warmup = warmup_steps_for(optim_cfg, total_steps)
         min_ratio = optim_cfg.min_lr / optim_cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -210,14 +211,13 @@ class Trainer:
         from megatron.core import parallel_state
 
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        total = torch.zeros((), dtype=torch.float64)
+        # summed on the device: one host sync for the whole model, not one per parameter
+        total = torch.zeros((), dtype=torch.float64, device=next(self.model.parameters()).device)
         for name, master in self.masters.items():
             if master.grad is None or (name in self._replicated and tp_rank != 0):
                 continue
-            total += master.grad.detach().double().pow(2).sum().cpu()
+            total += master.grad.detach().double().pow(2).sum()
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            device = next(self.model.parameters()).device
-            total = total.to(device)
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
         return float(total.sqrt())
 
@@ -256,7 +256,7 @@ class Trainer:
             {
                 "optimizer": self.optimizer.state_dict(),
                 # fp32 masters of 16-bit weights: the checkpointed bf16 weights alone lose precision
-                "masters": {n: m.detach() for n, m in self.masters.items() if m.dtype != dict(self._named)[n].dtype},
+                "masters": {n: m.detach() for n, m in self.masters.items() if m is not self._params[n]},
                 "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(),
             },
@@ -320,8 +320,8 @@ class Trainer:
             for name, master in self.masters.items():
                 if name in saved["masters"]:
                     master.copy_(saved["masters"][name])
-                elif master is not dict(self._named)[name]:
-                    master.copy_(dict(self._named)[name])
+                elif master is not self._params[name]:
+                    master.copy_(self._params[name])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"])
@@ -330,6 +330,14 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def final_checkpoint(root: Path) -> Optional[Path]:
+    """The newest checkpoint under ``root`` if it is the one a finished run wrote last."""
+    from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
+
+    latest = latest_checkpoint(root)
+    return latest if latest is not None and read_checkpoint_meta(latest).get("final") else None
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:

@@ -31,6 +31,18 @@ class ModelSource:
         return self.path / "hf" if self.kind == "mcore" else self.path
 
 
+def start_source(cfg: SDZeroConfig, init_from: Optional[str], *, prefer_mcore: bool = False) -> ModelSource:
+    """The checkpoint a phase starts from: ``init_from``, else model.hf_dir / model.mcore_dir
+    (model.mcore_dir first with ``prefer_mcore``: Phase 2 starts from the SRT checkpoint)."""
+    keys = ("mcore_dir", "hf_dir") if prefer_mcore else ("hf_dir", "mcore_dir")
+    if init_from is not None:
+        return resolve_model_source(init_from, "--init-from")
+    for key in keys:
+        if getattr(cfg.model, key):
+            return resolve_model_source(getattr(cfg.model, key), f"model.{key}")
+    raise ConfigError(f"set model.{keys[0]} or model.{keys[1]} (or --init-from): the checkpoint this phase starts from")
+
+
 def resolve_model_source(path: str | Path, what: str) -> ModelSource:
     """Check a checkpoint path before any work starts; the error names ``what`` (a config key)."""
     from sdzero_mcore.checkpoint.mcore_io import META_FILE
@@ -96,6 +108,10 @@ def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.hf_files_dir)
 
 
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def phase_questions(cfg: SDZeroConfig) -> tuple[list, list]:
     """(phase 1, phase 2) questions: loaded, validated and split as the data section says."""
     from sdzero_mcore.data import load_from_config, split_phases
@@ -135,7 +151,7 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
-def data_parallel_shard(items: Sequence, *, group: Optional[dist.ProcessGroup] = None) -> list:
+def data_parallel_shard(items: Sequence) -> list:
     """This data-parallel rank's share of a step's items (round robin)."""
     from megatron.core import parallel_state
 
@@ -200,8 +216,6 @@ def serving_engine(cfg: SDZeroConfig, source: ModelSource, tokenizer):
         if not is_rank0():
             return None
         return make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, dtype=dtype, load_weights=True)
-    from sdzero_mcore.phases.self_distill import sync_engine
-
     model = build_model(cfg, source)
     engine = make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, dtype=dtype) if is_rank0() else None
     sync_engine(engine, model, cfg.rollout.weight_sync_bucket_mb)
@@ -224,3 +238,15 @@ def pad_micro_batches(micro: list, make_filler) -> list:
     if dist.get_world_size(group) > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX, group=group)
     return micro + [make_filler() for _ in range(int(count) - len(micro))]
+
+
+def sync_engine(engine, model, bucket_mb: int) -> None:
+    """Stream ``model``'s weights into the engine: every rank streams (TP collectives), rank 0 feeds it."""
+    from sdzero_mcore.parallel.resharding import iter_hf_buckets
+
+    buckets = iter_hf_buckets(model, bucket_mb * 2**20)
+    if engine is not None:
+        engine.update_weights(buckets)
+    else:
+        for _ in buckets:
+            pass

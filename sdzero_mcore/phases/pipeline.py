@@ -15,36 +15,26 @@ from sdzero_mcore.config import SDZeroConfig
 from sdzero_mcore.phases import common
 
 
-def final_checkpoint(run_dir: Path, phase: str) -> Optional[Path]:
-    from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
-    from sdzero_mcore.trainer import latest_checkpoint
-
-    latest = latest_checkpoint(run_dir / "checkpoints" / phase)
-    if latest is not None and read_checkpoint_meta(latest).get("final"):
-        return latest
-    return None
-
-
 def run_pipeline(cfg: SDZeroConfig, init_from: Optional[str] = None, *, eval_questions: int = 32) -> dict:
     from sdzero_mcore.phases.quick_eval import greedy_accuracy
     from sdzero_mcore.phases.self_distill import run_distill
     from sdzero_mcore.phases.srt_collect import collection_complete, run_srt_collect
     from sdzero_mcore.phases.srt_train import run_srt_train, srt_stages
+    from sdzero_mcore.trainer import final_checkpoint
 
     run_dir = Path(cfg.output_dir)
-    start = init_from or cfg.model.hf_dir or cfg.model.mcore_dir
-    base = common.resolve_model_source(start, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_dir")
+    base = common.start_source(cfg, init_from)
     common.check_layout(cfg, base)
     report: dict = {"base": str(base.path)}
     if not collection_complete(cfg):
         run_srt_collect(cfg, str(base.path))
     report["srt_collect"] = json.loads((run_dir / "srt_collect" / "summary.json").read_text())
     last_stage = srt_stages(cfg.srt_train.mode)[-1][0]
-    srt = final_checkpoint(run_dir, last_stage)
+    srt = final_checkpoint(run_dir / "checkpoints" / last_stage)
     if srt is None:
         srt = run_srt_train(cfg, str(base.path))
     report["srt_checkpoint"] = str(srt)
-    distilled = final_checkpoint(run_dir, "distill") or run_distill(cfg, str(srt))
+    distilled = final_checkpoint(run_dir / "checkpoints" / "distill") or run_distill(cfg, str(srt))
     report["distill_checkpoint"] = str(distilled)
     _, phase2 = common.phase_questions(cfg)
     questions = phase2[:eval_questions]

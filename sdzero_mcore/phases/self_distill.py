@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.losses.distill import DistillSample, collate_distill, distill_loss, teacher_targets
-from sdzero_mcore.models.forward import model_device
+from sdzero_mcore.models.forward import cp_size_rank, model_device
 from sdzero_mcore.parallel.context_parallel import split_for_cp
 from sdzero_mcore.phases import common
 
@@ -95,18 +95,6 @@ def weights_checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def sync_engine(engine, student, bucket_mb: int) -> None:
-    """All ranks stream (TP collectives); rank 0 feeds its engine."""
-    from sdzero_mcore.parallel.resharding import iter_hf_buckets
-
-    buckets = iter_hf_buckets(student, bucket_mb * 2**20)
-    if engine is not None:
-        engine.update_weights(buckets)
-    else:
-        for _ in buckets:
-            pass
-
-
 def connect_remote_weight_sync(engine, rollout_cfg) -> None:
     """A remote SGLang server joins a weight-sync group with this rank (rank 0 of it) once."""
     import socket
@@ -144,10 +132,7 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
     from sdzero_mcore.rollout import make_rollout_engine, sampling_from_config
     from sdzero_mcore.trainer import Trainer
 
-    start = init_from or cfg.model.mcore_dir or cfg.model.hf_dir
-    if start is None:
-        raise ConfigError("distill: set model.mcore_dir or model.hf_dir (the SRT checkpoint the student starts from)")
-    source = common.resolve_model_source(start, "model.mcore_dir" if cfg.model.mcore_dir else "model.hf_dir")
+    source = common.start_source(cfg, init_from, prefer_mcore=True)
     common.check_layout(cfg, source)
     tokenizer = common.load_tokenizer(source)
     preset = control_phrases_from_config(cfg.data)
@@ -178,7 +163,7 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
         engine = make_rollout_engine(cfg.rollout, source.hf_files_dir, tokenizer=tokenizer, dtype=common.params_dtype(cfg))
         connect_remote_weight_sync(engine, cfg.rollout)
         reward_fn = common.make_reward_fn(cfg, questions)
-    sync_engine(engine, student, cfg.rollout.weight_sync_bucket_mb)
+    common.sync_engine(engine, student, cfg.rollout.weight_sync_bucket_mb)
     counters = trainer.state.data.setdefault("counters", {"generations": 0, "generated_tokens": 0})
 
     progress = tqdm(total=total_steps, initial=trainer.state.step, desc="distill", disable=not (cfg.logging.progress and common.is_rank0()))
@@ -227,7 +212,7 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
                 epoch=epoch,
                 **counters,
             )
-            sync_engine(engine, student, cfg.rollout.weight_sync_bucket_mb)
+            common.sync_engine(engine, student, cfg.rollout.weight_sync_bucket_mb)
             interval = dcfg.teacher_sync_interval
             if (interval and trainer.state.step % interval == 0) or ends_epoch:
                 sync_teacher(teacher, student)
@@ -257,16 +242,15 @@ def train_on_samples(trainer, teacher, mine, filler, tokenizer, dcfg) -> dict:
     """
     from megatron.core import parallel_state
 
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     micro = [mine[i : i + dcfg.micro_batch_size] for i in range(0, len(mine), dcfg.micro_batch_size)]
     micro = [(chunk, False) for chunk in micro]
     micro = common.pad_micro_batches(micro, lambda: ([filler], True))
     prepared = []
     device = model_device(teacher)
     local_tokens = torch.zeros((), dtype=torch.float64, device=device)
-    cp, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    cp, cp_rank = cp_size_rank()
     for chunk, is_filler in micro:
-        batch = collate_distill([s for s, _ in chunk], pad_id)
+        batch = collate_distill([s for s, _ in chunk], common.pad_id(tokenizer))
         targets = teacher_targets(teacher, batch, k=dcfg.top_k, temperature=dcfg.temperature)
         rewards = torch.tensor([r.reward for _, r in chunk], device=device)
         if is_filler:

@@ -57,13 +57,12 @@ def run_sft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, examples: int
             max_steps: Optional[int] = None) -> Path:
     from sdzero_mcore.phases.srt_train import train_completion_stage
 
-    start = init_from or cfg.model.hf_dir or cfg.model.mcore_dir
-    source = common.resolve_model_source(start, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_dir")
+    source = common.start_source(cfg, init_from)
     common.check_layout(cfg, source)
     tokenizer = common.load_tokenizer(source)
     data = sft_examples(sft_questions(cfg, examples), tokenizer, cfg.data.prompt_template, cfg.srt_train.max_seq_length)
     if not data:
         raise ConfigError("sdzero sft: no question with a solution fits srt_train.max_seq_length")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     common.setup_parallel(cfg)
-    return train_completion_stage(cfg, source, data, ("completion",), PHASE, cfg.srt_train, pad_id, max_steps=max_steps)
+    return train_completion_stage(cfg, source, data, ("completion",), PHASE, cfg.srt_train, common.pad_id(tokenizer),
+                                  max_steps=max_steps)

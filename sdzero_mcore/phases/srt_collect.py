@@ -73,8 +73,7 @@ def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
     """Collect (or finish collecting) Phase 1 data; returns the D_revision file."""
     from sdzero_mcore.data.prompts import control_phrases_from_config
 
-    start = init_from or cfg.model.hf_dir or cfg.model.mcore_dir
-    source = common.resolve_model_source(start, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_dir")
+    source = common.start_source(cfg, init_from)
     tokenizer = common.load_tokenizer(source)
     preset = control_phrases_from_config(cfg.data)
     questions, _ = common.phase_questions(cfg)
@@ -141,10 +140,8 @@ def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Pa
                 "attempts": [{"r": r.reward, "tokens": len(a.token_ids)} for a, r in zip(attempts, init_rewards)],
             })
             _append(log, lines)
-        else:
-            atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash}) + "\n")
-        if ccfg.target_count is not None and kept >= ccfg.target_count:
-            atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash, "target_reached": kept}) + "\n")
+        # the loop ends when every question is done or target_count is reached: either completes it
+        atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash, "kept": kept}) + "\n")
     finally:
         reward_fn.close()
         engine.shutdown()

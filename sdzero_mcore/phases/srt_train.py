@@ -84,13 +84,12 @@ def run_srt_train(cfg: SDZeroConfig, init_from: Optional[str] = None, d_revision
     from sdzero_mcore.phases.srt_collect import REVISION_FILE, collect_dir
 
     tcfg = cfg.srt_train
-    start = init_from or cfg.model.hf_dir or cfg.model.mcore_dir
-    source = common.resolve_model_source(start, "model.hf_dir" if cfg.model.hf_dir else "model.mcore_dir")
+    source = common.start_source(cfg, init_from)
     common.check_layout(cfg, source)
     tokenizer = common.load_tokenizer(source)
     examples = load_examples(Path(d_revision or collect_dir(cfg) / REVISION_FILE), tokenizer,
                              control_phrases_from_config(cfg.data), tcfg.max_seq_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = common.pad_id(tokenizer)
     common.setup_parallel(cfg)
     final = None
     for stage, terms in srt_stages(tcfg.mode):
@@ -106,13 +105,13 @@ def train_completion_stage(cfg: SDZeroConfig, source, examples: Sequence, terms:
     ``tcfg`` gives epochs, global/micro batch sizes and the optimizer (an SRTTrainConfig)."""
     from tqdm import tqdm
 
-    from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
     from sdzero_mcore.models.forward import cp_local_batch, model_device
-    from sdzero_mcore.trainer import Trainer, latest_checkpoint
+    from sdzero_mcore.trainer import Trainer, final_checkpoint, latest_checkpoint
 
-    previous = latest_checkpoint(Path(cfg.output_dir) / "checkpoints" / stage)
-    if cfg.checkpoint.resume and previous is not None and read_checkpoint_meta(previous).get("final"):
-        return previous  # this stage is complete
+    root = Path(cfg.output_dir) / "checkpoints" / stage
+    if cfg.checkpoint.resume and final_checkpoint(root) is not None:
+        return final_checkpoint(root)  # this stage is complete
+    previous = latest_checkpoint(root)
     steps_per_epoch = max(1, len(examples) // tcfg.global_batch_size)
     # each stage trains a fresh module (one DDP wrapper per module), from the previous stage's result
     model = common.build_model(cfg, source)
