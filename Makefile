@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 # missing: otherwise pip would resolve `torch` to the newest CUDA build (several GB).
 TORCH_CPU_VERSION := 2.13.0
 
-.PHONY: install test demo bench bench-kernels bench-attention
+.PHONY: install test demo demo-quick parity-demo bench bench-kernels bench-attention
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"
@@ -14,8 +14,16 @@ install:
 test: install
 	$(PYTHON) -m pytest
 
+# SD-Zero vs the baselines on a tiny model (docs/results.md); DEMO_ARGS e.g. "--seed 7" or "--scale small"
 demo: install
-	$(PYTHON) -m sdzero_mcore.cli demo
+	$(PYTHON) -m sdzero_mcore.cli demo $(DEMO_ARGS)
+
+demo-quick: install
+	$(PYTHON) -m sdzero_mcore.cli demo --quick $(DEMO_ARGS)
+
+# The converters and the megatron models against transformers (about 20 s)
+parity-demo: install
+	$(PYTHON) -m sdzero_mcore.cli parity-demo
 
 # Kernel benchmark (tools/bench_kernels.py): the H100 table on a GPU, a smoke run on CPU.
 bench-kernels: install

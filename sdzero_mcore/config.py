@@ -31,6 +31,10 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DistillConfig",
+    "EvalConfig",
+    "GRPOConfig",
+    "RFTConfig",
+    "SFTConfig",
     "LoggingConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -348,6 +352,9 @@ class DistillConfig(_Section):
     teacher_sync_interval: int = _checked(0, _NON_NEGATIVE)  # 0 = sync the teacher at each epoch end only
     max_response_tokens: int = _checked(8192, _AT_LEAST_1)
     max_teacher_tokens: int = _checked(16384, _AT_LEAST_1)
+    # revision: the teacher reads x + y + P_r + y (SD-Zero); gold_solution: x + the data's solution +
+    # P_r(correct) + y, the SDFT baseline (needs data.solution_field or a synthetic task)
+    teacher_context: str = _checked("revision", _one_of("revision", "gold_solution"))
     epochs: int = _checked(1, _AT_LEAST_1)
     train_steps: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
     optimizer: OptimizerConfig = field(
@@ -363,6 +370,91 @@ class DistillConfig(_Section):
                 f"{prefix}global_batch_size ({self.global_batch_size}) must equal {prefix}prompts_per_step "
                 f"({self.prompts_per_step}): one response per prompt, one optimizer step per rollout batch (the paper's setup)"
             )
+
+
+@dataclass
+class SFTConfig(_Section):
+    """Step 0 of the embedded demo: supervised fine-tuning on a synthetic task's worked solutions."""
+
+    examples: int = _checked(4000, _AT_LEAST_1)  # distinct questions, disjoint from both phases and eval
+    # fraction of solutions whose final answer is replaced by a wrong one, so that the base model
+    # solves the task only in part (the demo needs room to improve)
+    noise: float = _checked(0.0, _FRACTION_HALF_OPEN)
+    # fraction of examples in the reviser's format, x + y_a + P_r + y_b with the loss on y_b only: the
+    # base learns what an instruct model already does (after P_r, answer again), not to revise itself
+    revision_fraction: float = _checked(0.0, _FRACTION_HALF_OPEN)
+    epochs: int = _checked(1, _AT_LEAST_1)
+    global_batch_size: int = _checked(32, _AT_LEAST_1)
+    micro_batch_size: int = _checked(32, _AT_LEAST_1)
+    max_seq_length: int = _checked(512, _AT_LEAST_1)
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(OptimizerConfig, lr=3e-3, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=0.01)
+    )
+
+    def _check_relations(self, prefix: str) -> None:
+        _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)
+
+
+@dataclass
+class RFTConfig(_Section):
+    """Rejection-sampling fine-tuning baseline: k samples per question, SFT on the correct ones."""
+
+    samples_per_question: int = _checked(4, _AT_LEAST_1)
+    temperature: float = _checked(1.0, _NON_NEGATIVE)
+    # cap on generations (a matched budget); null = every question of both phases
+    max_generations: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    max_new_tokens: int = _checked(8192, _AT_LEAST_1)
+    epochs: int = _checked(3, _AT_LEAST_1)
+    global_batch_size: int = _checked(4, _AT_LEAST_1)
+    micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    max_seq_length: int = _checked(32768, _AT_LEAST_1)
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(OptimizerConfig, lr=5e-6, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=1e-4)
+    )
+
+    def _check_relations(self, prefix: str) -> None:
+        _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)
+
+
+@dataclass
+class GRPOConfig(_Section):
+    """GRPO baseline in the DAPO style (PAPER.md: 4 rollouts, clip 0.2, low-variance KL 0.001, entropy 0.001)."""
+
+    prompts_per_step: int = _checked(32, _AT_LEAST_1)
+    group_size: int = _checked(4, _Rule(lambda v: v >= 2, ">= 2"))
+    micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    # optimizer steps per rollout batch; 1 = strictly on-policy (the ratio is 1, clipping inactive)
+    updates_per_batch: int = _checked(1, _AT_LEAST_1)
+    clip_low: float = _checked(0.2, _FRACTION_OPEN)
+    clip_high: float = _checked(0.2, _POSITIVE)
+    kl_coef: float = _checked(0.001, _NON_NEGATIVE)
+    entropy_coef: float = _checked(0.001, _NON_NEGATIVE)
+    max_response_tokens: int = _checked(8192, _AT_LEAST_1)
+    # cap on generations (a matched budget); null = one pass over both phases' questions
+    max_generations: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    optimizer: OptimizerConfig = field(
+        default_factory=partial(OptimizerConfig, lr=1e-6, lr_schedule="constant", weight_decay=0.01, clip_grad=1.0)
+    )
+
+    def _check_relations(self, prefix: str) -> None:
+        if (self.prompts_per_step * self.group_size) % self.updates_per_batch:
+            raise ConfigError(
+                f"{prefix}updates_per_batch ({self.updates_per_batch}) must divide prompts_per_step x group_size "
+                f"({self.prompts_per_step * self.group_size})"
+            )
+
+
+@dataclass
+class EvalConfig(_Section):
+    """``sdzero eval``: avg@k / pass@k, generate-then-revise, behaviour, token localisation."""
+
+    k: int = _checked(8, _AT_LEAST_1)
+    temperature: float = _checked(0.7, _NON_NEGATIVE)
+    max_new_tokens: int = _checked(32768, _AT_LEAST_1)
+    questions: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)  # null = all (synthetic: 200)
+    revise: bool = True  # generate-then-revise on the first sample of each question
+    localization_responses: int = _checked(200, _NON_NEGATIVE)  # 0 = skip the KL analysis
+    seed: int = 0
 
 
 @dataclass
@@ -399,6 +491,10 @@ class SDZeroConfig(_Section):
     srt_collect: SRTCollectConfig = field(default_factory=SRTCollectConfig)
     srt_train: SRTTrainConfig = field(default_factory=SRTTrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rft: RFTConfig = field(default_factory=RFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

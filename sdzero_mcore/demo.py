@@ -1,102 +1,163 @@
-"""`sdzero demo` / `make demo`: the main job on the embedded default (CPU, tiny model, no downloads).
+"""`sdzero demo` / `make demo`: the paper's comparisons at toy scale, on 2 CPU cores, no downloads.
 
-Until the SD-Zero pipeline lands, the demo proves the foundation end to end: it makes a tiny HF
-model, converts it to a megatron-core checkpoint at TP=2, runs megatron at TP=2 and TP=1 against
-transformers on the same tokens, converts back to HF and compares every tensor bit for bit.
+0. Step 0: a tiny Qwen3-shaped model trained from scratch on noisy worked solutions of the
+   synthetic task (``sdzero sft``) is the base; it solves the task in part.
+1. SD-Zero from the base: Phase 1 collection and SRT, then Phase 2 (``sd_zero/``).
+2. Baselines from the same base: the Phase-2-only ablation, SDFT (teacher reads the gold
+   solution), and RFT and GRPO capped at SD-Zero's generation count (matched budget).
+3. Every model evaluated on the same held-out questions (``sdzero eval``), joined in one table
+   with the paper's columns, written to ``results.md`` with the command and seed.
+
+Every stage is skipped when its output is complete, so an interrupted demo resumes where it
+stopped. Numbers are whatever the run measures; nothing is tuned per method.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import re
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
-import torch
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+CONFIGS = {"cpu": "demo_cpu.yaml", "small": "demo_gpu_small.yaml"}
+# the base model's shape per scale (random init, the char tokenizer's 105 tokens in a 128 vocab)
+MODEL_SHAPES = {
+    "cpu": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32),
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=4, head_dim=64),
+}
+# `--quick`: the same stages, small enough for CI (a smoke run of the whole comparison)
+QUICK_OVERRIDES = (
+    "sft.examples=2000", "sft.epochs=5", "data.phase1_questions=32", "data.phase2_questions=32",
+    "srt_train.epochs=1", "distill.prompts_per_step=8", "distill.global_batch_size=8", "distill.micro_batch_size=8",
+    "distill.epochs=1", "rft.epochs=1", "eval.k=4", "eval.questions=32", "eval.localization_responses=16",
+)
+# (row name, the run directory under the demo's, the phases whose generations it used)
+ROWS = (
+    ("base", None, ()),
+    ("SRT (Phase 1)", "sd_zero", ("srt_collect",)),
+    ("SD-Zero", "sd_zero", ("srt_collect", "distill")),
+    ("Phase 2 only", "phase2_only", ("distill",)),
+    ("SDFT", "sdft", ("distill",)),
+    ("RFT", "rft", ("rft",)),
+    ("GRPO", "grpo", ("grpo",)),
+)
 
-LOGITS_TOLERANCE = 1e-4
-PROMPT = "Q: What is 12 + 7?\nA: Let me add. 12 + 7 = 19. The answer is \\boxed{19}."
+
+def demo_config(out_dir: Path, scale: str, quick: bool, seed: int, overrides: Sequence[str] = (), *extra: str):
+    from sdzero_mcore.config import load_config
+
+    return load_config(EXAMPLES / CONFIGS[scale],
+                       [f"output_dir={out_dir}", f"seed={seed}", *(QUICK_OVERRIDES if quick else ()), *overrides, *extra])
 
 
-def _logits_worker(mcore_dir: str, tp: int, input_ids: torch.Tensor, out_path: str) -> None:
-    import torch.distributed as dist
-
-    from sdzero_mcore.checkpoint.loading import build_model_from_mcore
-    from sdzero_mcore.models.forward import causal_lm_logits
-    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
-
-    init_distributed("gloo")
-    try:
-        initialize_model_parallel(tensor_model_parallel_size=tp)
-        model = build_model_from_mcore(mcore_dir, transformer_impl="local").eval()
-        with torch.no_grad():
-            logits = causal_lm_logits(model, input_ids)
-        if dist.get_rank() == 0:
-            torch.save({"logits": logits, "padded_vocab_size": model.padded_vocab_size}, out_path)
-    finally:
-        destroy_distributed()
-
-
-def run_demo(out_dir: str | Path, architecture: str = "Qwen3ForCausalLM", tp: int = 2) -> bool:
-    """Run the round trip and print the parity table. Returns whether every check passed."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from sdzero_mcore.checkpoint.convert import hf_to_mcore, mcore_to_hf
+def run_demo(out_dir: str | Path = "runs/demo", *, scale: str = "cpu", quick: bool = False, seed: int = 1234,
+             overrides: Sequence[str] = ()) -> dict:
+    """Run (or finish) the demo; returns {"table": markdown, "runs": [eval results], "timings": {...}}."""
+    from sdzero_mcore.eval.evaluate import run_eval
+    from sdzero_mcore.eval.report import compare_table, load_run
+    from sdzero_mcore.fileio import atomic_write_text
     from sdzero_mcore.models.tiny import save_tiny_hf_model
-    from sdzero_mcore.parallel import run_local_workers
+    from sdzero_mcore.phases import common
+    from sdzero_mcore.phases.grpo import run_grpo
+    from sdzero_mcore.phases.pipeline import train_sd_zero
+    from sdzero_mcore.phases.rft import run_rft
+    from sdzero_mcore.phases.self_distill import run_distill
+    from sdzero_mcore.phases.sft import run_sft
+    from sdzero_mcore.trainer import final_checkpoint
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_dir, mcore_dir, back_dir = out_dir / "hf", out_dir / f"mcore_tp{tp}", out_dir / "hf_from_mcore"
-    rows: list[tuple[str, str, bool]] = []
-    hf_logging.disable_progress_bar()  # transformers' own bars for a 1 MB model; ours show the conversion
+    root = Path(out_dir)
+    timings: dict[str, float] = {}
 
-    start = time.perf_counter()
-    save_tiny_hf_model(hf_dir, architecture)
-    reference = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    input_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    with torch.no_grad():
-        expected = reference(input_ids).logits
-    config = reference.config
-    print(
-        f"sdzero demo: {architecture}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"vocab {config.vocab_size}; prompt of {input_ids.shape[1]} tokens; outputs in {out_dir}"
-    )
+    def config(run: str, *extra: str):
+        return demo_config(root / run, scale, quick, seed, overrides, *extra)
 
-    meta = hf_to_mcore(hf_dir, mcore_dir, tp, overwrite=True)
-    rows.append(
-        (f"hf-to-mcore at TP={tp}", f"{time.perf_counter() - start:.1f} s, vocab {meta['vocab_size']} padded to {meta['padded_vocab_size']}", True)
-    )
-    for load_tp in sorted({tp, 1}, reverse=True):
-        result_path = out_dir / f"logits_tp{load_tp}.pt"
-        run_local_workers(_logits_worker, load_tp, str(mcore_dir), load_tp, input_ids, str(result_path))
-        got = torch.load(result_path)
-        diff = (got["logits"] - expected).abs().max().item()
-        rows.append(
-            (f"logits vs transformers, TP={load_tp}", f"max |diff| = {diff:.2e} (bound {LOGITS_TOLERANCE:.0e})", diff < LOGITS_TOLERANCE)
-        )
+    def stage(name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        timings[name] = round(time.perf_counter() - start, 1)
+        print(f"sdzero demo: {name} done in {timings[name]:.0f} s", flush=True)
+        return result
 
-    mcore_to_hf(mcore_dir, back_dir, overwrite=True)
-    original, back = load_file(str(hf_dir / "model.safetensors")), load_file(str(back_dir / "model.safetensors"))
-    same = sum(name in back and torch.equal(back[name], tensor) for name, tensor in original.items())
-    exact = same == len(original) and back.keys() == original.keys()
-    rows.append(("mcore-to-hf round trip", f"{same}/{len(original)} tensors bit-exact", exact))
+    def trained(run: str, phase: str, train) -> Path:
+        return final_checkpoint(root / run / "checkpoints" / phase) or stage(run, train)
 
-    width = max(len(name) for name, _, _ in rows)
-    for name, detail, ok in rows:
-        print(f"  {name:<{width}}  {detail:<48} {'PASS' if ok else 'FAIL'}")
-    passed = all(ok for _, _, ok in rows)
-    print(f"demo {'passed' if passed else 'FAILED'} in {time.perf_counter() - start:.1f} s")
-    return passed
+    random_init = root / "random_init"
+    if not (random_init / "config.json").is_file():
+        save_tiny_hf_model(random_init, vocab_size=128, seed=seed, **MODEL_SHAPES[scale])
+    base = trained("base", "sft", lambda: run_sft(config("base"), str(random_init)))
+    sd_zero = stage("sd_zero", lambda: train_sd_zero(config("sd_zero"), base))  # complete stages are skipped
+    checkpoints = {"base": base, "SRT (Phase 1)": sd_zero["srt_checkpoint"], "SD-Zero": sd_zero["distill_checkpoint"]}
+    budget = common.read_budget(root / "sd_zero", ("srt_collect", "distill"))["generations"]
+    checkpoints["Phase 2 only"] = trained("phase2_only", "distill", lambda: run_distill(config("phase2_only"), str(base)))
+    checkpoints["SDFT"] = trained(
+        "sdft", "distill", lambda: run_distill(config("sdft", "distill.teacher_context=gold_solution"), str(base)))
+    checkpoints["RFT"] = trained("rft", "rft", lambda: run_rft(config("rft", f"rft.max_generations={budget}"), str(base)))
+    checkpoints["GRPO"] = trained("grpo", "grpo", lambda: run_grpo(config("grpo", f"grpo.max_generations={budget}"), str(base)))
+
+    runs = []
+    for name, run, phases in ROWS:
+        out = root / "eval" / run_slug(name)
+        if not (out / "eval.json").is_file():
+            spend = common.read_budget(root / run, phases) if run else {"generations": 0, "generated_tokens": 0}
+            stage(f"eval {name}", lambda: run_eval(config("eval"), str(checkpoints[name]), out, name=name, budget=spend))
+        runs.append(load_run(out))
+    table = compare_table(runs)
+    command = "sdzero demo" + (" --quick" if quick else "") + (f" --scale {scale}" if scale != "cpu" else "") + f" --seed {seed}"
+    atomic_write_text(root / "results.md", f"# {command}\n\nSynthetic task, held-out questions, SD-Zero budget "
+                      f"{budget} generations (RFT and GRPO capped at it).\n\n{table}\n")
+    atomic_write_text(root / "timings.json", json.dumps(timings, indent=2) + "\n")
+    return {"table": table, "runs": runs, "timings": timings, "budget": budget}
+
+
+def run_slug(name: str) -> str:
+    """A row name as a directory name: "SRT (Phase 1)" -> "srt_phase_1"."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def table_is_complete(runs: Sequence[dict]) -> Optional[str]:
+    """None when every row has finite numbers in every column the table prints, else the problem."""
+    for run in runs:
+        values = {"avg_at_k": run.get("avg_at_k"), "pass_at_k": run.get("pass_at_k"),
+                  "mean_response_tokens": run.get("mean_response_tokens"),
+                  "first_accuracy": (run.get("revise") or {}).get("first_accuracy"),
+                  "revised_accuracy": (run.get("revise") or {}).get("revised_accuracy"),
+                  "generations": (run.get("budget") or {}).get("generations")}
+        for key, value in values.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                return f"{run.get('name')}: {key} is {value!r}"
+    return None
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out-dir", default="runs/demo", help="where the demo writes its checkpoints")
-    parser.add_argument(
-        "--architecture",
-        default="Qwen3ForCausalLM",
-        choices=["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"],
-    )
-    parser.add_argument("--tp", type=int, default=2, choices=[1, 2], help="tensor-parallel size to convert at")
+    parser.add_argument("--out-dir", default=None, help="where the demo writes (default: runs/demo, runs/demo-quick)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run of every stage (CI, about 3 minutes)")
+    parser.add_argument("--scale", choices=sorted(CONFIGS), default="cpu", help="cpu: 2 cores; small: one GPU")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides applied to every stage")
+
+
+def main_demo(args) -> int:
+    from sdzero_mcore.config import ConfigError
+    from sdzero_mcore.data import DataError
+
+    out_dir = args.out_dir or ("runs/demo-quick" if args.quick else "runs/demo" if args.scale == "cpu" else "runs/demo-small")
+    start = time.perf_counter()
+    try:
+        result = run_demo(out_dir, scale=args.scale, quick=args.quick, seed=args.seed, overrides=args.overrides)
+    except (ConfigError, DataError) as error:
+        print(f"sdzero demo: {error}")
+        return 2
+    print(result["table"])
+    problem = table_is_complete(result["runs"])
+    print(f"sdzero demo: {len(result['runs'])} models evaluated; results in {out_dir}/results.md, plots in "
+          f"{out_dir}/eval/*/localization.png; {time.perf_counter() - start:.0f} s")
+    if problem:
+        print(f"sdzero demo: incomplete table: {problem}")
+        return 1
+    return 0

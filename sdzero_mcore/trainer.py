@@ -168,6 +168,7 @@ class Trainer:
             tensorboard=getattr(logging_cfg, "tensorboard", False),
         )
         self._replicated = _replicated_param_names(model)
+        self._last_log = time.perf_counter()
 
     # --- one optimizer step -------------------------------------------------------------------
 
@@ -221,8 +222,16 @@ class Trainer:
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
         return float(total.sqrt())
 
-    def log(self, metrics: dict) -> None:
-        self.metrics.write(self.state.step, metrics)
+    def log(self, metrics: dict, *, tokens: Optional[float] = None) -> None:
+        """Write a step's metrics, with its wall time (since the previous log: rollout and training)
+        and, given the step's trained tokens, the throughput."""
+        now = time.perf_counter()
+        elapsed = now - self._last_log
+        self._last_log = now
+        extra = {"step_time_s": elapsed}
+        if tokens is not None and elapsed > 0:
+            extra["tokens_per_s"] = float(tokens) / elapsed
+        self.metrics.write(self.state.step, {**metrics, **extra})
 
     # --- checkpoints ----------------------------------------------------------------------------
 

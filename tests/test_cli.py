@@ -36,8 +36,8 @@ def test_convert_round_trip_from_the_command_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_demo_runs_and_passes(tmp_path):
-    result = _sdzero("demo", "--out-dir", tmp_path / "demo")
+def test_parity_demo_runs_and_passes(tmp_path):
+    result = _sdzero("parity-demo", "--out-dir", tmp_path / "demo")
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     for line in ("logits vs transformers, TP=2", "logits vs transformers, TP=1", "24/24 tensors bit-exact"):
         assert line in result.stdout

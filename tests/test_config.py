@@ -62,14 +62,16 @@ def test_tiny_cpu_example():
     cfg = load_config(EXAMPLES / "tiny_cpu.yaml")
     assert (cfg.run_name, cfg.output_dir) == ("tiny-cpu", "runs/tiny-cpu")
     assert (cfg.model.dtype, cfg.model.transformer_impl, cfg.model.max_seq_length) == ("float32", "local", 512)
-    assert (cfg.data.dataset, cfg.data.phase1_questions, cfg.data.phase2_questions) == ("synthetic:arith", 64, 64)
-    assert (cfg.rollout.backend, cfg.rollout.max_new_tokens) == ("hf", 64)
-    assert cfg.srt_collect.max_new_tokens == 64
+    assert (cfg.data.dataset, cfg.data.phase1_questions, cfg.data.phase2_questions) == ("synthetic:add", 64, 64)
+    assert (cfg.rollout.backend, cfg.rollout.max_new_tokens) == ("hf", 160)
+    assert cfg.srt_collect.max_new_tokens == 160
+    assert (cfg.sft.noise, cfg.sft.revision_fraction, cfg.sft.examples, cfg.sft.epochs) == (0.3, 0.25, 4000, 6)
     srt = cfg.srt_train
-    assert (srt.epochs, srt.global_batch_size, srt.micro_batch_size, srt.max_seq_length) == (1, 8, 2, 512)
+    assert (srt.epochs, srt.global_batch_size, srt.micro_batch_size, srt.max_seq_length) == (2, 8, 8, 512)
     d = cfg.distill
-    assert (d.prompts_per_step, d.global_batch_size, d.micro_batch_size, d.top_k) == (8, 8, 2, 16)
-    assert (d.max_response_tokens, d.max_teacher_tokens) == (64, 256)
+    assert (d.prompts_per_step, d.global_batch_size, d.micro_batch_size, d.top_k) == (8, 8, 8, 16)
+    assert (d.max_response_tokens, d.max_teacher_tokens, d.optimizer.lr) == (160, 512, 1e-4)
+    assert (cfg.eval.k, cfg.eval.questions) == (4, 64)
     assert cfg.logging.tensorboard is False
 
 
@@ -177,7 +179,7 @@ def test_unknown_nested_key_lists_section_keys():
 def test_unknown_top_level_key_lists_top_level_keys():
     message = config_error("tp=2")
     assert "unknown key 'tp'" in message
-    assert "allowed top-level keys: checkpoint, data, distill, logging, model, optimizer, output_dir" in message
+    assert "allowed top-level keys: checkpoint, data, distill, eval, grpo, logging, model, optimizer, output_dir" in message
     assert "did you mean" not in message
 
 
@@ -401,3 +403,10 @@ def test_argparse_defaults():
     assert args.config is None and args.overrides == []
     assert config_from_args(args) == SDZeroConfig()
     assert "parallel.tensor_model_parallel_size=2" in parser.format_help()
+
+
+def test_demo_configs_load():
+    for name in ("demo_cpu.yaml", "demo_gpu_small.yaml"):
+        cfg = load_config(EXAMPLES / name)
+        assert cfg.grpo.group_size == cfg.rft.samples_per_question == 4  # PAPER.md: 4 rollouts / samples
+        assert cfg.distill.prompts_per_step == cfg.distill.global_batch_size

@@ -190,8 +190,10 @@ def test_sft_examples_and_questions_are_disjoint_from_the_phases(hf_dir):
     cfg = load_config(TINY, [*COLLECT])
     questions = sft_questions(cfg, 50)
     phase1, phase2 = common.phase_questions(cfg)
-    assert len(questions) == 50
-    assert not {q.id for q in questions} & ({q.id for q in phase1} | {q.id for q in phase2})
+    heldout = common.heldout_questions(cfg, 200)
+    assert len(questions) == 50 and len(heldout) == 200
+    assert not {q.id for q in questions} & ({q.id for q in phase1} | {q.id for q in phase2} | {q.id for q in heldout})
+    assert not {q.id for q in heldout} & ({q.id for q in phase1} | {q.id for q in phase2})
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     (example,) = sft_examples(questions[:1], tokenizer, "auto", 512)
     ids, start, end = example.completion.ids, example.completion.loss_start, example.completion.loss_end
@@ -199,3 +201,61 @@ def test_sft_examples_and_questions_are_disjoint_from_the_phases(hf_dir):
     from sdzero_mcore.data.prompts import prompt_ids
 
     assert end == len(ids) and ids[:start] == prompt_ids(tokenizer, questions[0].question)
+
+
+def test_sft_noise_replaces_the_final_answer_of_that_fraction():
+    import random
+
+    from sdzero_mcore.phases.sft import noisy_solution, sft_examples
+    from sdzero_mcore.data.questions import Question
+    from sdzero_mcore.models.tiny import build_char_tokenizer
+    from sdzero_mcore.rewards import verify_synthetic
+
+    assert noisy_solution("62+12=74\n\\boxed{74}", "74", random.Random(0)) == "62+12=81\n\\boxed{81}"
+    # an operand equal to the answer is left alone; only the stated results change
+    noisy = noisy_solution("74+0=74\n\\boxed{74}", "74", random.Random(0))
+    assert noisy.startswith("74+0=") and verify_synthetic("add", noisy, "74").reward == 0
+    tokenizer = build_char_tokenizer()
+    from sdzero_mcore.rewards import generate_rows
+
+    rows = generate_rows("add", 400, seed=3)
+    questions = [Question(id=str(i), question=r["question"], answer=r["answer"], tests=None, solution=r["solution"], source="add", index=i) for i, r in enumerate(rows)]
+    examples = sft_examples(questions, tokenizer, "auto", 512, noise=0.3, seed=1)
+    wrong = 0
+    for q, example in zip(questions, examples):
+        c = example.completion
+        wrong += 1 - verify_synthetic("add", tokenizer.decode(c.ids[c.loss_start:c.loss_end - 1]), q.answer).reward
+    assert 0.22 < wrong / len(examples) < 0.38, wrong
+    again = sft_examples(questions, tokenizer, "auto", 512, noise=0.3, seed=1)
+    assert [e.completion.ids for e in again] == [e.completion.ids for e in examples]  # deterministic
+
+
+def test_sft_revision_format_examples_train_only_the_second_attempt():
+    from sdzero_mcore.data.prompts import control_phrases, prompt_ids
+    from sdzero_mcore.data.questions import Question
+    from sdzero_mcore.models.tiny import build_char_tokenizer
+    from sdzero_mcore.phases.sft import sft_examples
+    from sdzero_mcore.rewards import generate_rows, verify_synthetic
+
+    tokenizer = build_char_tokenizer()
+    preset = control_phrases("paper")
+    rows = generate_rows("add", 300, seed=5)
+    questions = [Question(id=str(i), question=r["question"], answer=r["answer"], tests=None, solution=r["solution"],
+                          source="add", index=i) for i, r in enumerate(rows)]
+    examples = sft_examples(questions, tokenizer, "auto", 512, noise=0.2, revision_fraction=0.4, preset=preset, seed=2)
+    seen = {0: 0, 1: 0}
+    for q, example in zip(questions, examples):
+        c = example.completion
+        x = prompt_ids(tokenizer, q.question)
+        before, target = tokenizer.decode(c.ids[len(x):c.loss_start]), tokenizer.decode(c.ids[c.loss_start:c.loss_end - 1])
+        assert c.ids[:len(x)] == x and c.ids[c.loss_end - 1] == tokenizer.eos_token_id and c.loss_end == len(c.ids)
+        if c.loss_start == len(x):
+            continue  # a plain example
+        for r in (0, 1):
+            if before.rstrip().endswith(preset.for_reward(r)):
+                seen[r] += 1
+                first = before[: before.rindex(preset.for_reward(r))].strip()
+                assert verify_synthetic("add", first, q.answer).reward == r  # P_r tells the truth about y_a
+                if r == 1:
+                    assert target.strip() == first  # a right answer is restated
+    assert seen[0] > 20 and seen[1] > 20, seen

@@ -47,7 +47,15 @@ def resolve_model_source(path: str | Path, what: str) -> ModelSource:
     """Check a checkpoint path before any work starts; the error names ``what`` (a config key)."""
     from sdzero_mcore.checkpoint.mcore_io import META_FILE
 
+    from sdzero_mcore.trainer import LATEST_FILE, final_checkpoint, latest_checkpoint
+
     path = Path(path)
+    if (path / LATEST_FILE).is_file() and latest_checkpoint(path) is not None:
+        # a phase's checkpoint directory: its final checkpoint, else (a run still going or stopped) its newest
+        chosen = final_checkpoint(path) or latest_checkpoint(path)
+        if final_checkpoint(path) is None:
+            logger.warning("%s: %s has no final checkpoint; using its newest, %s", what, path, chosen.name)
+        path = chosen
     if (path / META_FILE).is_file():
         return ModelSource(path, "mcore")
     if (path / "config.json").is_file():
@@ -240,6 +248,19 @@ def pad_micro_batches(micro: list, make_filler) -> list:
     return micro + [make_filler() for _ in range(int(count) - len(micro))]
 
 
+def release(*resources) -> None:
+    """End an on-policy phase: close progress bars, trainers and reward pools, shut engines down (None skipped)."""
+    errors = []
+    for resource in resources:
+        if resource is not None:
+            try:
+                (resource.shutdown if hasattr(resource, "shutdown") else resource.close)()
+            except Exception as error:  # the others are still released; the first failure is raised
+                errors.append(error)
+    if errors:
+        raise errors[0]
+
+
 def sync_engine(engine, model, bucket_mb: int) -> None:
     """Stream ``model``'s weights into the engine: every rank streams (TP collectives), rank 0 feeds it."""
     from sdzero_mcore.parallel.resharding import iter_hf_buckets
@@ -250,3 +271,74 @@ def sync_engine(engine, model, bucket_mb: int) -> None:
     else:
         for _ in buckets:
             pass
+
+
+# ---- generation budget (PAPER.md Appendix C.2: generations and generated tokens per method) ----
+
+BUDGET_DIR = "budget"
+
+
+def record_budget(run_dir: str | Path, phase: str, generations: int, generated_tokens: int) -> None:
+    """Write what ``phase`` generated to ``run_dir/budget/<phase>.json`` (atomically, replacing)."""
+    import json
+
+    from sdzero_mcore.fileio import atomic_write_text
+
+    path = Path(run_dir) / BUDGET_DIR / f"{phase}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"generations": int(generations), "generated_tokens": int(generated_tokens)}) + "\n")
+
+
+def read_budget(run_dir: str | Path, phases: Sequence[str]) -> dict:
+    """The summed budget of ``phases`` in ``run_dir``; a phase without a record is an error."""
+    import json
+
+    total = {"generations": 0, "generated_tokens": 0}
+    for phase in phases:
+        path = Path(run_dir) / BUDGET_DIR / f"{phase}.json"
+        if not path.is_file():
+            raise ConfigError(f"no generation budget recorded for phase {phase!r}: {path} does not exist")
+        record = json.loads(path.read_text())
+        for key in total:
+            total[key] += int(record[key])
+    return total
+
+
+# ---- held-out questions of a synthetic task (evaluation), disjoint from both phases ----------
+
+SYNTHETIC_HELDOUT_RESERVED = 500  # reserved for evaluation; step 0 (sft) never trains on them
+
+
+def heldout_questions(cfg: SDZeroConfig, count: int) -> list:
+    """``count`` questions of the synthetic task that neither phase uses (another generator seed)."""
+    from dataclasses import replace
+
+    from sdzero_mcore.data import load_from_config
+
+    if not cfg.data.dataset.startswith("synthetic:"):
+        raise ConfigError("held-out questions are generated for synthetic tasks only; pass an eval dataset instead")
+    if count > SYNTHETIC_HELDOUT_RESERVED:
+        raise ConfigError(f"eval.questions ({count}) is more than the {SYNTHETIC_HELDOUT_RESERVED} held-out questions a synthetic task reserves")
+    phase1, phase2 = phase_questions(cfg)
+    used = {q.id for q in phase1} | {q.id for q in phase2}
+    size = 2 * SYNTHETIC_HELDOUT_RESERVED + len(used)
+    loaded = load_from_config(replace(cfg.data, synthetic_size=size, synthetic_seed=cfg.data.synthetic_seed + 1))
+    fresh = list({q.id: q for q in loaded.questions if q.id not in used}.values())
+    return fresh[:SYNTHETIC_HELDOUT_RESERVED][:count]
+
+
+def check_log_hash(log: Path, chash: str, problem: str) -> None:
+    """Refuse an append-only log whose first record carries another ``config_hash`` (before any work)."""
+    import json
+
+    if not log.is_file():
+        return
+    with log.open() as handle:
+        first = handle.readline()
+    try:
+        found = json.loads(first).get("config_hash") if first.strip() else None
+    except json.JSONDecodeError:
+        return  # a cut first line: the log's reader drops it
+    if found is not None and found != chash:
+        raise ConfigError(f"{log} {problem} (hash {found}, this one {chash}); "
+                          "use another output_dir or delete the log to start over")

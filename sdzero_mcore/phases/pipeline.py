@@ -15,30 +15,35 @@ from sdzero_mcore.config import SDZeroConfig
 from sdzero_mcore.phases import common
 
 
-def run_pipeline(cfg: SDZeroConfig, init_from: Optional[str] = None, *, eval_questions: int = 32) -> dict:
-    from sdzero_mcore.phases.quick_eval import greedy_accuracy
+def train_sd_zero(cfg: SDZeroConfig, base: Path) -> dict:
+    """Phase 1 (collect, SRT) and Phase 2 from ``base``, each stage skipped when complete.
+    Returns the collection summary and the SRT and SD-Zero checkpoints."""
     from sdzero_mcore.phases.self_distill import run_distill
-    from sdzero_mcore.phases.srt_collect import collection_complete, run_srt_collect
+    from sdzero_mcore.phases.srt_collect import collection_complete, collect_dir, run_srt_collect, SUMMARY_FILE
     from sdzero_mcore.phases.srt_train import run_srt_train, srt_stages
     from sdzero_mcore.trainer import final_checkpoint
 
     run_dir = Path(cfg.output_dir)
+    if not collection_complete(cfg):
+        run_srt_collect(cfg, str(base))
+    summary = json.loads((collect_dir(cfg) / SUMMARY_FILE).read_text())
+    last_stage = srt_stages(cfg.srt_train.mode)[-1][0]
+    srt = final_checkpoint(run_dir / "checkpoints" / last_stage) or run_srt_train(cfg, str(base))
+    sd_zero = final_checkpoint(run_dir / "checkpoints" / "distill") or run_distill(cfg, str(srt))
+    return {"srt_collect": summary, "srt_checkpoint": str(srt), "distill_checkpoint": str(sd_zero)}
+
+
+def run_pipeline(cfg: SDZeroConfig, init_from: Optional[str] = None, *, eval_questions: int = 32) -> dict:
+    from sdzero_mcore.phases.quick_eval import greedy_accuracy
+
+    run_dir = Path(cfg.output_dir)
     base = common.start_source(cfg, init_from)
     common.check_layout(cfg, base)
-    report: dict = {"base": str(base.path)}
-    if not collection_complete(cfg):
-        run_srt_collect(cfg, str(base.path))
-    report["srt_collect"] = json.loads((run_dir / "srt_collect" / "summary.json").read_text())
-    last_stage = srt_stages(cfg.srt_train.mode)[-1][0]
-    srt = final_checkpoint(run_dir / "checkpoints" / last_stage)
-    if srt is None:
-        srt = run_srt_train(cfg, str(base.path))
-    report["srt_checkpoint"] = str(srt)
-    distilled = final_checkpoint(run_dir / "checkpoints" / "distill") or run_distill(cfg, str(srt))
-    report["distill_checkpoint"] = str(distilled)
+    report: dict = {"base": str(base.path), **train_sd_zero(cfg, base.path)}
     _, phase2 = common.phase_questions(cfg)
     questions = phase2[:eval_questions]
-    for name, checkpoint in (("base", base.path), ("srt", srt), ("sd_zero", distilled)):
+    checkpoints = (("base", base.path), ("srt", report["srt_checkpoint"]), ("sd_zero", report["distill_checkpoint"]))
+    for name, checkpoint in checkpoints:
         out = run_dir / "eval" / f"{name}.json"
         if out.is_file():
             report[f"eval_{name}"] = json.loads(out.read_text())

@@ -56,18 +56,38 @@ def truncate_for_teacher(x_ids: Sequence[int], y_ids: Sequence[int], reward: int
     return None, []
 
 
-def check_teacher_budget(prompts: Sequence[Sequence[int]], tokenizer, preset, max_teacher_tokens: int) -> None:
-    """Fail before any work when a prompt leaves no room for even one response token."""
+def check_teacher_budget(prompts: Sequence[Sequence[int]], tokenizer, preset, max_teacher_tokens: int,
+                         *, with_separator: bool = True) -> None:
+    """Fail before any work when a prompt leaves no room for even one response token.
+
+    ``prompts`` are the student prompts (SD-Zero: the teacher adds P_r and the response twice) or,
+    with ``with_separator=False``, complete teacher prefixes (SDFT: the response follows once)."""
     from sdzero_mcore.data.prompts import control_ids
 
-    separator = max(len(control_ids(tokenizer, r, preset)) for r in (0, 1))
+    separator = max(len(control_ids(tokenizer, r, preset)) for r in (0, 1)) if with_separator else 0
+    response = 2 if with_separator else 1
     worst = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    needed = len(prompts[worst]) + separator + 2
+    needed = len(prompts[worst]) + separator + response
     if needed > max_teacher_tokens:
+        what = "prompt" if with_separator else "teacher prefix (prompt + gold solution + P_r)"
         raise ConfigError(
             f"distill.max_teacher_tokens ({max_teacher_tokens}) is smaller than the teacher context of phase-2 "
-            f"question {worst}: {len(prompts[worst])} prompt tokens + {separator} P_r tokens + 2 response tokens"
+            f"question {worst}: {len(prompts[worst])} {what} tokens + {separator} P_r tokens + {response} response tokens"
         )
+
+
+def gold_solution_prefixes(questions: Sequence, prompts: Sequence[Sequence[int]], tokenizer, preset) -> list[list[int]]:
+    """SDFT's teacher prefixes: x + the gold solution + P_r(correct); every question needs a solution."""
+    from sdzero_mcore.data.prompts import revision_context
+    from sdzero_mcore.phases.sft import solution_ids
+
+    missing = [q.id for q in questions if not q.solution]
+    if missing:
+        raise ConfigError(
+            f"distill.teacher_context=gold_solution needs a solution for every phase-2 question; {len(missing)} have none "
+            f"(first: {missing[0]}); set data.solution_field or use a synthetic task"
+        )
+    return [revision_context(x, solution_ids(tokenizer, q.solution), 1, tokenizer, preset) for q, x in zip(questions, prompts)]
 
 
 def epoch_order(num_questions: int, epoch: int, seed: int) -> list[int]:
@@ -138,8 +158,9 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
     preset = control_phrases_from_config(cfg.data)
     _, questions = common.phase_questions(cfg)
     prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
-    check_teacher_budget(prompts, tokenizer, preset, cfg.distill.max_teacher_tokens)
     dcfg = cfg.distill
+    gold_prefixes = gold_solution_prefixes(questions, prompts, tokenizer, preset) if dcfg.teacher_context == "gold_solution" else None
+    check_teacher_budget(gold_prefixes or prompts, tokenizer, preset, dcfg.max_teacher_tokens, with_separator=gold_prefixes is None)
     steps_per_epoch = max(1, len(questions) // dcfg.prompts_per_step)
     total_steps = dcfg.train_steps or steps_per_epoch * dcfg.epochs
     if max_steps is not None:
@@ -193,10 +214,15 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
             for rollout in rollouts:
                 if not rollout.response_ids:
                     continue
-                context, y = truncate_for_teacher(rollout.prompt_ids, rollout.response_ids, rollout.reward, tokenizer, preset, dcfg.max_teacher_tokens)
-                if context is None:
+                if gold_prefixes is not None:  # SDFT: the teacher reads the gold solution, not y
+                    prefix = gold_prefixes[rollout.question_index]
+                    y = rollout.response_ids[: dcfg.max_teacher_tokens - len(prefix)]
+                else:
+                    context, y = truncate_for_teacher(rollout.prompt_ids, rollout.response_ids, rollout.reward, tokenizer, preset, dcfg.max_teacher_tokens)
+                    prefix = context.ids[: context.response_start] if context is not None else None
+                if prefix is None or not y:
                     continue
-                samples.append(DistillSample(rollout.prompt_ids, y, context.ids[: context.response_start]))
+                samples.append(DistillSample(rollout.prompt_ids, y, prefix))
                 kept.append(rollout)
             if not samples:  # every response empty or unfittable: no data, no update (same on all ranks)
                 trainer.state.step += 1
@@ -218,19 +244,16 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
                 sync_teacher(teacher, student)
                 metrics["teacher_synced"] = True
             metrics["teacher_checksum"] = weights_checksum(teacher)
-            trainer.log(metrics)
+            trainer.log(metrics, tokens=metrics.get("response_tokens"))
             progress.update(1)
             progress.set_postfix(kl=f"{metrics.get('kl_per_token', float('nan')):.4f}", reward=f"{metrics['reward_rate']:.2f}")
             if cfg.checkpoint.save_interval and trainer.state.step % cfg.checkpoint.save_interval == 0:
                 trainer.save_checkpoint(extra_models={"teacher": teacher})
+        if common.is_rank0():  # before the final checkpoint, which marks the phase complete
+            common.record_budget(run_dir, PHASE, counters["generations"], counters["generated_tokens"])
         final = trainer.save_checkpoint(final=True, extra_models={"teacher": teacher})
     finally:
-        progress.close()
-        trainer.close()
-        if reward_fn is not None:
-            reward_fn.close()
-        if engine is not None:
-            engine.shutdown()
+        common.release(progress, trainer, reward_fn, engine)
     return final
 
 

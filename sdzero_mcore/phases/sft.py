@@ -2,13 +2,18 @@
 
 The embedded demo's step 0: a tiny model trained from scratch on a synthetic task's generated
 solutions becomes a base model that partly solves the task, so that Phase 1 finds correct
-revisions to learn from. It works on any data with a solution field (``data.solution_field``).
-The questions are the Phase 1 and Phase 2 questions' complement: those generated past
-``phase1_questions + phase2_questions`` (synthetic tasks), so the base never sees them solved.
+revisions to learn from. ``sft.noise`` replaces the final answer of that fraction of the
+solutions by a wrong one, which keeps the base's accuracy well below 100%.
+``sft.revision_fraction`` gives the base what an instruct model brings to the paper's setting:
+after a P_r it answers again (and restates a right answer). It never learns to write a P_r
+itself; that, and revising towards correct answers, is what SRT teaches. The questions are
+disjoint from both phases and from the held-out evaluation questions.
 """
 
 from __future__ import annotations
 
+import random
+import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -22,23 +27,51 @@ class SFTExample(NamedTuple):
     completion: "object"  # data.prompts.CompletionExample: loss on the solution and its EOS
 
 
-def sft_examples(questions, tokenizer, template: str, max_len: int) -> list[SFTExample]:
-    from sdzero_mcore.data.prompts import CompletionExample, prompt_ids
+def solution_ids(tokenizer, solution: str) -> list[int]:
+    """A worked solution as the model writes it after the prompt (no EOS)."""
+    return tokenizer.encode(" " + solution, add_special_tokens=False)
+
+
+def noisy_solution(solution: str, answer: str, rng: random.Random) -> str:
+    """``solution`` with its integer final answer replaced by a nearby wrong one, everywhere it is stated."""
+    if not re.fullmatch(r"-?\d+", answer.strip()):
+        raise ConfigError(f"sft.noise and sft.revision_fraction need integer answers (synthetic:arith or synthetic:add), got {answer!r}")
+    value = int(answer)
+    wrong = value + rng.choice([-1, 1]) * rng.randint(1, 10)
+    noisy, count = re.subn(rf"(?<![\d-]){re.escape(answer.strip())}(?!\d)(?=\s*(\}}|$))", str(wrong), solution, flags=re.M)
+    if count == 0:  # a "wrong" solution that still states the right answer would be mislabelled
+        raise ConfigError(f"cannot make a wrong version of a solution: its final answer {answer!r} is not stated in it")
+    return noisy
+
+
+def sft_examples(questions, tokenizer, template: str, max_len: int, *, noise: float = 0.0, revision_fraction: float = 0.0,
+                 preset=None, seed: int = 0) -> list[SFTExample]:
+    """x -> solution + EOS examples; ``revision_fraction`` of them in the reviser's format instead:
+    x + y_a + P_r(r_a) + y_b, loss on y_b + EOS, where y_a is right or wrong with equal odds, y_b
+    restates y_a when it is right and is a fresh (possibly noisy) solution when it is wrong."""
+    from sdzero_mcore.data.prompts import CompletionExample, prompt_ids, revision_context
 
     examples = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for q in questions:
         if not q.solution:
             continue
-        x = prompt_ids(tokenizer, q.question, template=template)
-        y = tokenizer.encode(" " + q.solution, add_special_tokens=False) + eos
-        if len(x) + len(y) <= max_len:
-            examples.append(SFTExample(CompletionExample(x + y, loss_start=len(x), loss_end=len(x) + len(y))))
+        rng = random.Random(f"{seed}:{q.id}")
+        solution = noisy_solution(q.solution, q.answer, rng) if noise and rng.random() < noise else q.solution
+        context = prompt_ids(tokenizer, q.question, template=template)
+        if revision_fraction and rng.random() < revision_fraction:
+            r_a = int(rng.random() < 0.5)
+            y_a = q.solution if r_a else noisy_solution(q.solution, q.answer, rng)
+            context = revision_context(context, solution_ids(tokenizer, y_a), r_a, tokenizer, preset)
+            solution = y_a if r_a else solution
+        y = solution_ids(tokenizer, solution) + eos
+        if len(context) + len(y) <= max_len:
+            examples.append(SFTExample(CompletionExample(context + y, loss_start=len(context), loss_end=len(context) + len(y))))
     return examples
 
 
 def sft_questions(cfg: SDZeroConfig, count: int) -> list:
-    """``count`` synthetic questions disjoint from both phases (same generator, later rows)."""
+    """``count`` synthetic questions disjoint from both phases and the held-out evaluation set."""
     from dataclasses import replace
 
     from sdzero_mcore.data import load_from_config
@@ -47,22 +80,29 @@ def sft_questions(cfg: SDZeroConfig, count: int) -> list:
         raise ConfigError("sdzero sft generates its data from a synthetic task: set data.dataset=synthetic:<task>")
     phase1, phase2 = common.phase_questions(cfg)
     used = {q.id for q in phase1} | {q.id for q in phase2}
-    needed = cfg.data.phase1_questions + cfg.data.phase2_questions + count
-    loaded = load_from_config(replace(cfg.data, synthetic_size=needed * 2))
-    fresh = [q for q in loaded.questions if q.id not in used]
+    used |= {q.id for q in common.heldout_questions(cfg, common.SYNTHETIC_HELDOUT_RESERVED)}
+    loaded = load_from_config(replace(cfg.data, synthetic_size=2 * (count + len(used))))
+    fresh = list({q.id: q for q in loaded.questions if q.id not in used}.values())
+    if len(fresh) < count:
+        raise ConfigError(f"sft.examples ({count}): the task {cfg.data.dataset} has only {len(fresh)} questions left "
+                          "after the phases and the held-out set")
     return fresh[:count]
 
 
-def run_sft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, examples: int = 2000,
-            max_steps: Optional[int] = None) -> Path:
+def run_sft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Optional[int] = None) -> Path:
     from sdzero_mcore.phases.srt_train import train_completion_stage
 
+    scfg = cfg.sft
     source = common.start_source(cfg, init_from)
     common.check_layout(cfg, source)
     tokenizer = common.load_tokenizer(source)
-    data = sft_examples(sft_questions(cfg, examples), tokenizer, cfg.data.prompt_template, cfg.srt_train.max_seq_length)
+    from sdzero_mcore.data.prompts import control_phrases_from_config
+
+    data = sft_examples(sft_questions(cfg, scfg.examples), tokenizer, cfg.data.prompt_template, scfg.max_seq_length,
+                        noise=scfg.noise, revision_fraction=scfg.revision_fraction,
+                        preset=control_phrases_from_config(cfg.data), seed=cfg.seed)
     if not data:
-        raise ConfigError("sdzero sft: no question with a solution fits srt_train.max_seq_length")
+        raise ConfigError("sdzero sft: no question with a solution fits sft.max_seq_length")
     common.setup_parallel(cfg)
-    return train_completion_stage(cfg, source, data, ("completion",), PHASE, cfg.srt_train, common.pad_id(tokenizer),
+    return train_completion_stage(cfg, source, data, ("completion",), PHASE, scfg, common.pad_id(tokenizer),
                                   max_steps=max_steps)

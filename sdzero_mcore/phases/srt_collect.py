@@ -25,6 +25,7 @@ from sdzero_mcore.config import SDZeroConfig
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.phases import common
 
+PHASE = "srt_collect"
 RECORDS_FILE = "srt_records.jsonl"
 REVISION_FILE = "d_revision.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -140,12 +141,14 @@ def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Pa
                 "attempts": [{"r": r.reward, "tokens": len(a.token_ids)} for a, r in zip(attempts, init_rewards)],
             })
             _append(log, lines)
-        # the loop ends when every question is done or target_count is reached: either completes it
+        # the loop ends when every question is done or target_count is reached: either completes it,
+        # and the marker comes last (D_revision, the summary and the budget exist when it does)
+        d_revision = write_outputs(out)
         atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash, "kept": kept}) + "\n")
     finally:
         reward_fn.close()
         engine.shutdown()
-    return write_outputs(out)
+    return d_revision
 
 
 def collection_complete(cfg: SDZeroConfig) -> bool:
@@ -156,21 +159,7 @@ def collection_complete(cfg: SDZeroConfig) -> bool:
 
 def check_log_config(log: Path, chash: str) -> None:
     """Refuse to extend a log written under another data/collection/rollout config."""
-    from sdzero_mcore.config import ConfigError
-
-    if not log.is_file():
-        return
-    with log.open() as handle:
-        first = handle.readline()
-    try:
-        found = json.loads(first).get("config_hash") if first.strip() else None
-    except json.JSONDecodeError:
-        return  # a cut first line: recover_log drops it
-    if found is not None and found != chash:
-        raise ConfigError(
-            f"{log} was collected with another config (hash {found}, this one {chash}); "
-            "use another output_dir or delete the log to start over"
-        )
+    common.check_log_hash(log, chash, "was collected with another config")
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -215,4 +204,5 @@ def write_outputs(out: Path) -> Path:
         "generated_tokens": sum(a["tokens"] for a in init) + sum(r["rev_tokens"] for r in revisions),
     }
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    common.record_budget(out.parent, PHASE, summary["generations"], summary["generated_tokens"])
     return out / REVISION_FILE

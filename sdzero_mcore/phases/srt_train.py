@@ -147,7 +147,7 @@ def train_completion_stage(cfg: SDZeroConfig, source, examples: Sequence, terms:
         metrics = trainer.train_step(local, loss_fn)
         metrics["loss"] = sum(metrics[f"loss_{t}"] for t in terms)
         metrics.update({f"tokens_{t}": float(counts[t]) for t in terms}, epoch=epoch)
-        trainer.log(metrics)
+        trainer.log(metrics, tokens=max(float(counts[t]) for t in terms))
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")
         if cfg.checkpoint.save_interval and trainer.state.step % cfg.checkpoint.save_interval == 0:

@@ -5,6 +5,8 @@ Both tasks are small enough for a tiny character-level model trained from scratc
   The generated answer is a left-to-right chain such as (3+5)*7, and the solution shows one line
   per step, so the model can learn the format and simple cases before search.
 - arith: two- and three-digit addition / subtraction with a column-by-column worked solution.
+- add: the sum of two numbers below 100, answered in one line; the embedded demo's task, small
+  enough that a model trained from scratch for a few minutes on 2 CPU cores solves part of it.
 
 Every solution ends with \\boxed{<answer>}; the verifiers read the last \\boxed{}.
 Reasons: "correct", "wrong", "no_answer", "invalid_expression" (countdown: not a plain arithmetic
@@ -27,7 +29,7 @@ from typing import Any, Mapping, Union
 from sdzero_mcore.rewards.base import RewardFn, RewardResult
 from sdzero_mcore.rewards.extraction import last_boxed
 
-SYNTHETIC_TASKS = ("countdown", "arith")
+SYNTHETIC_TASKS = ("countdown", "arith", "add")
 
 MAX_EXPRESSION_CHARS = 100  # a countdown answer over 4 numbers needs ~20; longer is not an answer
 MAX_MAGNITUDE = 10**12  # any intermediate numerator/denominator beyond this is rejected
@@ -129,6 +131,15 @@ def _arith_row(rng: random.Random) -> dict:
     return {"task": "arith", "question": question, "answer": str(result), "solution": solution}
 
 
+def _add_row(rng: random.Random) -> dict:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    question = f"What is {a}+{b}? Put the answer in \\boxed{{}}."
+    return {"task": "add", "question": question, "answer": str(a + b), "solution": f"{a}+{b}={a + b}\n\\boxed{{{a + b}}}"}
+
+
+_ROW_MAKERS = {"countdown": _countdown_row, "arith": _arith_row, "add": _add_row}
+
+
 def generate_rows(task: str, n: int, seed: int) -> list[dict]:
     """n rows of `task`, the same for the same (task, n, seed) on every machine and run."""
     _check_task(task)
@@ -136,7 +147,7 @@ def generate_rows(task: str, n: int, seed: int) -> list[dict]:
         raise ValueError(f"n must be >= 0, got {n}")
     # A str seed is hashed with SHA-512 by random.seed, independent of PYTHONHASHSEED.
     rng = random.Random(f"sdzero-synthetic:{task}:{seed}")
-    make = _countdown_row if task == "countdown" else _arith_row
+    make = _ROW_MAKERS[task]
     return [make(rng) for _ in range(n)]
 
 
@@ -226,7 +237,7 @@ def verify_arith(response: str, answer: Union[str, int]) -> RewardResult:
 
 def verify(task: str, response: str, row_or_answer: Any) -> RewardResult:
     """Score a response for `task`. countdown needs the row (a mapping with "numbers" and
-    "target"); arith takes the row or just its answer (str or int)."""
+    "target"); arith and add take the row or just its answer (str or int)."""
     _check_task(task)
     if task == "countdown":
         if not isinstance(row_or_answer, Mapping) or "numbers" not in row_or_answer or "target" not in row_or_answer:
@@ -237,7 +248,7 @@ def verify(task: str, response: str, row_or_answer: Any) -> RewardResult:
         return verify_countdown(response, list(row_or_answer["numbers"]), int(row_or_answer["target"]))
     answer = row_or_answer["answer"] if isinstance(row_or_answer, Mapping) else row_or_answer
     if isinstance(answer, bool) or not isinstance(answer, (str, int)) or not _INTEGER.fullmatch(str(answer).strip()):
-        raise ValueError(f"arith answer must be an integer (str or int), got {answer!r}")
+        raise ValueError(f"{task} answer must be an integer (str or int), got {answer!r}")
     return verify_arith(response, int(str(answer).strip()))
 
 

@@ -1,0 +1,179 @@
+"""``sdzero rft``: the rejection-sampling fine-tuning baseline (PAPER.md "Baselines").
+
+k samples per question from the starting model (both phases' questions, capped by
+``rft.max_generations`` for a matched budget), scored, then completion-only SFT on the correct
+ones (identical correct samples of a question kept once). Sampling is written chunk by chunk to
+an append-only log, so a killed run resumes at the first unfinished chunk; chunks are fixed
+slices with their own seeds, so a resumed run samples exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+from sdzero_mcore.config import ConfigError, SDZeroConfig
+from sdzero_mcore.phases import common
+
+PHASE = "rft"
+SAMPLES_FILE = "samples.jsonl"
+CHUNK_QUESTIONS = 32
+
+
+class RFTExample(NamedTuple):
+    completion: "object"  # data.prompts.CompletionExample: loss on the sampled response (with its EOS)
+
+
+def rft_questions(cfg: SDZeroConfig) -> list:
+    phase1, phase2 = common.phase_questions(cfg)
+    questions = phase1 + phase2
+    if cfg.rft.max_generations is not None:
+        questions = questions[: cfg.rft.max_generations // cfg.rft.samples_per_question]
+        if not questions:
+            raise ConfigError(f"rft.max_generations ({cfg.rft.max_generations}) is less than one question's "
+                              f"rft.samples_per_question ({cfg.rft.samples_per_question})")
+    return questions
+
+
+def sample_dir(cfg: SDZeroConfig) -> Path:
+    return Path(cfg.output_dir) / PHASE
+
+
+def sampling_hash(cfg: SDZeroConfig, source_path: Path) -> str:
+    """What the samples depend on: the data, the sampling settings, the rollout engine and the model."""
+    import hashlib
+
+    r = cfg.rft
+    relevant = {"data": cfg.data.__dict__, "rollout": cfg.rollout.__dict__, "model": str(source_path),
+                "rft": [r.samples_per_question, r.temperature, r.max_new_tokens, r.max_generations]}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_log(log: Path, chash: str) -> None:
+    """Refuse to extend or train on samples drawn under another config or from another model."""
+    common.check_log_hash(log, chash, "was sampled under another config or model")
+
+
+def read_chunks(path: Path) -> dict[int, dict]:
+    """The complete chunk records of the log; a line cut by a crash is dropped (and truncated away)."""
+    chunks, keep = {}, 0
+    if not path.is_file():
+        return chunks
+    with path.open("rb") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if not line.endswith(b"\n"):
+                break
+            chunks[record["chunk"]] = record
+            keep += len(line)
+    if keep != path.stat().st_size:
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+    return chunks
+
+
+def _sample_on_rank0(cfg: SDZeroConfig, tokenizer, questions, engine, log: Path, chash: str) -> dict:
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids
+    from sdzero_mcore.rollout import sampling_from_config
+
+    rcfg = cfg.rft
+    log.parent.mkdir(parents=True, exist_ok=True)
+    done = read_chunks(log)
+    stop_ids = sorted(default_stop_ids(tokenizer))
+    sampling = replace(sampling_from_config(cfg.rollout, stop_token_ids=stop_ids), temperature=rcfg.temperature,
+                       max_new_tokens=rcfg.max_new_tokens, n=rcfg.samples_per_question)
+    starts = range(0, len(questions), CHUNK_QUESTIONS)
+    try:
+        with common.make_reward_fn(cfg, questions) as reward_fn:
+            for chunk, start in enumerate(tqdm(starts, desc="rft-sample", disable=not cfg.logging.progress)):
+                if chunk in done:
+                    continue
+                batch = questions[start : start + CHUNK_QUESTIONS]
+                prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in batch]
+                completions = engine.generate(prompts, replace(sampling, seed=cfg.rollout.seed + chunk))
+                k = rcfg.samples_per_question
+                targets = [common.reward_target(q) for q in batch for _ in range(k)]
+                results = reward_fn.score_batch([c.text for c in completions], targets)
+                record = {"chunk": chunk, "config_hash": chash, "questions": [
+                    {"id": q.id, "x_ids": x, "samples": [
+                        {"ids": c.token_ids, "reward": int(r.reward)}
+                        for c, r in zip(completions[i * k : (i + 1) * k], results[i * k : (i + 1) * k])
+                    ]} for i, (q, x) in enumerate(zip(batch, prompts))
+                ]}
+                with log.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+    finally:
+        engine.shutdown()
+    samples = [s for record in read_chunks(log).values() for q in record["questions"] for s in q["samples"]]
+    if len(samples) != len(questions) * rcfg.samples_per_question:
+        raise ConfigError(f"{log}: {len(samples)} samples for {len(questions)} questions x {rcfg.samples_per_question}")
+    summary = {
+        "questions": len(questions),
+        "generations": len(samples),
+        "generated_tokens": sum(len(s["ids"]) for s in samples),
+        "accuracy": sum(s["reward"] for s in samples) / max(1, len(samples)),
+    }
+    common.record_budget(cfg.output_dir, PHASE, summary["generations"], summary["generated_tokens"])
+    return summary
+
+
+def correct_examples(log: Path, max_len: int) -> list[RFTExample]:
+    """x + y for every distinct correct sample of every question (completion-only loss on y)."""
+    from sdzero_mcore.data.prompts import CompletionExample
+
+    examples = []
+    for record in sorted(read_chunks(log).values(), key=lambda r: r["chunk"]):
+        for question in record["questions"]:
+            seen = set()
+            for sample in question["samples"]:
+                y = tuple(sample["ids"])
+                if sample["reward"] != 1 or y in seen or not y:
+                    continue
+                seen.add(y)
+                ids = question["x_ids"] + list(y)
+                if len(ids) <= max_len:
+                    examples.append(RFTExample(CompletionExample(ids, loss_start=len(question["x_ids"]), loss_end=len(ids))))
+    return examples
+
+
+def run_rft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Optional[int] = None) -> Path:
+    """Sample (or finish sampling), then fine-tune on the correct samples; returns the final checkpoint."""
+    from sdzero_mcore.phases.srt_train import train_completion_stage
+
+    source = common.start_source(cfg, init_from)
+    common.check_layout(cfg, source)
+    tokenizer = common.load_tokenizer(source)
+    questions = rft_questions(cfg)
+    log = sample_dir(cfg) / SAMPLES_FILE
+    summary_file = sample_dir(cfg) / "summary.json"
+    chash = sampling_hash(cfg, source.path)
+    check_log(log, chash)  # before any work, on every rank
+    if not summary_file.is_file():
+        engine = common.serving_engine(cfg, source, tokenizer)
+
+        def sample() -> dict:
+            from sdzero_mcore.fileio import atomic_write_text
+
+            summary = _sample_on_rank0(cfg, tokenizer, questions, engine, log, chash)
+            atomic_write_text(summary_file, json.dumps(summary, indent=2) + "\n")
+            return summary
+
+        common.run_on_rank0(sample, sample_dir(cfg))
+    examples = correct_examples(log, cfg.rft.max_seq_length)
+    if not examples:
+        summary = json.loads(summary_file.read_text())
+        raise ConfigError(f"rft: no correct sample among {summary['generations']} generations; nothing to fine-tune on")
+    common.setup_parallel(cfg)
+    return train_completion_stage(cfg, source, examples, ("completion",), PHASE, cfg.rft, common.pad_id(tokenizer),
+                                  max_steps=max_steps)
