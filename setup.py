@@ -38,6 +38,7 @@ setup(
         "psutil>=5.9",  # megatron-core's distributed-checkpoint writer needs it
         "datasets>=5.2,<6",  # jsonl / json / parquet / Hub question sets
         "math-verify>=0.9",  # the math reward
+        "matplotlib>=3.7",  # sdzero eval's localisation plot
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5.5"],
