@@ -325,6 +325,8 @@ class SRTTrainConfig(_Section):
     epochs: int = _checked(3, _AT_LEAST_1)
     global_batch_size: int = _checked(4, _AT_LEAST_1)
     micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
+    max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
     max_seq_length: int = _checked(32768, _AT_LEAST_1)
     optimizer: OptimizerConfig = field(
         default_factory=partial(
@@ -344,6 +346,8 @@ class DistillConfig(_Section):
     prompts_per_step: int = _checked(128, _AT_LEAST_1)
     global_batch_size: int = _checked(128, _AT_LEAST_1)
     micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
+    max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
     top_k: int = _checked(64, _Rule(lambda v: 1 <= v <= 256, "[1, 256]"))
     kl: str = _checked("reverse", _one_of("reverse", "forward", "mixed"))
     mixed_weight: float = _checked(0.5, _FRACTION_CLOSED)
@@ -386,6 +390,8 @@ class SFTConfig(_Section):
     epochs: int = _checked(1, _AT_LEAST_1)
     global_batch_size: int = _checked(32, _AT_LEAST_1)
     micro_batch_size: int = _checked(32, _AT_LEAST_1)
+    # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
+    max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
     max_seq_length: int = _checked(512, _AT_LEAST_1)
     optimizer: OptimizerConfig = field(
         default_factory=partial(OptimizerConfig, lr=3e-3, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=0.01)
@@ -407,6 +413,8 @@ class RFTConfig(_Section):
     epochs: int = _checked(3, _AT_LEAST_1)
     global_batch_size: int = _checked(4, _AT_LEAST_1)
     micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
+    max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
     max_seq_length: int = _checked(32768, _AT_LEAST_1)
     optimizer: OptimizerConfig = field(
         default_factory=partial(OptimizerConfig, lr=5e-6, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=1e-4)
@@ -423,6 +431,8 @@ class GRPOConfig(_Section):
     prompts_per_step: int = _checked(32, _AT_LEAST_1)
     group_size: int = _checked(4, _Rule(lambda v: v >= 2, ">= 2"))
     micro_batch_size: int = _checked(1, _AT_LEAST_1)
+    # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
+    max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
     # optimizer steps per rollout batch; 1 = strictly on-policy (the ratio is 1, clipping inactive)
     updates_per_batch: int = _checked(1, _AT_LEAST_1)
     clip_low: float = _checked(0.2, _FRACTION_OPEN)

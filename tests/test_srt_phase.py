@@ -122,14 +122,39 @@ def test_masks_cover_exactly_the_completions(hf_dir, tmp_path):
         assert not batch["mask_revision"][row][seq_len - 1 :].any()  # no target beyond the sequence
 
 
-def srt_worker(hf_dir: str, d_revision: str, run_dir: str, mode: str, tp: int) -> None:
+def srt_worker(hf_dir: str, d_revision: str, run_dir: str, mode: str, tp: int, extra: tuple = ()) -> None:
     from sdzero_mcore.phases.srt_train import run_srt_train
 
     cfg = load_config(TINY, [f"output_dir={run_dir}", f"srt_train.mode={mode}", "srt_train.global_batch_size=4",
                              "srt_train.micro_batch_size=2", "srt_train.epochs=3", "srt_train.optimizer.lr=3e-3",
                              "srt_train.optimizer.warmup_ratio=0", f"parallel.tensor_model_parallel_size={tp}",
-                             "logging.progress=false"])
+                             "logging.progress=false", *extra])
     run_srt_train(cfg, hf_dir, d_revision)
+
+
+def test_split_micro_batches_packs_by_padded_tokens():
+    from sdzero_mcore.phases.common import split_micro_batches
+
+    items = [[0] * n for n in (5, 1, 9, 3, 3, 7, 2)]
+    assert split_micro_batches(items, 3) == [items[0:3], items[3:6], items[6:]]  # rows, in order
+    packed = split_micro_batches(items, 3, max_tokens=10)
+    assert sorted(map(len, (i for b in packed for i in b))) == sorted(map(len, items))  # each once
+    assert [[len(i) for i in b] for b in packed] == [[1, 2, 3], [3, 5], [7], [9]]
+    for batch in packed:  # rows x longest <= budget (a lone sequence may exceed it), rows <= micro_batch_size
+        assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * max(map(len, batch)) <= 10)
+
+
+def test_token_budget_micro_batches_give_the_same_training(hf_dir, tmp_path):
+    """Packing by tokens changes only the padding: the same losses, step by step, as by rows."""
+    write_d_revision(tmp_path / "d.jsonl", hf_dir, n=8)
+    runs = {}
+    for name, extra in (("rows", ()), ("tokens", ("srt_train.max_tokens_per_micro_batch=150",))):
+        run_local_workers(srt_worker, 1, str(hf_dir), str(tmp_path / "d.jsonl"), str(tmp_path / name), "joint", 1, extra)
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics" / "srt.jsonl").read_text().splitlines()]
+    assert len(runs["rows"]) == len(runs["tokens"]) == 6
+    for a, b in zip(runs["rows"], runs["tokens"]):
+        assert a["tokens_generation"] == b["tokens_generation"]
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
 
 
 @pytest.mark.parametrize("mode,tp", [("joint", 2), ("sequential", 1)])

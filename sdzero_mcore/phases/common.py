@@ -235,6 +235,30 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def split_micro_batches(items: Sequence, micro_batch_size: int, max_tokens: Optional[int] = None,
+                        length=len) -> list[list]:
+    """This rank's items in micro-batches of at most ``micro_batch_size`` rows, in order; with
+    ``max_tokens``, sorted by length and packed so that no micro-batch pads to more than
+    ``max_tokens`` tokens (rows x its longest sequence; a longer single sequence goes alone).
+    Every loss here is a token mean over the global batch, so the grouping leaves the step's
+    gradient unchanged: packing only removes padding."""
+    if max_tokens is None:
+        return [list(items[i : i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
+    batches: list[list] = []
+    current: list = []
+    width = 0
+    for item in sorted(items, key=length):
+        grown = max(width, length(item))
+        if current and (len(current) >= micro_batch_size or grown * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, grown = [], length(item)
+        current.append(item)
+        width = grown
+    if current:
+        batches.append(current)
+    return batches
+
+
 def pad_micro_batches(micro: list, make_filler) -> list:
     """Append ``make_filler()`` micro-batches (no loss tokens) until every data-parallel rank has as
     many as the busiest one. Every micro-batch runs collectives (DDP, the loss's all-reduces), so

@@ -185,7 +185,8 @@ def train_on_groups(trainer, reference, samples: Sequence[GroupSample], vocab_si
     prepared_slices = []
     for chunk in slices:  # old and reference log-probs first: both are fixed for the whole batch
         mine = common.data_parallel_shard(chunk)
-        micro = [(mine[i : i + gcfg.micro_batch_size], False) for i in range(0, len(mine), gcfg.micro_batch_size)]
+        micro = [(c, False) for c in common.split_micro_batches(
+            mine, gcfg.micro_batch_size, gcfg.max_tokens_per_micro_batch, lambda s: len(s.prompt_ids) + len(s.response_ids))]
         micro = common.pad_micro_batches(micro, lambda: (chunk[:1], True))
         prepared = [prepare(c, filler) for c, filler in micro]
         with torch.no_grad():

@@ -265,7 +265,9 @@ def train_on_samples(trainer, teacher, mine, filler, tokenizer, dcfg) -> dict:
     """
     from megatron.core import parallel_state
 
-    micro = [mine[i : i + dcfg.micro_batch_size] for i in range(0, len(mine), dcfg.micro_batch_size)]
+    # the teacher's sequence (prefix + y) is the longer one: it sets the padding
+    micro = common.split_micro_batches(mine, dcfg.micro_batch_size, dcfg.max_tokens_per_micro_batch,
+                                       lambda pair: len(pair[0].teacher_prefix_ids) + len(pair[0].response_ids))
     micro = [(chunk, False) for chunk in micro]
     micro = common.pad_micro_batches(micro, lambda: ([filler], True))
     prepared = []

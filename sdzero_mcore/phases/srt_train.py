@@ -127,8 +127,8 @@ def train_completion_stage(cfg: SDZeroConfig, source, examples: Sequence, terms:
         random.Random(cfg.seed * 7919 + epoch).shuffle(order)
         chosen = [examples[i] for i in order[within * tcfg.global_batch_size : (within + 1) * tcfg.global_batch_size]]
         mine = common.data_parallel_shard(chosen)
-        micro = [collate_srt(mine[i : i + tcfg.micro_batch_size], pad_id, terms)
-                 for i in range(0, len(mine), tcfg.micro_batch_size)]
+        micro = [collate_srt(chunk, pad_id, terms) for chunk in common.split_micro_batches(
+            mine, tcfg.micro_batch_size, tcfg.max_tokens_per_micro_batch, lambda pair: len(getattr(pair, terms[0]).ids))]
         micro = common.pad_micro_batches(micro, lambda: _without_targets(collate_srt(chosen[:1], pad_id, terms)))
         device = model_device(model)
         local = [cp_local_batch(mb["input_ids"].to(device), {k: v.to(device) for k, v in mb.items() if k != "input_ids"})
