@@ -96,7 +96,12 @@ def test_greedy_generation_matches_megatron(synced):
 def test_resharding_memory_stays_within_one_bucket(synced):
     largest = max(synced["global_param_bytes"].values())
     total = synced["hf_bytes"]
-    bound = BUCKET_BYTES + 2 * largest  # a bucket, plus the parameter in flight: its TP shards and global tensor
+    # a bucket, plus the parameter in flight: its gathered TP shards and its global tensor, and gloo's
+    # flat receive buffer of the global size, which gloo frees from its own thread once the
+    # all-gather's work object goes: depending on scheduling it can still be alive when the global
+    # tensor is built (measured 655,360 B alone, 819,456 B once under a loaded full suite)
+    bound = BUCKET_BYTES + 3 * largest
+    assert bound < total  # the bound itself must not allow holding every weight
     print(f"peak extra {synced['peak_extra']} B; bound {bound} B; all weights {total} B")
     assert synced["peak_extra"] <= bound
     assert bound < total  # holding every weight at once would have broken the bound
