@@ -166,6 +166,10 @@ def _has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def _uses_chat(tokenizer: Any, template: str) -> bool:
+    return template == "chat" or (template == "auto" and _has_chat_template(tokenizer))
+
+
 def prompt_text(
     tokenizer: Any,
     question: str,
@@ -184,7 +188,7 @@ def prompt_text(
         raise ValueError(f"question must be a non-empty string, got {question!r}")
     if template not in PROMPT_TEMPLATES:
         raise ValueError(f"unknown prompt template {template!r}; choose from {', '.join(PROMPT_TEMPLATES)}")
-    use_chat = template == "chat" or (template == "auto" and _has_chat_template(tokenizer))
+    use_chat = _uses_chat(tokenizer, template)
     if not use_chat:
         if system_prompt:
             return system_prompt + "\n\n" + PLAIN_TEMPLATE.format(question=question)
@@ -217,7 +221,7 @@ def prompt_ids(
     them again would double the BOS. These are the ids ``apply_chat_template(tokenize=True)``
     gives. Plain: encoded with the tokenizer's own special tokens (e.g. a base model's BOS).
     """
-    use_chat = template == "chat" or (template == "auto" and _has_chat_template(tokenizer))
+    use_chat = _uses_chat(tokenizer, template)
     text = prompt_text(
         tokenizer, question, template=template, system_prompt=system_prompt, chat_template_kwargs=chat_template_kwargs
     )

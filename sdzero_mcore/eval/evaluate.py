@@ -93,6 +93,8 @@ def _generate_and_score(cfg: SDZeroConfig, engine, tokenizer, questions: Sequenc
 @torch.no_grad()
 def token_reverse_kl(student, reviser, attempts: Sequence[dict], tokenizer, preset) -> list[list[float]]:
     """Per response token: KL(student(. | x, y_<t) || reviser(. | x, y, P_r, y_<t)), full vocabulary."""
+    from sdzero_kernels import full_kl
+
     from sdzero_mcore.data.prompts import teacher_context
     from sdzero_mcore.models.forward import causal_lm_logits
 
@@ -102,8 +104,7 @@ def token_reverse_kl(student, reviser, attempts: Sequence[dict], tokenizer, pres
         context = teacher_context(x, y, attempt["reward"], tokenizer, preset)
         s_logits = causal_lm_logits(student, torch.tensor([x + y]))[0, len(x) - 1 : len(x) + len(y) - 1]
         t_logits = causal_lm_logits(reviser, torch.tensor([context.ids]))[0, context.response_start - 1 : context.response_end - 1]
-        s_logp, t_logp = s_logits.float().log_softmax(-1), t_logits.float().log_softmax(-1)
-        per_token.append((s_logp.exp() * (s_logp - t_logp)).sum(-1).clamp_min(0.0).tolist())
+        per_token.append(full_kl(s_logits, t_logits, kl="reverse").clamp_min(0.0).tolist())
     return per_token
 
 

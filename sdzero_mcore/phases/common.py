@@ -52,10 +52,10 @@ def resolve_model_source(path: str | Path, what: str) -> ModelSource:
     path = Path(path)
     if (path / LATEST_FILE).is_file() and latest_checkpoint(path) is not None:
         # a phase's checkpoint directory: its final checkpoint, else (a run still going or stopped) its newest
-        chosen = final_checkpoint(path) or latest_checkpoint(path)
-        if final_checkpoint(path) is None:
-            logger.warning("%s: %s has no final checkpoint; using its newest, %s", what, path, chosen.name)
-        path = chosen
+        final = final_checkpoint(path)
+        if final is None:
+            logger.warning("%s: %s has no final checkpoint; using its newest, %s", what, path, latest_checkpoint(path).name)
+        path = final or latest_checkpoint(path)
     if (path / META_FILE).is_file():
         return ModelSource(path, "mcore")
     if (path / "config.json").is_file():
@@ -333,21 +333,31 @@ def read_budget(run_dir: str | Path, phases: Sequence[str]) -> dict:
 SYNTHETIC_HELDOUT_RESERVED = 500  # reserved for evaluation; step 0 (sft) never trains on them
 
 
-def heldout_questions(cfg: SDZeroConfig, count: int) -> list:
-    """``count`` questions of the synthetic task that neither phase uses (another generator seed)."""
+def phase_question_ids(cfg: SDZeroConfig) -> set[str]:
+    phase1, phase2 = phase_questions(cfg)
+    return {q.id for q in phase1 + phase2}
+
+
+def fresh_synthetic_questions(cfg: SDZeroConfig, size: int, exclude: set[str], *, seed_offset: int = 0) -> list:
+    """The distinct questions among ``size`` rows of the synthetic task (generator seed
+    ``data.synthetic_seed + seed_offset``) whose ids are not in ``exclude``, in generation order."""
     from dataclasses import replace
 
     from sdzero_mcore.data import load_from_config
 
+    data = replace(cfg.data, synthetic_size=size, synthetic_seed=cfg.data.synthetic_seed + seed_offset)
+    return list({q.id: q for q in load_from_config(data).questions if q.id not in exclude}.values())
+
+
+def heldout_questions(cfg: SDZeroConfig, count: int, *, phase_ids: Optional[set[str]] = None) -> list:
+    """``count`` questions of the synthetic task that neither phase uses (another generator seed).
+    ``phase_ids``: both phases' question ids when the caller has them already."""
     if not cfg.data.dataset.startswith("synthetic:"):
         raise ConfigError("held-out questions are generated for synthetic tasks only; pass an eval dataset instead")
     if count > SYNTHETIC_HELDOUT_RESERVED:
         raise ConfigError(f"eval.questions ({count}) is more than the {SYNTHETIC_HELDOUT_RESERVED} held-out questions a synthetic task reserves")
-    phase1, phase2 = phase_questions(cfg)
-    used = {q.id for q in phase1} | {q.id for q in phase2}
-    size = 2 * SYNTHETIC_HELDOUT_RESERVED + len(used)
-    loaded = load_from_config(replace(cfg.data, synthetic_size=size, synthetic_seed=cfg.data.synthetic_seed + 1))
-    fresh = list({q.id: q for q in loaded.questions if q.id not in used}.values())
+    used = phase_question_ids(cfg) if phase_ids is None else phase_ids
+    fresh = fresh_synthetic_questions(cfg, 2 * SYNTHETIC_HELDOUT_RESERVED + len(used), used, seed_offset=1)
     return fresh[:SYNTHETIC_HELDOUT_RESERVED][:count]
 
 

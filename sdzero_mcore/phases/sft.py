@@ -72,17 +72,12 @@ def sft_examples(questions, tokenizer, template: str, max_len: int, *, noise: fl
 
 def sft_questions(cfg: SDZeroConfig, count: int) -> list:
     """``count`` synthetic questions disjoint from both phases and the held-out evaluation set."""
-    from dataclasses import replace
-
-    from sdzero_mcore.data import load_from_config
-
     if not cfg.data.dataset.startswith("synthetic:"):
         raise ConfigError("sdzero sft generates its data from a synthetic task: set data.dataset=synthetic:<task>")
-    phase1, phase2 = common.phase_questions(cfg)
-    used = {q.id for q in phase1} | {q.id for q in phase2}
-    used |= {q.id for q in common.heldout_questions(cfg, common.SYNTHETIC_HELDOUT_RESERVED)}
-    loaded = load_from_config(replace(cfg.data, synthetic_size=2 * (count + len(used))))
-    fresh = list({q.id: q for q in loaded.questions if q.id not in used}.values())
+    phase_ids = common.phase_question_ids(cfg)
+    heldout = common.heldout_questions(cfg, common.SYNTHETIC_HELDOUT_RESERVED, phase_ids=phase_ids)
+    used = phase_ids | {q.id for q in heldout}
+    fresh = common.fresh_synthetic_questions(cfg, 2 * (count + len(used)), used)
     if len(fresh) < count:
         raise ConfigError(f"sft.examples ({count}): the task {cfg.data.dataset} has only {len(fresh)} questions left "
                           "after the phases and the held-out set")
