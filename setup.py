@@ -42,7 +42,9 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5.5"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+        "wandb": ["wandb>=0.19"],  # logging.wandb: an optional logger beside JSONL and TensorBoard
+        # the tests run the W&B logger for real (offline mode, no network)
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19"],
     },
     entry_points={"console_scripts": ["sdzero=sdzero_mcore.cli:main"]},
 )

@@ -111,11 +111,11 @@ def run_phase(args) -> int:
     """Load the config, run the phase; a bad config or data prints one line and exits 2."""
     import json
 
-    from sdzero_mcore.config import ConfigError, load_config
+    from sdzero_mcore.config import ConfigError, config_from_args
     from sdzero_mcore.data import DataError
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = config_from_args(args)
         if args.command == "eval":
             from sdzero_mcore.eval.evaluate import parse_budget, run_eval
 
@@ -146,7 +146,7 @@ def run_phase(args) -> int:
 
             result = run_srt_train(cfg, args.init_from, max_steps=args.max_steps)
         elif args.command == "distill":
-            from sdzero_mcore.phases.self_distill import run_distill
+            from sdzero_mcore.phases.distill import run_distill
 
             result = run_distill(cfg, args.init_from, max_steps=args.max_steps)
         else:

@@ -220,7 +220,7 @@ class DataConfig(_Section):
     max_prompt_tokens: int = _checked(2048, _AT_LEAST_1)
     # auto = the tokenizer's chat template when it has one, else "Question: ...\nAnswer:"
     prompt_template: str = _checked("auto", _one_of("auto", "chat", "plain"))
-    # P_r: paper = PAPER.md's exact phrases; custom = p_r_correct (r = 1) and p_r_incorrect (r = 0)
+    # P_r: paper = the paper's exact phrases (docs/method.md); custom = p_r_correct (r = 1) and p_r_incorrect (r = 0)
     p_r_preset: str = _checked("paper", _one_of("paper", "custom"))
     p_r_correct: Optional[str] = None
     p_r_incorrect: Optional[str] = None
@@ -426,7 +426,7 @@ class RFTConfig(_Section):
 
 @dataclass
 class GRPOConfig(_Section):
-    """GRPO baseline in the DAPO style (PAPER.md: 4 rollouts, clip 0.2, low-variance KL 0.001, entropy 0.001)."""
+    """GRPO baseline in the DAPO style (docs/method.md: 4 rollouts, clip 0.2, low-variance KL 0.001, entropy 0.001)."""
 
     prompts_per_step: int = _checked(32, _AT_LEAST_1)
     group_size: int = _checked(4, _Rule(lambda v: v >= 2, ">= 2"))
@@ -468,13 +468,27 @@ class EvalConfig(_Section):
 
 
 @dataclass
+class WandbConfig(_Section):
+    """Weights & Biases, an optional logger (``pip install 'sdzero-mcore[wandb]'``); off while ``project`` is null.
+    ``mode: offline`` writes the run under ``dir`` (default ``<output_dir>/wandb``) with no network,
+    for ``wandb sync`` later."""
+
+    project: Optional[str] = None
+    entity: Optional[str] = None
+    name: Optional[str] = None  # default: the output directory's name
+    mode: str = _checked("online", _one_of("online", "offline"))
+    dir: Optional[str] = None
+
+
+@dataclass
 class LoggingConfig(_Section):
-    """Where training metrics go."""
+    """Where training metrics go: JSONL and TensorBoard under the output directory, W&B if configured."""
 
     log_interval: int = _checked(1, _AT_LEAST_1)
     tensorboard: bool = True
     jsonl: bool = True
     progress: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass

@@ -59,17 +59,18 @@ def demo_config(out_dir: Path, scale: str, quick: bool, seed: int, overrides: Se
 def run_demo(out_dir: str | Path = "runs/demo", *, scale: str = "cpu", quick: bool = False, seed: int = 1234,
              overrides: Sequence[str] = ()) -> dict:
     """Run (or finish) the demo; returns {"table": markdown, "runs": [eval results], "timings": {...}}."""
+    # imported here, not at the top: the CLI imports this module to build `sdzero --help`
+    from sdzero_mcore.checkpoint.source import final_checkpoint
+    from sdzero_mcore.eval.budget import read_budget
     from sdzero_mcore.eval.evaluate import run_eval
     from sdzero_mcore.eval.report import compare_table, load_run
     from sdzero_mcore.fileio import atomic_write_text
     from sdzero_mcore.models.tiny import save_tiny_hf_model
-    from sdzero_mcore.phases import common
+    from sdzero_mcore.phases.distill import run_distill
     from sdzero_mcore.phases.grpo import run_grpo
     from sdzero_mcore.phases.pipeline import train_sd_zero
     from sdzero_mcore.phases.rft import run_rft
-    from sdzero_mcore.phases.self_distill import run_distill
     from sdzero_mcore.phases.sft import run_sft
-    from sdzero_mcore.trainer import final_checkpoint
 
     root = Path(out_dir)
     timings: dict[str, float] = {}
@@ -93,7 +94,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, scale: str = "cpu", quick: bo
     base = trained("base", "sft", lambda: run_sft(config("base"), str(random_init)))
     sd_zero = stage("sd_zero", lambda: train_sd_zero(config("sd_zero"), base))  # complete stages are skipped
     checkpoints = {"base": base, "SRT (Phase 1)": sd_zero["srt_checkpoint"], "SD-Zero": sd_zero["distill_checkpoint"]}
-    budget = common.read_budget(root / "sd_zero", ("srt_collect", "distill"))["generations"]
+    budget = read_budget(root / "sd_zero", ("srt_collect", "distill"))["generations"]
     checkpoints["Phase 2 only"] = trained("phase2_only", "distill", lambda: run_distill(config("phase2_only"), str(base)))
     checkpoints["SDFT"] = trained(
         "sdft", "distill", lambda: run_distill(config("sdft", "distill.teacher_context=gold_solution"), str(base)))
@@ -104,7 +105,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, scale: str = "cpu", quick: bo
     for name, run, phases in ROWS:
         out = root / "eval" / run_slug(name)
         if not (out / "eval.json").is_file():
-            spend = common.read_budget(root / run, phases) if run else {"generations": 0, "generated_tokens": 0}
+            spend = read_budget(root / run, phases) if run else {"generations": 0, "generated_tokens": 0}
             stage(f"eval {name}", lambda: run_eval(config("eval"), str(checkpoints[name]), out, name=name, budget=spend))
         runs.append(load_run(out))
     table = compare_table(runs)

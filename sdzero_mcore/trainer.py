@@ -1,10 +1,22 @@
-"""One training loop for every phase: megatron-core DDP, AdamW, LR schedule, clipping, checkpoints, metrics.
+"""One training step for every phase, through megatron-core's own schedule; optimizer, checkpoints, metrics.
 
-A phase hands :meth:`Trainer.train_step` the micro-batches of one optimizer step and a loss
-function ``loss_fn(model, micro_batch) -> (objective, logs)``. The objective is already
-normalised over the global batch (``parallel.context_parallel.token_mean_loss``), so gradients
-are simply accumulated over the micro-batches; megatron-core's DDP and ``finalize_model_grads``
-reduce them over DP x CP and fix up the parameters that see only their TP rank's part (QK-norm).
+The contract (megatron-core's forward-step / loss-function contract with per-token loss):
+
+* A phase hands :meth:`Trainer.train_step` the micro-batches of one optimizer step on this rank
+  and a forward step ``forward_step(model, micro_batch) -> (output, loss_fn)`` that runs the model;
+  ``loss_fn(output) -> (loss_sum, num_tokens, logs)`` returns the *unnormalised* masked loss sum
+  over this rank's tokens, their count, and additive logs (sums over the same tokens).
+* The micro-batches run through ``megatron.core.pipeline_parallel.get_forward_backward_func()``
+  with ``calculate_per_token_loss=True``: megatron-core's DDP sums gradients over DP x CP, and
+  ``finalize_model_grads`` all-reduces the token count over DP x CP and scales the gradients by
+  1 / count. So the step's gradient is that of the token mean over the global batch, whatever
+  the micro-batching, and no loss function scales for DP or CP itself: one rule, one place.
+* The trainer sums each log over micro-batches and reduces all of them over DP x CP in one
+  all-reduce; ``loss`` is the global token mean. A step with nothing to train on is
+  :meth:`Trainer.skip_step` (it still advances the step and the schedule on every rank).
+
+Nothing in a micro-batch runs a collective across data-parallel ranks, so ranks may run different
+numbers of micro-batches (each needs at least one; a rank without data runs one with no loss tokens).
 
 Optimizer: ``torch.optim.AdamW`` over fp32 master copies of the TP-local parameters (the
 parameters themselves when they are fp32), fed from DDP's fp32 ``main_grad`` buffers and copied
@@ -31,14 +43,24 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from sdzero_mcore.checkpoint import mcore_io
+from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
+from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
+from sdzero_mcore.checkpoint.source import LATEST_FILE, latest_checkpoint
 from sdzero_mcore.fileio import atomic_write_text
 
-LATEST_FILE = "latest"
+# loss_fn(output) -> (masked loss sum, token count, additive logs)
+LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]
+ForwardStep = Callable[[Any, Any], tuple[Any, LossFn]]
+
 
 
 def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
@@ -61,14 +83,16 @@ def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 class MetricsWriter:
-    """Per-step metrics: an append-only JSONL file and TensorBoard, written by global rank 0."""
+    """Per-step metrics, written by global rank 0: an append-only JSONL file, TensorBoard, and
+    Weights & Biases when ``logging.wandb.project`` is set (both optional packages, imported only then)."""
 
-    def __init__(self, run_dir: Path, phase: str, *, jsonl: bool = True, tensorboard: bool = False):
+    def __init__(self, run_dir: Path, phase: str, *, jsonl: bool = True, tensorboard: bool = False, wandb_cfg=None):
         self.enabled = not dist.is_initialized() or dist.get_rank() == 0
         self.path = run_dir / "metrics" / f"{phase}.jsonl"
         self.phase = phase
         self.jsonl = jsonl and self.enabled
         self.tb = None
+        self.wandb_run = None
         if self.jsonl:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         if tensorboard and self.enabled:
@@ -77,6 +101,8 @@ class MetricsWriter:
             except ImportError as error:
                 raise ImportError("logging.tensorboard=true needs the tensorboard package (pip install tensorboard)") from error
             self.tb = SummaryWriter(str(run_dir / "tensorboard" / phase))
+        if wandb_cfg is not None and wandb_cfg.project and self.enabled:
+            self.wandb_run = _start_wandb(wandb_cfg, run_dir, phase)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -88,14 +114,75 @@ class MetricsWriter:
             with self.path.open("a") as handle:  # append-only: a crash loses at most the last line
                 handle.write(json.dumps(record) + "\n")
                 handle.flush()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{self.phase}/{key}", value, step)
+            for key, value in scalars.items():
+                self.tb.add_scalar(f"{self.phase}/{key}", value, step)
+        if self.wandb_run is not None:
+            # one W&B run per phase; keys carry the phase, as in TensorBoard
+            self.wandb_run.log({f"{self.phase}/{k}": v for k, v in scalars.items()}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _start_wandb(wandb_cfg, run_dir: Path, phase: str):
+    try:
+        import wandb
+    except ImportError as error:
+        raise ImportError("logging.wandb.project is set, which needs the wandb package "
+                          "(pip install 'sdzero-mcore[wandb]')") from error
+    directory = Path(wandb_cfg.dir) if wandb_cfg.dir else run_dir / "wandb"
+    directory.mkdir(parents=True, exist_ok=True)
+    name = wandb_cfg.name or run_dir.resolve().name
+    return wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, name=f"{name}/{phase}", group=name,
+                      mode=wandb_cfg.mode, dir=str(directory), reinit="create_new")
+
+
+def per_token_ddp(model) -> DistributedDataParallel:
+    """``model`` wrapped in megatron-core's DDP for the per-token loss contract: DDP sums gradients
+    over DP x CP (``calculate_per_token_loss`` must be set before DDP reads it) and the schedule's
+    ``finalize_model_grads`` divides them by the step's global token count."""
+    config = model.config
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = None  # no loss scaling: bf16 and fp32 only (the Trainer refuses fp16)
+    ddp = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        module=model,
+    )
+    config.no_sync_func = ddp.no_sync
+    return ddp
+
+
+def forward_backward(ddp: DistributedDataParallel, micro_batches: Sequence[Any], forward_step: ForwardStep) -> dict:
+    """Forward and backward of this rank's micro-batches through megatron-core's schedule, gradients
+    reduced and token-normalised in ``main_grad``. Returns the logs summed over the global batch,
+    with ``loss`` (the global token mean) and ``num_tokens``."""
+    if not micro_batches:
+        raise ValueError("every rank needs at least one micro-batch (one with no loss tokens keeps a rank "
+                         "without data in step)")
+
+    def megatron_forward_step(data_iterator, model):
+        output, loss_fn = forward_step(model, next(data_iterator))
+        return output, lambda out: _with_token_logs(*loss_fn(out))
+
+    logs = get_forward_backward_func()(
+        forward_step_func=megatron_forward_step,
+        data_iterator=iter(micro_batches),
+        model=ddp,
+        num_microbatches=len(micro_batches),
+        seq_length=0,  # unused without pipelining
+        micro_batch_size=0,
+    )
+    totals = _reduce_logs(logs)
+    loss_sum = totals.pop("loss_sum")
+    return {"loss": loss_sum / totals["num_tokens"] if totals["num_tokens"] > 0 else math.nan, **totals}
 
 
 @dataclass
@@ -121,19 +208,13 @@ class Trainer:
         logging_cfg=None,
         checkpoint_cfg=None,
     ):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
         self.model = model
         self.run_dir = Path(run_dir)
         self.phase = phase
         self.hf_files_dir = Path(hf_files_dir)
         self.total_steps = total_steps
         self.ckpt_cfg = checkpoint_cfg
-        self.ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
-            module=model,
-        )
+        self.ddp = per_token_ddp(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if any(p.dtype == torch.float16 for _, p in named):
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; use bfloat16 or float32")
@@ -166,27 +247,25 @@ class Trainer:
             phase,
             jsonl=getattr(logging_cfg, "jsonl", True),
             tensorboard=getattr(logging_cfg, "tensorboard", False),
+            wandb_cfg=getattr(logging_cfg, "wandb", None),
         )
         self._replicated = _replicated_param_names(model)
         self._last_log = time.perf_counter()
 
     # --- one optimizer step -------------------------------------------------------------------
 
-    def train_step(self, micro_batches: Iterable[Any], loss_fn: Callable) -> dict:
-        """Forward/backward every micro-batch, reduce, clip, step. Returns the step's metrics."""
-        from megatron.core.distributed import finalize_model_grads
-
+    def train_step(self, micro_batches: Sequence[Any], forward_step: ForwardStep) -> dict:
+        """One optimizer step over this rank's micro-batches (see the module docstring); returns
+        the step's metrics: ``loss`` (global token mean), ``num_tokens``, every log summed over
+        the global batch, ``grad_norm``, ``lr``, ``skipped``."""
         self.model.train()
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
-        logs: list[dict] = []
-        for micro_batch in micro_batches:
-            objective, log = loss_fn(self.ddp, micro_batch)
-            objective.backward()
-            logs.append(log)
-        finalize_model_grads([self.ddp])
+
+        totals = forward_backward(self.ddp, micro_batches, forward_step)
+        # megatron's finalize_model_grads ran inside: main_grad is reduced and token-normalised
         for name, param in self._named:
-            self.masters[name].grad = param.main_grad  # fp32, reduced over DP x CP
+            self.masters[name].grad = param.main_grad
         grad_norm = self.grad_norm()
         if self.clip_grad > 0 and math.isfinite(grad_norm) and grad_norm > self.clip_grad:
             scale = self.clip_grad / (grad_norm + 1e-6)
@@ -203,14 +282,15 @@ class Trainer:
             master.grad = None  # main_grad is the DDP buffer; nothing else to keep between steps
         self.scheduler.step()
         self.state.step += 1
-        metrics = {"grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
-        metrics.update(_sum_logs(logs))
-        return metrics
+        return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
+
+    def skip_step(self) -> None:
+        """A step with nothing to train on (every rank alike): the step count and the schedule advance."""
+        self.state.step += 1
+        self.scheduler.step()
 
     def grad_norm(self) -> float:
         """The L2 norm of the whole model's gradient: TP shards once each, replicated tensors once."""
-        from megatron.core import parallel_state
-
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         # summed on the device: one host sync for the whole model, not one per parameter
         total = torch.zeros((), dtype=torch.float64, device=next(self.model.parameters()).device)
@@ -245,9 +325,6 @@ class Trainer:
         ``extra_models`` (e.g. Phase 2's frozen teacher) are saved as complete model checkpoints
         in subdirectories of the same name.
         """
-        from sdzero_mcore.checkpoint import mcore_io
-        from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
-
         root = self.checkpoint_root
         name = f"step_{self.state.step:07d}"
         target = root / name
@@ -275,9 +352,7 @@ class Trainer:
             dist.barrier()
         if rank == 0:
             atomic_write_text(staging / "trainer_state.json", json.dumps({"step": self.state.step, "data": self.state.data}) + "\n")
-            from megatron.core import parallel_state
-
-            # sub-models first: the top-level marker, written last, completes the whole directory
+                # sub-models first: the top-level marker, written last, completes the whole directory
             for subdir, model in sorted(models.items(), key=lambda item: item[0] == "."):
                 copy_non_weight_files(self.hf_files_dir, staging / subdir / mcore_io.HF_FILES_DIR)
                 mcore_io.fsync_tree(staging / subdir)
@@ -312,7 +387,6 @@ class Trainer:
 
     def load_checkpoint(self, ckpt_dir: Path, extra_models: Optional[dict] = None) -> None:
         """Collective. Restore weights (any layout), optimizer, scheduler, RNG and data position."""
-        from sdzero_mcore.checkpoint import mcore_io
 
         meta = mcore_io.load_model(self.model, ckpt_dir)
         for subdir, model in (extra_models or {}).items():
@@ -341,46 +415,60 @@ class Trainer:
         self.metrics.close()
 
 
-def final_checkpoint(root: Path) -> Optional[Path]:
-    """The newest checkpoint under ``root`` if it is the one a finished run wrote last."""
-    from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
-
-    latest = latest_checkpoint(root)
-    return latest if latest is not None and read_checkpoint_meta(latest).get("final") else None
-
-
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest complete step checkpoint under ``root`` (incomplete ones are never named ``step_*``)."""
-    from sdzero_mcore.checkpoint.mcore_io import META_FILE
-
-    pointer = root / LATEST_FILE
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / META_FILE).is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / META_FILE).is_file())
-    return complete[-1] if complete else None
-
-
 def _replicated_param_names(model) -> set[str]:
-    from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
-
     table = mappings_by_param_name(model.hf_arch)
     return {name for name, _ in model.named_parameters() if table[name].kind is Kind.REPLICATED}
 
 
-def _sum_logs(logs: list[dict]) -> dict:
-    """Sums over micro-batches of additive quantities (each micro-batch logs its share)."""
-    total: dict = {}
+def _with_token_logs(loss_sum: torch.Tensor, num_tokens, logs: dict):
+    """A phase's loss result in megatron's per-token form: (loss sum, int token count, logs); the
+    loss sum and the count join the logs so that the step can report the global token mean."""
+    num_tokens = torch.as_tensor(num_tokens, device=loss_sum.device).detach().to(torch.int)
+    return loss_sum, num_tokens, {"loss_sum": loss_sum.detach(), "num_tokens": num_tokens, **logs}
+
+
+def _reduce_logs(logs: Sequence[dict]) -> dict:
+    """Each log summed over this rank's micro-batches, then over DP x CP in one all-reduce (and one
+    host sync): every log is an additive quantity over its rank's tokens."""
+    keys = list(logs[0])
     for log in logs:
-        for key, value in log.items():
-            total[key] = total.get(key, 0.0) + (float(value) if torch.is_tensor(value) else value)
-    return total
+        if list(log) != keys:
+            raise ValueError(f"every micro-batch's loss function must log the same keys: {keys} vs {list(log)}")
+    device = logs[0]["loss_sum"].device
+    totals = torch.stack([
+        sum(torch.as_tensor(log[key], device=device).detach().to(torch.float64) for log in logs) for key in keys
+    ])
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+    return dict(zip(keys, totals.tolist()))
+
+
+def split_micro_batches(items: Sequence, micro_batch_size: int, max_tokens: Optional[int] = None,
+                        length=len) -> list[list]:
+    """This rank's items in micro-batches of at most ``micro_batch_size`` rows, in order; with
+    ``max_tokens``, sorted by length and packed so that no micro-batch pads to more than
+    ``max_tokens`` tokens (rows x its longest sequence; a longer single sequence goes alone).
+    Every loss is a token mean over the global batch, so the grouping leaves the step's gradient
+    unchanged: packing only removes padding."""
+    if max_tokens is None:
+        return [list(items[i : i + micro_batch_size]) for i in range(0, len(items), micro_batch_size)]
+    batches: list[list] = []
+    current: list = []
+    width = 0
+    for item in sorted(items, key=length):
+        grown = max(width, length(item))
+        if current and (len(current) >= micro_batch_size or grown * (len(current) + 1) > max_tokens):
+            batches.append(current)
+            current, grown = [], length(item)
+        current.append(item)
+        width = grown
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     state = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
@@ -392,8 +480,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])

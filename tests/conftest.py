@@ -21,9 +21,18 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 
+# A test's kind is its folder: unit/ (one process), distributed/ (spawns gloo ranks), e2e/ (runs
+# phases or the CLI). `pytest -m "not e2e"` is the quick inner loop; `make test` runs them all.
+TEST_KINDS = ("unit", "distributed", "e2e")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
+        kind = Path(str(item.fspath)).parent.name
+        if kind not in TEST_KINDS:
+            raise pytest.UsageError(f"{item.fspath}: a test file belongs in tests/unit, tests/distributed or tests/e2e")
+        item.add_marker(getattr(pytest.mark, kind))
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 ARCHITECTURES = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"]
 VOCAB = 1111  # not a multiple of 128: padding differs between TP=1 (1152) and TP=2 (1280)
 BATCH, SEQ = 2, 24
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def fixed_inputs(vocab: int = VOCAB) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +25,7 @@ def hf_reference(hf_dir: Path) -> dict:
     """Logits, mean cross-entropy and its gradients (mapped to global megatron tensors) from transformers."""
     from transformers import AutoModelForCausalLM
 
-    from sdzero_mcore.checkpoint.mapping import concrete_mappings, hf_to_global
+    from sdzero_mcore.checkpoint.mapping import concrete_mappings
     from sdzero_mcore.models.hf_config import ModelArch
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -41,8 +43,8 @@ def hf_reference(hf_dir: Path) -> dict:
 
 
 def gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
-    from megatron.core import parallel_state
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
     shards = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
@@ -142,3 +144,43 @@ def megatron_greedy(model, prompt: list[int], steps: int) -> list[int]:
             logits = causal_lm_logits(model, torch.tensor([ids]))
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt) :]
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline W&B run file (``run-*.wandb``): a LevelDB-style log of
+    protobuf ``Record``s after a 7-byte W&B header, in 32 KiB blocks of (crc, length, type) chunks."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B", f"{run_file} is not a W&B run file"
+    block, pos, records, partial = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 2):  # full / first
+            partial = chunk
+        else:  # middle / last
+            partial += chunk
+        if kind in (1, 4):
+            records.append(partial)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+def hf_to_global(mapping, hf_tensors: dict, arch, padded_vocab: int) -> torch.Tensor:
+    """The global Megatron tensor from full HF tensors (the inverse of mapping.global_to_hf): TP rank 0 of 1."""
+    from sdzero_mcore.checkpoint.mapping import DictSource, hf_to_local
+
+    return hf_to_local(mapping, DictSource(hf_tensors), arch, 0, 1, padded_vocab)

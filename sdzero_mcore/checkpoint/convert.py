@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from sdzero_mcore.checkpoint import mcore_io
 from sdzero_mcore.checkpoint.atomic import OutputExistsError, staged_output_dir
-from sdzero_mcore.checkpoint.hf_io import (
-    CheckpointError,
-    copy_non_weight_files,
-    write_safetensors,
-)
+from sdzero_mcore.checkpoint.hf_io import CheckpointError, copy_non_weight_files, write_safetensors
 from sdzero_mcore.checkpoint.loading import build_model_from_hf, open_hf_checkpoint
-from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.checkpoint.mapping import concrete_mappings, expected_hf_shapes, global_to_hf, weight_mappings
+from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.models.hf_config import UnsupportedModelError
+from sdzero_mcore.parallel.launch import run_local_workers
+from sdzero_mcore.parallel.state import destroy_distributed, init_distributed, initialize_model_parallel
+from sdzero_mcore.warnings_filter import quiet_dependency_warnings
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,9 +65,6 @@ class _ImportJob:
 
 def _import_worker(job: _ImportJob) -> None:
     """One TP rank: build its shard of the model from the HF files and write it."""
-    import torch.distributed as dist
-
-    from sdzero_mcore.parallel.state import destroy_distributed, init_distributed, initialize_model_parallel
 
     init_distributed(backend="gloo")
     try:
@@ -100,8 +97,6 @@ def hf_to_mcore(
     Everything that can be checked without loading weights (config, shards, shapes, TP size,
     output directory) is checked before any process starts.
     """
-    from sdzero_mcore.parallel.launch import run_local_workers
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch, reader = open_hf_checkpoint(hf_dir)
     arch.check_tensor_parallel(tensor_parallel_size)
@@ -257,8 +252,6 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from sdzero_mcore.warnings_filter import quiet_dependency_warnings
-
     quiet_dependency_warnings()
     parser = argparse.ArgumentParser(prog="convert_checkpoint", description=__doc__.split("\n")[0])
     add_convert_arguments(parser)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state
 from tqdm import tqdm
 
 from sdzero_mcore.checkpoint import mcore_io
@@ -27,8 +28,6 @@ def open_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelArch, HFCheckpointReade
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -> None:
     """Copy this TP rank's shard of every parameter from the HF checkpoint into ``model``."""
-    from megatron.core import parallel_state
-
     arch = model.hf_arch
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()

@@ -2,7 +2,7 @@
 
 Every conversion goes through here: HF -> a TP rank's local shard (import), TP shards -> the
 global Megatron tensor (gather, used by resharding), global Megatron tensor -> HF tensors
-(export). Layout facts (DESIGN.md):
+(export). Layout facts (docs/design.md):
 
 * ``linear_qkv`` rows are grouped per query group: [q heads of group 0; k_0; v_0; q heads of
   group 1; ...]; biases the same. TP splits whole groups, so rank r holds groups
@@ -280,13 +280,6 @@ def global_to_hf(mapping: WeightMapping, tensor: torch.Tensor, arch: ModelArch) 
     if kind is Kind.VOCAB:
         return {names[0]: tensor[: arch.vocab_size].contiguous()}
     return {names[0]: tensor.contiguous()}
-
-
-def hf_to_global(
-    mapping: WeightMapping, hf_tensors: dict[str, torch.Tensor], arch: ModelArch, padded_vocab: int
-) -> torch.Tensor:
-    """The global Megatron tensor from full HF tensors (inverse of global_to_hf)."""
-    return hf_to_local(mapping, DictSource(hf_tensors), arch, 0, 1, padded_vocab)
 
 
 def mappings_by_param_name(arch: ModelArch) -> dict[str, WeightMapping]:

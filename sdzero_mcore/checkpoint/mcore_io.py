@@ -23,11 +23,14 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
 
 from sdzero_mcore import __version__
-from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.checkpoint.hf_io import CheckpointError
+from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.models.hf_config import ModelArch
+from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
 
 META_FILE = "sdzero_checkpoint.json"
 HF_FILES_DIR = "hf"
@@ -91,8 +94,6 @@ def checkpoint_arch(ckpt_dir: str | Path) -> ModelArch:
 
 def save_model(model, ckpt_dir: Path) -> None:
     """Collective: every rank of the job writes its shards of ``model`` into ``ckpt_dir``."""
-    from megatron.core import dist_checkpointing
-
     if not dist.is_initialized() or dist.get_rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
@@ -102,8 +103,6 @@ def save_model(model, ckpt_dir: Path) -> None:
 
 def load_model(model, ckpt_dir: str | Path) -> dict:
     """Collective: load a complete checkpoint into ``model`` (any TP size). Returns its metadata."""
-    from megatron.core import dist_checkpointing
-
     meta = read_checkpoint_meta(ckpt_dir)
     saved = checkpoint_arch(ckpt_dir)
     if saved != model.hf_arch:
@@ -124,8 +123,6 @@ def load_model(model, ckpt_dir: str | Path) -> dict:
 @contextlib.contextmanager
 def single_process_group() -> Iterator[None]:
     """A one-process gloo group for dist-checkpoint reads outside a distributed job."""
-    from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
-
     apply_cpu_compat()  # megatron-core's checkpoint reader synchronises CUDA; no-op with a GPU
     if dist.is_initialized():
         if dist.get_world_size() != 1:
@@ -142,16 +139,11 @@ def single_process_group() -> Iterator[None]:
 
 def checkpoint_tensor_metadata(ckpt_dir: str | Path) -> dict:
     """Global shape and dtype of every tensor key in a dist checkpoint (reads no tensor data)."""
-    from megatron.core import dist_checkpointing
-
     return dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
 
 
 def load_global_tensor(ckpt_dir: str | Path, key: str, metadata: dict, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """One whole tensor key of a dist checkpoint (layers stacked on dim 0). Needs a process group."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
-
     if key not in metadata:
         raise CheckpointError(f"{ckpt_dir}: dist checkpoint has no tensor '{key}'")
     info = metadata[key]

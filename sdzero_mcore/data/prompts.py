@@ -5,7 +5,7 @@ conditioned) on exactly the tokens it sampled, and ``encode(decode(y))`` need no
 Only text that the trainer itself writes is tokenised: the prompt ``x`` and the control block
 ``"\\n\\n" + P_r + "\\n\\n"``, which is tokenised on its own and spliced in by id.
 
-Layout (PAPER.md): one assistant turn holds the whole revision, so the chat template is applied
+Layout (docs/method.md): one assistant turn holds the whole revision, so the chat template is applied
 to the question only and everything after it is raw ids::
 
     x                     = chat_template(question) with the generation prompt
@@ -69,9 +69,10 @@ class ControlPhrases(NamedTuple):
         return self.correct if _check_reward(reward) == 1 else self.incorrect
 
 
-# The exact strings of the paper (PAPER.md, "Control phrase P_r"). The paper mentions per-model
-# phrasings in its released code, but no code is public and PAPER.md gives no other strings:
-# add them here as new entries (and to DataConfig.p_r_preset's allowed values) once they are known.
+# The exact strings of the paper's text (docs/method.md, "Control phrases"). The authors' public
+# release (GitHub princeton-pli/Self-Distillation-Zero) uses per-model phrasings for r = 0 (Qwen:
+# "Wait, this response is wrong. Let me correct it."; OLMo: "Wrong. I need to redo all."); until
+# they are presets here, `data.p_r_preset=custom` with data.p_r_incorrect sets them.
 P_R_PRESETS: dict[str, ControlPhrases] = {
     "paper": ControlPhrases(
         correct="Let me rephrase the above solution.",
@@ -232,6 +233,11 @@ def prompt_ids(
 # Contexts on ids
 
 
+def solution_ids(tokenizer: Any, solution: str) -> list[int]:
+    """A worked solution as the model writes it after the prompt (no EOS): step 0's targets and SDFT's gold context."""
+    return tokenizer.encode(" " + solution, add_special_tokens=False)
+
+
 def default_stop_ids(tokenizer: Any, extra: Iterable[int] = ()) -> frozenset[int]:
     """The tokens that end a response: the tokenizer's EOS plus ``extra`` (pass the rollout's
     ``SamplingParams.stop_token_ids`` when it stops on more than the EOS)."""
@@ -363,7 +369,7 @@ def srt_examples(
     *,
     stop_token_ids: Optional[Iterable[int]] = None,
 ) -> SRTExamples:
-    """The L_revision and L_generation examples of PAPER.md (Phase 1), ``y_rev`` kept as sampled.
+    """The L_revision and L_generation examples of Phase 1 (docs/method.md), ``y_rev`` kept as sampled.
 
     In L_generation the model learns to continue ``y_init`` straight into P_r, which is why the
     EOS that ended the sampled ``y_init`` is not part of the sequence.

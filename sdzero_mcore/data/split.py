@@ -1,6 +1,6 @@
 """The disjoint Phase 1 (SRT) / Phase 2 (self-distillation) split of the training questions.
 
-PAPER.md: the training questions are split into N1 for Phase 1 and N2 for Phase 2, disjoint.
+The paper (docs/method.md): the training questions are split into N1 for Phase 1 and N2 for Phase 2, disjoint.
 The split here depends only on the set of question ids and the seed:
 
 - each question is ranked by ``sha256(f"{seed}:{id}")`` (not Python's ``hash()``, which is salted

@@ -3,8 +3,8 @@
 1. k samples per question at ``eval.temperature`` -> avg@k, pass@k, mean response length and the
    self-revision keyword statistics (rank 0 and the rollout engine).
 2. Generate-then-revise: the first sample of each question is revised once, conditioned on it and
-   its binary reward (the P_r of PAPER.md) -> first and revised accuracy, correction rate, tokens.
-3. Token-level localisation (PAPER.md Section 4.1): for up to ``eval.localization_responses`` first
+   its binary reward (the P_r of docs/method.md) -> first and revised accuracy, correction rate, tokens.
+3. Token-level localisation (the paper's Section 4.1): for up to ``eval.localization_responses`` first
    attempts, the per-token reverse KL between the checkpoint as generator pi(. | x, y_<t) and a
    reviser (default: the same checkpoint) pi_R(. | x, y, P_r, y_<t), on megatron models at the
    configured TP / CP, over the full vocabulary; sorted into 20 buckets per response, separately
@@ -19,9 +19,28 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from sdzero_kernels import full_kl
 
+from sdzero_mcore.checkpoint.source import resolve_model_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.phases import common
+from sdzero_mcore.data import load_from_config
+from sdzero_mcore.data.prompts import (
+    control_phrases_from_config,
+    default_stop_ids,
+    prompt_ids,
+    revision_context,
+    teacher_context,
+)
+from sdzero_mcore.data.question_sets import heldout_questions
+from sdzero_mcore.eval.budget import read_budget
+from sdzero_mcore.eval.metrics import avg_at_k, correction_rate, keyword_stats, localization_buckets, pass_at_k_dataset
+from sdzero_mcore.eval.report import plot_localization, token_kl_html, write_localization_csv, write_run
+from sdzero_mcore.models.forward import causal_lm_logits
+from sdzero_mcore.parallel.rank0 import barrier, is_rank0, run_on_rank0
+from sdzero_mcore.rewards import reward_fn_for, reward_target
+from sdzero_mcore.rollout import SamplingParams
+from sdzero_mcore.rollout.weight_sync import serving_engine
+from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer
 
 SYNTHETIC_EVAL_QUESTIONS = 200
 
@@ -32,29 +51,23 @@ def eval_questions(cfg: SDZeroConfig, dataset: Optional[str] = None) -> list:
     if dataset is None or dataset.startswith("synthetic:"):
         # a synthetic task's training rows are a prefix of its generator: evaluate on held-out rows
         data = cfg.data if dataset is None else replace(cfg.data, dataset=dataset)
-        return common.heldout_questions(replace(cfg, data=data), count or SYNTHETIC_EVAL_QUESTIONS)
-    from sdzero_mcore.data import load_from_config
-
+        return heldout_questions(replace(cfg, data=data), count or SYNTHETIC_EVAL_QUESTIONS)
     questions = load_from_config(replace(cfg.data, dataset=dataset)).questions
     return questions[:count] if count else questions
 
 
 def _generate_and_score(cfg: SDZeroConfig, engine, tokenizer, questions: Sequence) -> dict:
     """Rank 0: samples, revisions and their rewards (JSON-able, the localisation inputs included)."""
-    from sdzero_mcore.data.prompts import control_phrases_from_config, default_stop_ids, prompt_ids, revision_context
-    from sdzero_mcore.eval.metrics import avg_at_k, correction_rate, keyword_stats, pass_at_k_dataset
-    from sdzero_mcore.rollout import SamplingParams
-
     ecfg = cfg.eval
     stop_ids = tuple(sorted(default_stop_ids(tokenizer)))
     sampling = SamplingParams(temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens, stop_token_ids=stop_ids,
                               n=ecfg.k, seed=ecfg.seed)
     prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
-    targets = [common.reward_target(q) for q in questions]
+    targets = [reward_target(q) for q in questions]
     k = ecfg.k
     try:
         completions = engine.generate(prompts, sampling)
-        with common.make_reward_fn(cfg, questions) as reward_fn:
+        with reward_fn_for(cfg, questions) as reward_fn:
             results = reward_fn.score_batch([c.text for c in completions], [t for t in targets for _ in range(k)])
             rewards = [[int(r.reward) for r in results[i * k : (i + 1) * k]] for i in range(len(questions))]
             first = [completions[i * k] for i in range(len(questions))]
@@ -93,11 +106,6 @@ def _generate_and_score(cfg: SDZeroConfig, engine, tokenizer, questions: Sequenc
 @torch.no_grad()
 def token_reverse_kl(student, reviser, attempts: Sequence[dict], tokenizer, preset) -> list[list[float]]:
     """Per response token: KL(student(. | x, y_<t) || reviser(. | x, y, P_r, y_<t)), full vocabulary."""
-    from sdzero_kernels import full_kl
-
-    from sdzero_mcore.data.prompts import teacher_context
-    from sdzero_mcore.models.forward import causal_lm_logits
-
     per_token = []
     for attempt in attempts:
         x, y = attempt["x_ids"], attempt["y_ids"]
@@ -110,20 +118,16 @@ def token_reverse_kl(student, reviser, attempts: Sequence[dict], tokenizer, pres
 
 def localization(cfg: SDZeroConfig, source, reviser_source, attempts: Sequence[dict], tokenizer, out_dir: Path) -> Optional[dict]:
     """KL buckets for r = 0 / r = 1 written as CSV, PNG, HTML (rank 0); every rank runs the models."""
-    from sdzero_mcore.data.prompts import control_phrases_from_config
-    from sdzero_mcore.eval.metrics import localization_buckets
-    from sdzero_mcore.eval.report import plot_localization, token_kl_html, write_localization_csv
-
     attempts = [a for a in attempts if a["y_ids"]][: cfg.eval.localization_responses]
     if not attempts:
         return None
     preset = control_phrases_from_config(cfg.data)
-    student = common.build_model(cfg, source).eval()
-    reviser = student if reviser_source is None else common.build_model(cfg, reviser_source).eval()
+    student = build_model(cfg, source).eval()
+    reviser = student if reviser_source is None else build_model(cfg, reviser_source).eval()
     kls = token_reverse_kl(student, reviser, attempts, tokenizer, preset)
     buckets = {r: localization_buckets([kl for kl, a in zip(kls, attempts) if a["reward"] == r])
                for r in (0, 1) if any(a["reward"] == r for a in attempts)}
-    if common.is_rank0():
+    if is_rank0():
         write_localization_csv(out_dir / "localization.csv", buckets)
         plot_localization(out_dir / "localization.png", buckets)
         # the page shows the first incorrect response (the paper's case of interest), else the first
@@ -140,26 +144,24 @@ def run_eval(cfg: SDZeroConfig, checkpoint: str, out_dir: str | Path, *, name: O
              dataset: Optional[str] = None, reviser: Optional[str] = None, budget: Optional[dict] = None) -> dict:
     """Evaluate ``checkpoint``; writes ``out_dir/eval.json`` (and the localisation files) and returns the result."""
     out_dir = Path(out_dir)
-    source = common.resolve_model_source(checkpoint, "eval checkpoint")
-    reviser_source = common.resolve_model_source(reviser, "--reviser") if reviser else None
-    common.check_layout(cfg, source)
+    source = resolve_model_source(checkpoint, "eval checkpoint")
+    reviser_source = resolve_model_source(reviser, "--reviser") if reviser else None
+    check_layout(cfg, source)
     questions = eval_questions(cfg, dataset)
     if not questions:
         raise ConfigError("eval: no questions to evaluate")
-    tokenizer = common.load_tokenizer(source)
-    engine = common.serving_engine(cfg, source, tokenizer)
+    tokenizer = load_tokenizer(source)
+    engine = serving_engine(cfg, source, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = common.run_on_rank0(lambda: _generate_and_score(cfg, engine, tokenizer, questions), out_dir)
+    result = run_on_rank0(lambda: _generate_and_score(cfg, engine, tokenizer, questions), out_dir)
     attempts = result.pop("_first_attempts")
     result = {"name": name or out_dir.name, "checkpoint": str(source.path),
               "dataset": dataset or cfg.data.dataset, **result, "budget": budget}
     if cfg.eval.localization_responses > 0:
         result["localization"] = localization(cfg, source, reviser_source, attempts, tokenizer, out_dir)
-    if common.is_rank0():
-        from sdzero_mcore.eval.report import write_run
-
+    if is_rank0():
         write_run(out_dir / "eval.json", result)
-    common.barrier()
+    barrier()
     return result
 
 
@@ -168,4 +170,4 @@ def parse_budget(spec: str) -> dict:
     run_dir, sep, phases = spec.rpartition(":")
     if not sep or not run_dir or not phases:
         raise ConfigError(f"--budget {spec!r}: expected RUN_DIR:phase[,phase...], e.g. runs/demo/sd_zero:srt_collect,distill")
-    return common.read_budget(run_dir, [p for p in phases.split(",") if p])
+    return read_budget(run_dir, [p for p in phases.split(",") if p])

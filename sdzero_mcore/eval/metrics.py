@@ -1,6 +1,6 @@
 """Evaluation metrics as pure functions: pass@k / avg@k, correction rate, revision keywords, KL localisation.
 
-Definitions follow docs/PAPER.md ("Evaluation protocol", "Token-level signal"). Dataset-level
+Definitions follow the paper's evaluation protocol and token-level analysis (docs/method.md). Dataset-level
 accuracies are in percent (0..100); ``pass_at_k`` itself is a probability (0..1).
 """
 

@@ -1,23 +1,26 @@
-"""Losses: the Phase 2 distillation loss (on sdzero_kernels); SRT and baseline terms join it later."""
+"""Losses on megatron-core models: Phase 2 distillation (on sdzero_kernels), GRPO's policy terms,
+and the masked token sum every loss function hands the trainer."""
 
 from sdzero_mcore.losses.distill import (
     DistillBatch,
     DistillLoss,
-    DistillSample,
     TeacherTargets,
     collate_distill,
     distill_loss,
     response_mask,
+    student_logits,
     teacher_targets,
 )
+from sdzero_mcore.losses.masked import masked_token_sum
 
 __all__ = [
     "DistillBatch",
     "DistillLoss",
-    "DistillSample",
     "TeacherTargets",
     "collate_distill",
     "distill_loss",
+    "masked_token_sum",
     "response_mask",
+    "student_logits",
     "teacher_targets",
 ]

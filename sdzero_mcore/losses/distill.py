@@ -9,35 +9,25 @@ teacher scores exactly the tokens the student produced.
 
 The teacher runs on its own (longer) sequence, split over CP; its top-K per position is gathered
 back to sequence order (K values per token, not V), moved to the student's positions, and split
-again in the student's CP order. The loss is a token mean over every response token of the
-global batch (:func:`sdzero_mcore.parallel.context_parallel.token_mean_loss`).
+again in the student's CP order. :func:`distill_loss` returns the masked KL sum over this rank's
+response tokens and their count: the trainer's per-token contract turns that into the token mean
+over the global batch (:mod:`sdzero_mcore.trainer`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
+from megatron.core import parallel_state
+from sdzero_kernels import teacher_topk, topk_kl
 
+from sdzero_mcore.data.sample import Sample
+from sdzero_mcore.losses.masked import masked_token_sum
 from sdzero_mcore.models.forward import cp_local_batch, cp_size_rank, vocab_parallel_logits
-from sdzero_mcore.parallel.context_parallel import (
-    gather_from_cp,
-    global_token_count,
-    padded_seq_len,
-    split_for_cp,
-    token_mean_loss,
-)
-
-
-@dataclass(frozen=True)
-class DistillSample:
-    """One distillation example, as token ids."""
-
-    prompt_ids: Sequence[int]  # x, the student's context
-    response_ids: Sequence[int]  # y, sampled from the student
-    teacher_prefix_ids: Sequence[int]  # what the teacher reads before y
+from sdzero_mcore.parallel.context_parallel import gather_from_cp, padded_seq_len, split_for_cp
 
 
 @dataclass
@@ -55,13 +45,13 @@ class DistillBatch:
         return int(self.response_len.sum())
 
 
-def collate_distill(samples: Sequence[DistillSample], pad_id: int) -> DistillBatch:
-    """Pad a list of samples into a :class:`DistillBatch`; errors name the sample and the field."""
+def collate_distill(samples: Sequence[Sample], pad_id: int) -> DistillBatch:
+    """Pad samples (with their teacher prefixes) into a :class:`DistillBatch`; errors name the sample and the field."""
     if not samples:
         raise ValueError("collate_distill needs at least one sample")
     for i, sample in enumerate(samples):
         for field in ("prompt_ids", "response_ids", "teacher_prefix_ids"):
-            if len(getattr(sample, field)) == 0:
+            if not getattr(sample, field):
                 raise ValueError(f"sample {i}: {field} is empty (the first response token needs a context)")
     student = [list(s.prompt_ids) + list(s.response_ids) for s in samples]
     teacher = [list(s.teacher_prefix_ids) + list(s.response_ids) for s in samples]
@@ -102,9 +92,6 @@ def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float 
     Positions without a loss (prompt, padding) get a harmless uniform distribution over ids 0..K-1,
     so the kernels see finite inputs everywhere and the mask alone decides what counts.
     """
-    from megatron.core import parallel_state
-    from sdzero_kernels import teacher_topk
-
     tp_group = parallel_state.get_tensor_model_parallel_group()
     teacher_len = batch.teacher_ids.shape[1]
     logits = vocab_parallel_logits(teacher, cp_local_batch(batch.teacher_ids))
@@ -131,37 +118,32 @@ def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float 
 
 @dataclass
 class DistillLoss:
-    objective: torch.Tensor  # backward this (scaled for DDP's averaging over DP x CP)
-    value: torch.Tensor  # the global token-mean KL of this micro-batch, for logging
-    num_tokens: torch.Tensor  # response tokens of the global batch
-    per_token: torch.Tensor  # [B, s_local] this rank's per-token KL (0 where masked)
+    loss_sum: torch.Tensor  # the KL summed over this rank's response tokens (backward through this)
+    num_tokens: torch.Tensor  # this rank's response tokens
+    per_token: torch.Tensor  # [B, s_local] this rank's per-token KL (0 where masked), detached
+    loss_mask: torch.Tensor  # [B, s_local] this rank's response positions
+
+
+def student_logits(student, batch: DistillBatch) -> torch.Tensor:
+    """The student's vocab-parallel logits on this rank's CP part of x + y."""
+    return vocab_parallel_logits(student, cp_local_batch(batch.student_ids))
 
 
 def distill_loss(
-    student,
-    batch: DistillBatch,
+    logits: torch.Tensor,
     targets: TeacherTargets,
     *,
     kl: str = "reverse",
     mixed_weight: float = 0.5,
     tail: str = "renorm",
     temperature: float = 1.0,
-    num_tokens: Optional[torch.Tensor] = None,
 ) -> DistillLoss:
-    """Student forward on this rank's CP part and ``topk_kl`` against the teacher's targets.
-
-    ``num_tokens`` is the response-token count of the whole global batch when the step
-    accumulates several micro-batches; by default this micro-batch's count (all-reduced).
-    """
-    from megatron.core import parallel_state
-    from sdzero_kernels import topk_kl
-
+    """``topk_kl`` of the student's logits (:func:`student_logits`) against the teacher's targets,
+    summed over this rank's response tokens."""
     cp_size, cp_rank = cp_size_rank()
-    local = cp_local_batch(batch.student_ids)
     logprobs = split_for_cp(targets.logprobs, cp_size, cp_rank, dim=1)
     ids = split_for_cp(targets.ids, cp_size, cp_rank, dim=1)
     mask = split_for_cp(targets.loss_mask, cp_size, cp_rank, dim=1)
-    logits = vocab_parallel_logits(student, local)
     per_token = topk_kl(
         logits,
         logprobs,
@@ -172,7 +154,5 @@ def distill_loss(
         temperature=temperature,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
     )
-    if num_tokens is None:
-        num_tokens = global_token_count(mask)
-    objective, value = token_mean_loss(per_token, mask, num_tokens)
-    return DistillLoss(objective=objective, value=value, num_tokens=num_tokens, per_token=per_token.detach() * mask)
+    loss_sum, num_tokens = masked_token_sum(per_token, mask)
+    return DistillLoss(loss_sum=loss_sum, num_tokens=num_tokens, per_token=per_token.detach() * mask, loss_mask=mask)

@@ -165,9 +165,8 @@ def grpo_loss(
         sum_masked(surrogate) / N + kl_coef * sum_masked(k3) / N - entropy_coef * sum_masked(entropy) / N
 
     with k3 = exp(ref - logp) - (ref - logp) - 1 (low-variance, unbiased estimate of KL(pi || ref))
-    and N = ``num_tokens``, by default ``mask.sum()``. Pass the global batch's token count to every
-    micro-batch so accumulated gradients equal one big batch's; under data parallelism whose
-    gradients are averaged, also scale the objective by the DP size (as ``token_mean_loss`` does).
+    and N = ``num_tokens``, by default ``mask.sum()``. The GRPO phase passes N = 1, which makes every
+    term a masked sum: the trainer's per-token contract divides by the global batch's token count.
     ``old_logprobs``, ``ref_logprobs`` and ``advantages`` are treated as constants. Positions where
     ``mask`` is False may hold anything, non-finite included.
     """

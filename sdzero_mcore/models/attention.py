@@ -21,6 +21,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch.nn.attention.bias import causal_lower_right
 
@@ -80,8 +83,6 @@ class SDPACoreAttention(MegatronModule):
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
     ):
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
         super().__init__(config=config)
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -107,8 +108,6 @@ class SDPACoreAttention(MegatronModule):
 
     def _sdpa(self, query, key, value, attn_mask=None, is_causal=False):
         """[b, h, sq, d] x [b, g, sk, d] -> [b, h, sq, d], in megatron's RNG stream for dropout."""
-        from megatron.core import tensor_parallel
-
         kwargs = dict(
             attn_mask=attn_mask,
             dropout_p=self._dropout_p(),
@@ -131,8 +130,6 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        from megatron.core.transformer.enums import AttnMaskType
-
         if packed_seq_params is not None:
             raise ValueError("SDPACoreAttention does not support packed sequences (packed_seq_params)")
         if attention_bias is not None:

@@ -12,7 +12,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.transformer.transformer_config import TransformerConfig
 
+from sdzero_mcore.models.attention import SDPACoreAttention
 from sdzero_mcore.models.hf_config import ModelArch
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
@@ -53,8 +57,6 @@ def transformer_config_for(
     cp_comm_type: Optional[str] = None,
 ):
     """The TransformerConfig that reproduces ``arch``."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     arch.check_tensor_parallel(tensor_model_parallel_size)
     if cp_comm_type is not None and cp_comm_type not in CP_COMM_TYPES:
         raise ValueError(f"cp_comm_type must be one of {', '.join(CP_COMM_TYPES)}; got {cp_comm_type!r}")
@@ -101,16 +103,12 @@ def transformer_config_for(
 def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa"):
     """TransformerEngine's layer spec when TE is in use, otherwise megatron-core's local spec with
     its core attention swapped for :class:`SDPACoreAttention` (``local_attention="sdpa"``)."""
-    from megatron.core.models.gpt import gpt_layer_specs
-
     if local_attention not in LOCAL_ATTENTION_IMPLS:
         raise ValueError(f"local_attention must be one of {', '.join(LOCAL_ATTENTION_IMPLS)}; got {local_attention!r}")
     if resolve_transformer_impl(transformer_impl) == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     if local_attention == "sdpa":
-        from sdzero_mcore.models.attention import SDPACoreAttention
-
         # The spec is built fresh by each call, so setting the submodule changes no shared state.
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
@@ -122,8 +120,6 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, padded_vocab_size: 
     The lowest finite value rather than -inf: softmax still assigns them exactly zero, while
     p * log p style terms downstream stay 0 instead of NaN.
     """
-    from megatron.core import parallel_state
-
     local = logits.shape[-1]
     if local == padded_vocab_size:  # gathered logits, or TP = 1
         start = 0
@@ -158,9 +154,6 @@ def build_gpt_model(
     Context parallelism uses TE's ``cp_comm_type`` scheme with the TE spec, and the all-gather
     scheme of :class:`SDPACoreAttention` with the local spec.
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     if on_cpu is None:
         on_cpu = not torch.cuda.is_available()
     tp = parallel_state.get_tensor_model_parallel_world_size()

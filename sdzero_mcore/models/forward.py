@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
+from megatron.core import parallel_state, tensor_parallel
 
 from sdzero_mcore.parallel.context_parallel import gather_from_cp, split_batch_for_cp
 
@@ -21,8 +22,6 @@ def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def cp_size_rank() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
     return parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
 
 
@@ -53,8 +52,6 @@ def vocab_parallel_logits(model, local: Mapping[str, torch.Tensor]) -> torch.Ten
 
 def causal_lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits [B, S, vocab_size] over the real vocabulary in sequence order, gathered over TP and CP."""
-    from megatron.core import tensor_parallel
-
     logits = vocab_parallel_logits(model, cp_local_batch(input_ids))
     if logits.shape[-1] != model.padded_vocab_size:  # vocab-parallel output
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -22,9 +24,6 @@ CHARACTERS = string.printable  # digits, letters, punctuation, whitespace incl. 
 
 def build_char_tokenizer():
     """A PreTrainedTokenizerFast with one token per printable character plus chat specials."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + list(dict.fromkeys(CHARACTERS)))}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -65,8 +64,6 @@ _TINY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 def tiny_hf_config(architecture: str = "Qwen3ForCausalLM", vocab_size: int = 1111, **overrides):
     """A transformers config for a tiny model of ``architecture`` (vocab not a multiple of 128)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
-
     config_cls = {"Qwen3ForCausalLM": Qwen3Config, "Qwen2ForCausalLM": Qwen2Config, "LlamaForCausalLM": LlamaConfig}
     if architecture not in config_cls:
         raise ValueError(f"no tiny config for {architecture!r}; choose from {', '.join(config_cls)}")
@@ -87,8 +84,6 @@ def save_tiny_hf_model(
     **config_overrides,
 ) -> Path:
     """Write a randomly initialised tiny HF model (and the char tokenizer) to ``out_dir``."""
-    from transformers import AutoModelForCausalLM
-
     out_dir = Path(out_dir)
     config = tiny_hf_config(architecture, **config_overrides)
     torch.manual_seed(seed)

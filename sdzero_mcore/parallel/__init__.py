@@ -1,6 +1,6 @@
 """Process groups, CPU compatibility for megatron-core, and local multi-process launching."""
 
-from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat, cpu_compat_applied
+from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
 from sdzero_mcore.parallel.launch import run_local_workers
 from sdzero_mcore.parallel.state import (
     DistEnv,
@@ -16,7 +16,6 @@ __all__ = [
     "DistEnv",
     "ParallelSizes",
     "apply_cpu_compat",
-    "cpu_compat_applied",
     "destroy_distributed",
     "detect_dist_env",
     "init_distributed",

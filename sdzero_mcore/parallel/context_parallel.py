@@ -6,10 +6,10 @@ are expensive, so pairing them evens out the attention work. Everything that lin
 (ids, positions, loss masks, the teacher's top-K targets) must be split the same way, and merged
 back the same way. RoPE positions are split by megatron-core itself with this exact order.
 
-The loss: each rank sees only its tokens. A token-mean over the global batch is
-``sum over all DP x CP ranks of the masked loss / total token count``; megatron-core's DDP then
-*averages* gradients over the DP x CP group, so the per-rank objective for backward is scaled by
-the size of that group (:func:`token_mean_loss`).
+The loss: each rank sees only its tokens. A token mean over the global batch is the sum over all
+DP x CP ranks of the masked loss divided by the total token count; the trainer's per-token
+contract (megatron-core's ``calculate_per_token_loss``) does that division in one place, so a
+loss function returns only its rank's masked sum and count.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 
 def cp_chunk_ids(cp_size: int, cp_rank: int) -> tuple[int, int]:
@@ -132,53 +133,26 @@ def split_batch_for_cp(
 
 
 def _cp_group() -> Optional[dist.ProcessGroup]:
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         return None
     return parallel_state.get_context_parallel_group()
 
 
 def _dp_cp_group() -> Optional[dist.ProcessGroup]:
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         return None
     return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
-def global_token_count(loss_mask: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """The number of loss tokens summed over the DP x CP group (float64 scalar, exact to 2^53)."""
+def global_sum(values: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """``values`` (any shape) summed over the DP x CP group, in float64 (counts exact to 2^53)."""
     group = group if group is not None else _dp_cp_group()
-    count = loss_mask.detach().to(torch.float64).sum()
+    total = values.detach().to(torch.float64)
     if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(count, group=group)
-    return count
+        dist.all_reduce(total, group=group)
+    return total
 
 
-def token_mean_loss(
-    per_token_loss: torch.Tensor,
-    loss_mask: torch.Tensor,
-    num_tokens: torch.Tensor,
-    group: Optional[dist.ProcessGroup] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The token-mean loss over the global batch: (objective for backward, value for logging).
-
-    ``num_tokens`` is :func:`global_token_count` over every micro-batch of the step, so gradient
-    accumulation gives the same result as one big batch. The objective is this rank's masked sum x
-    |DP x CP| / num_tokens: megatron-core's DDP averages gradients over that group, which turns it
-    back into the gradient of the global mean. The logged value is the global mean itself (this
-    micro-batch's share of it), all-reduced and detached.
-    """
-    if per_token_loss.shape != loss_mask.shape:
-        raise ValueError(f"per_token_loss {tuple(per_token_loss.shape)} and loss_mask {tuple(loss_mask.shape)} differ")
-    group = group if group is not None else _dp_cp_group()
-    group_size = dist.get_world_size(group) if group is not None else 1
-    denominator = num_tokens.to(torch.float32).clamp_min(1.0)
-    # where, not a product: a non-finite loss on a masked-out (padding) token must not leak in.
-    local_sum = torch.where(loss_mask.bool(), per_token_loss.float(), 0.0).sum()
-    objective = local_sum * group_size / denominator
-    value = local_sum.detach() / denominator
-    if group_size > 1:
-        dist.all_reduce(value, group=group)
-    return objective, value
+def global_token_count(loss_mask: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """The number of loss tokens summed over the DP x CP group (float64 scalar)."""
+    return global_sum(loss_mask.detach().sum(), group)

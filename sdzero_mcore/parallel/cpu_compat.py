@@ -12,6 +12,9 @@ megatron-core assumes CUDA in a handful of places that are not about computation
 * The fused-softmax path builds its default causal mask with ``device="cuda"``.
 * Under context parallelism, RoPE picks this rank's positions with an index tensor it pins and
   moves to CUDA; on CPU the same index is built in host memory.
+* The pipeline schedules (``get_forward_backward_func()``) count the step's loss tokens in a
+  tensor created with ``device="cuda"``; the schedules module sees a ``torch`` whose ``zeros``
+  puts such a tensor on the CPU, and is otherwise torch itself.
 
 :func:`apply_cpu_compat` installs these redirections only when CUDA is absent, once per process.
 It never changes behaviour on a machine with a GPU.
@@ -22,16 +25,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import types
 
 import torch
+from megatron.core.fusions import fused_softmax
+from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+from megatron.core.pipeline_parallel import schedules
+from megatron.core.tensor_parallel import random as mcore_random
 
 _lock = threading.Lock()
 _applied = False
-
-
-def cpu_compat_applied() -> bool:
-    """True when this process runs megatron-core with the CPU redirections installed."""
-    return _applied
 
 
 def apply_cpu_compat(force: bool = False) -> bool:
@@ -49,6 +52,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
         _install_cpu_rng_tracker()
         _redirect_default_causal_mask()
         _redirect_rope_cp_slicing()
+        _redirect_schedule_token_counter()
         _applied = True
         return True
 
@@ -76,8 +80,6 @@ def _set_cpu_rng_state(new_state, device=-1, graph_safe=False):  # noqa: ARG001
 
 
 def _install_cpu_rng_tracker() -> None:
-    from megatron.core.tensor_parallel import random as mcore_random
-
     class CpuRNGStatesTracker(mcore_random.CudaRNGStatesTracker):
         """megatron-core's RNG tracker with the CPU generator in place of the CUDA one."""
 
@@ -117,8 +119,6 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
 
 
 def _redirect_default_causal_mask() -> None:
-    from megatron.core.fusions import fused_softmax
-
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
 
 
@@ -134,8 +134,23 @@ def _cpu_pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) 
 
 
 def _redirect_rope_cp_slicing() -> None:
-    from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
-
     # rotary_pos_embedding imported the function by name, so both bindings are replaced.
     rope_utils.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _cpu_pos_emb_on_this_cp_rank
+
+
+class _TorchForSchedules(types.ModuleType):
+    """torch, except that ``zeros(..., device="cuda")`` allocates on the CPU (the schedules' token counter)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*size, device=None, **kwargs):
+        if device is not None and torch.device(device).type == "cuda":
+            device = "cpu"
+        return torch.zeros(*size, device=device, **kwargs)
+
+
+def _redirect_schedule_token_counter() -> None:
+    schedules.torch = _TorchForSchedules("torch")

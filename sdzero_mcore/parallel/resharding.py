@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from sdzero_mcore.checkpoint.mapping import gather_shards, global_to_hf, mappings_by_param_name
 
@@ -27,8 +28,6 @@ Bucket = list[tuple[str, torch.Tensor]]
 
 
 def _tp_group() -> Optional[dist.ProcessGroup]:
-    from megatron.core import parallel_state
-
     if not parallel_state.model_parallel_is_initialized():
         return None
     return parallel_state.get_tensor_model_parallel_group()

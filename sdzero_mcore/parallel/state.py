@@ -15,8 +15,10 @@ from typing import Mapping, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
+from sdzero_mcore.parallel.launch import free_port
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -114,8 +116,6 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30) -> DistEn
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     port = env.master_port
     if env.launcher == "single" and "MASTER_PORT" not in os.environ:
-        from sdzero_mcore.parallel.launch import free_port
-
         port = free_port()  # nobody else joins, so any free port will do
     dist.init_process_group(
         backend=backend,
@@ -136,8 +136,6 @@ def initialize_model_parallel(
 ) -> ParallelSizes:
     """Create megatron's TP/CP/DP groups (PP is fixed at 1) over the running process group, and
     seed the RNGs (megatron's layers fork the model-parallel RNG even with dropout off)."""
-    from megatron.core import parallel_state
-
     if pipeline_model_parallel_size != 1:
         raise ValueError(
             f"pipeline_model_parallel_size={pipeline_model_parallel_size} is not supported; allowed: 1"
@@ -172,8 +170,6 @@ def initialize_model_parallel(
 
 def set_seed(seed: int) -> None:
     """Seed Python, torch, and megatron's model-parallel RNG tracker (distinct per TP rank)."""
-    from megatron.core import tensor_parallel
-
     random.seed(seed)
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -181,8 +177,6 @@ def set_seed(seed: int) -> None:
 
 def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group, if they exist."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

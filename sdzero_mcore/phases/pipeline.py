@@ -11,18 +11,19 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from sdzero_mcore.checkpoint.source import final_checkpoint, start_source
 from sdzero_mcore.config import SDZeroConfig
-from sdzero_mcore.phases import common
+from sdzero_mcore.data.question_sets import phase_questions
+from sdzero_mcore.phases.distill import run_distill
+from sdzero_mcore.phases.quick_eval import greedy_accuracy
+from sdzero_mcore.phases.srt_collect import SUMMARY_FILE, collect_dir, collection_complete, run_srt_collect
+from sdzero_mcore.phases.srt_train import run_srt_train, srt_stages
+from sdzero_mcore.run_setup import check_layout
 
 
 def train_sd_zero(cfg: SDZeroConfig, base: Path) -> dict:
     """Phase 1 (collect, SRT) and Phase 2 from ``base``, each stage skipped when complete.
     Returns the collection summary and the SRT and SD-Zero checkpoints."""
-    from sdzero_mcore.phases.self_distill import run_distill
-    from sdzero_mcore.phases.srt_collect import collection_complete, collect_dir, run_srt_collect, SUMMARY_FILE
-    from sdzero_mcore.phases.srt_train import run_srt_train, srt_stages
-    from sdzero_mcore.trainer import final_checkpoint
-
     run_dir = Path(cfg.output_dir)
     if not collection_complete(cfg):
         run_srt_collect(cfg, str(base))
@@ -34,13 +35,11 @@ def train_sd_zero(cfg: SDZeroConfig, base: Path) -> dict:
 
 
 def run_pipeline(cfg: SDZeroConfig, init_from: Optional[str] = None, *, eval_questions: int = 32) -> dict:
-    from sdzero_mcore.phases.quick_eval import greedy_accuracy
-
     run_dir = Path(cfg.output_dir)
-    base = common.start_source(cfg, init_from)
-    common.check_layout(cfg, base)
+    base = start_source(cfg, init_from)
+    check_layout(cfg, base)
     report: dict = {"base": str(base.path), **train_sd_zero(cfg, base.path)}
-    _, phase2 = common.phase_questions(cfg)
+    _, phase2 = phase_questions(cfg)
     questions = phase2[:eval_questions]
     checkpoints = (("base", base.path), ("srt", report["srt_checkpoint"]), ("sd_zero", report["distill_checkpoint"]))
     for name, checkpoint in checkpoints:

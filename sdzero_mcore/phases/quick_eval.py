@@ -7,19 +7,22 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from sdzero_mcore.checkpoint.source import resolve_model_source
 from sdzero_mcore.config import SDZeroConfig
+from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids
 from sdzero_mcore.fileio import atomic_write_text
-from sdzero_mcore.phases import common
+from sdzero_mcore.parallel.rank0 import run_on_rank0
+from sdzero_mcore.rewards import reward_fn_for, reward_target
+from sdzero_mcore.rollout import SamplingParams
+from sdzero_mcore.rollout.weight_sync import serving_engine
+from sdzero_mcore.run_setup import load_tokenizer
 
 
 def greedy_accuracy(cfg: SDZeroConfig, checkpoint: str | Path, questions: Sequence, out_file: Path) -> dict:
     """Greedy accuracy of ``checkpoint`` on ``questions``, written to ``out_file`` (JSON) by rank 0."""
-    from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids
-    from sdzero_mcore.rollout import SamplingParams
-
-    source = common.resolve_model_source(checkpoint, "eval checkpoint")
-    tokenizer = common.load_tokenizer(source)
-    engine = common.serving_engine(cfg, source, tokenizer)
+    source = resolve_model_source(checkpoint, "eval checkpoint")
+    tokenizer = load_tokenizer(source)
+    engine = serving_engine(cfg, source, tokenizer)
 
     def evaluate() -> dict:
         try:
@@ -29,8 +32,8 @@ def greedy_accuracy(cfg: SDZeroConfig, checkpoint: str | Path, questions: Sequen
             completions = engine.generate(prompts, sampling)
         finally:
             engine.shutdown()
-        with common.make_reward_fn(cfg, questions) as reward_fn:
-            results = reward_fn.score_batch([c.text for c in completions], [common.reward_target(q) for q in questions])
+        with reward_fn_for(cfg, questions) as reward_fn:
+            results = reward_fn.score_batch([c.text for c in completions], [reward_target(q) for q in questions])
         result = {
             "checkpoint": str(checkpoint),
             "questions": len(questions),
@@ -40,4 +43,4 @@ def greedy_accuracy(cfg: SDZeroConfig, checkpoint: str | Path, questions: Sequen
         atomic_write_text(out_file, json.dumps(result, indent=2) + "\n")
         return result
 
-    return common.run_on_rank0(evaluate, out_file.parent)
+    return run_on_rank0(evaluate, out_file.parent)

@@ -1,4 +1,4 @@
-"""``sdzero rft``: the rejection-sampling fine-tuning baseline (PAPER.md "Baselines").
+"""``sdzero rft``: the rejection-sampling fine-tuning baseline (docs/method.md "Baselines").
 
 k samples per question from the starting model (both phases' questions, capped by
 ``rft.max_generations`` for a matched budget), scored, then completion-only SFT on the correct
@@ -9,13 +9,28 @@ slices with their own seeds, so a resumed run samples exactly what an uninterrup
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from tqdm import tqdm
+
+from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.phases import common
+from sdzero_mcore.data.prompts import CompletionExample, default_stop_ids, prompt_ids
+from sdzero_mcore.data.question_sets import phase_questions
+from sdzero_mcore.eval.budget import record_budget
+from sdzero_mcore.fileio import atomic_write_text
+from sdzero_mcore.parallel.rank0 import run_on_rank0
+from sdzero_mcore.phases.append_log import check_log_hash
+from sdzero_mcore.phases.completion import train_completion_stage
+from sdzero_mcore.rewards import reward_fn_for, reward_target
+from sdzero_mcore.rollout import sampling_from_config
+from sdzero_mcore.rollout.weight_sync import serving_engine
+from sdzero_mcore.run_setup import check_layout, load_tokenizer, pad_id, setup_parallel
 
 PHASE = "rft"
 SAMPLES_FILE = "samples.jsonl"
@@ -27,7 +42,7 @@ class RFTExample(NamedTuple):
 
 
 def rft_questions(cfg: SDZeroConfig) -> list:
-    phase1, phase2 = common.phase_questions(cfg)
+    phase1, phase2 = phase_questions(cfg)
     questions = phase1 + phase2
     if cfg.rft.max_generations is not None:
         questions = questions[: cfg.rft.max_generations // cfg.rft.samples_per_question]
@@ -43,8 +58,6 @@ def sample_dir(cfg: SDZeroConfig) -> Path:
 
 def sampling_hash(cfg: SDZeroConfig, source_path: Path) -> str:
     """What the samples depend on: the data, the sampling settings, the rollout engine and the model."""
-    import hashlib
-
     r = cfg.rft
     relevant = {"data": cfg.data.__dict__, "rollout": cfg.rollout.__dict__, "model": str(source_path),
                 "rft": [r.samples_per_question, r.temperature, r.max_new_tokens, r.max_generations]}
@@ -53,7 +66,7 @@ def sampling_hash(cfg: SDZeroConfig, source_path: Path) -> str:
 
 def check_log(log: Path, chash: str) -> None:
     """Refuse to extend or train on samples drawn under another config or from another model."""
-    common.check_log_hash(log, chash, "was sampled under another config or model")
+    check_log_hash(log, chash, "was sampled under another config or model")
 
 
 def read_chunks(path: Path) -> dict[int, dict]:
@@ -78,13 +91,6 @@ def read_chunks(path: Path) -> dict[int, dict]:
 
 
 def _sample_on_rank0(cfg: SDZeroConfig, tokenizer, questions, engine, log: Path, chash: str) -> dict:
-    from dataclasses import replace
-
-    from tqdm import tqdm
-
-    from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids
-    from sdzero_mcore.rollout import sampling_from_config
-
     rcfg = cfg.rft
     log.parent.mkdir(parents=True, exist_ok=True)
     done = read_chunks(log)
@@ -93,7 +99,7 @@ def _sample_on_rank0(cfg: SDZeroConfig, tokenizer, questions, engine, log: Path,
                        max_new_tokens=rcfg.max_new_tokens, n=rcfg.samples_per_question)
     starts = range(0, len(questions), CHUNK_QUESTIONS)
     try:
-        with common.make_reward_fn(cfg, questions) as reward_fn:
+        with reward_fn_for(cfg, questions) as reward_fn:
             for chunk, start in enumerate(tqdm(starts, desc="rft-sample", disable=not cfg.logging.progress)):
                 if chunk in done:
                     continue
@@ -101,7 +107,7 @@ def _sample_on_rank0(cfg: SDZeroConfig, tokenizer, questions, engine, log: Path,
                 prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in batch]
                 completions = engine.generate(prompts, replace(sampling, seed=cfg.rollout.seed + chunk))
                 k = rcfg.samples_per_question
-                targets = [common.reward_target(q) for q in batch for _ in range(k)]
+                targets = [reward_target(q) for q in batch for _ in range(k)]
                 results = reward_fn.score_batch([c.text for c in completions], targets)
                 record = {"chunk": chunk, "config_hash": chash, "questions": [
                     {"id": q.id, "x_ids": x, "samples": [
@@ -124,14 +130,12 @@ def _sample_on_rank0(cfg: SDZeroConfig, tokenizer, questions, engine, log: Path,
         "generated_tokens": sum(len(s["ids"]) for s in samples),
         "accuracy": sum(s["reward"] for s in samples) / max(1, len(samples)),
     }
-    common.record_budget(cfg.output_dir, PHASE, summary["generations"], summary["generated_tokens"])
+    record_budget(cfg.output_dir, PHASE, summary["generations"], summary["generated_tokens"])
     return summary
 
 
 def correct_examples(log: Path, max_len: int) -> list[RFTExample]:
     """x + y for every distinct correct sample of every question (completion-only loss on y)."""
-    from sdzero_mcore.data.prompts import CompletionExample
-
     examples = []
     for record in sorted(read_chunks(log).values(), key=lambda r: r["chunk"]):
         for question in record["questions"]:
@@ -149,31 +153,27 @@ def correct_examples(log: Path, max_len: int) -> list[RFTExample]:
 
 def run_rft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Optional[int] = None) -> Path:
     """Sample (or finish sampling), then fine-tune on the correct samples; returns the final checkpoint."""
-    from sdzero_mcore.phases.srt_train import train_completion_stage
-
-    source = common.start_source(cfg, init_from)
-    common.check_layout(cfg, source)
-    tokenizer = common.load_tokenizer(source)
+    source = start_source(cfg, init_from)
+    check_layout(cfg, source)
+    tokenizer = load_tokenizer(source)
     questions = rft_questions(cfg)
     log = sample_dir(cfg) / SAMPLES_FILE
     summary_file = sample_dir(cfg) / "summary.json"
     chash = sampling_hash(cfg, source.path)
     check_log(log, chash)  # before any work, on every rank
     if not summary_file.is_file():
-        engine = common.serving_engine(cfg, source, tokenizer)
+        engine = serving_engine(cfg, source, tokenizer)
 
         def sample() -> dict:
-            from sdzero_mcore.fileio import atomic_write_text
-
             summary = _sample_on_rank0(cfg, tokenizer, questions, engine, log, chash)
             atomic_write_text(summary_file, json.dumps(summary, indent=2) + "\n")
             return summary
 
-        common.run_on_rank0(sample, sample_dir(cfg))
+        run_on_rank0(sample, sample_dir(cfg))
     examples = correct_examples(log, cfg.rft.max_seq_length)
     if not examples:
         summary = json.loads(summary_file.read_text())
         raise ConfigError(f"rft: no correct sample among {summary['generations']} generations; nothing to fine-tune on")
-    common.setup_parallel(cfg)
-    return train_completion_stage(cfg, source, examples, ("completion",), PHASE, cfg.rft, common.pad_id(tokenizer),
+    setup_parallel(cfg)
+    return train_completion_stage(cfg, source, examples, ("completion",), PHASE, cfg.rft, pad_id(tokenizer),
                                   max_steps=max_steps)

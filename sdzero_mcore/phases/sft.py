@@ -17,19 +17,29 @@ import re
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.phases import common
+from sdzero_mcore.data.prompts import (
+    CompletionExample,
+    control_phrases_from_config,
+    prompt_ids,
+    revision_context,
+    solution_ids,
+)
+from sdzero_mcore.data.question_sets import (
+    SYNTHETIC_HELDOUT_RESERVED,
+    fresh_synthetic_questions,
+    heldout_questions,
+    phase_question_ids,
+)
+from sdzero_mcore.phases.completion import train_completion_stage
+from sdzero_mcore.run_setup import check_layout, load_tokenizer, pad_id, setup_parallel
 
 PHASE = "sft"
 
 
 class SFTExample(NamedTuple):
     completion: "object"  # data.prompts.CompletionExample: loss on the solution and its EOS
-
-
-def solution_ids(tokenizer, solution: str) -> list[int]:
-    """A worked solution as the model writes it after the prompt (no EOS)."""
-    return tokenizer.encode(" " + solution, add_special_tokens=False)
 
 
 def noisy_solution(solution: str, answer: str, rng: random.Random) -> str:
@@ -49,8 +59,6 @@ def sft_examples(questions, tokenizer, template: str, max_len: int, *, noise: fl
     """x -> solution + EOS examples; ``revision_fraction`` of them in the reviser's format instead:
     x + y_a + P_r(r_a) + y_b, loss on y_b + EOS, where y_a is right or wrong with equal odds, y_b
     restates y_a when it is right and is a fresh (possibly noisy) solution when it is wrong."""
-    from sdzero_mcore.data.prompts import CompletionExample, prompt_ids, revision_context
-
     examples = []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for q in questions:
@@ -74,10 +82,10 @@ def sft_questions(cfg: SDZeroConfig, count: int) -> list:
     """``count`` synthetic questions disjoint from both phases and the held-out evaluation set."""
     if not cfg.data.dataset.startswith("synthetic:"):
         raise ConfigError("sdzero sft generates its data from a synthetic task: set data.dataset=synthetic:<task>")
-    phase_ids = common.phase_question_ids(cfg)
-    heldout = common.heldout_questions(cfg, common.SYNTHETIC_HELDOUT_RESERVED, phase_ids=phase_ids)
+    phase_ids = phase_question_ids(cfg)
+    heldout = heldout_questions(cfg, SYNTHETIC_HELDOUT_RESERVED, phase_ids=phase_ids)
     used = phase_ids | {q.id for q in heldout}
-    fresh = common.fresh_synthetic_questions(cfg, 2 * (count + len(used)), used)
+    fresh = fresh_synthetic_questions(cfg, 2 * (count + len(used)), used)
     if len(fresh) < count:
         raise ConfigError(f"sft.examples ({count}): the task {cfg.data.dataset} has only {len(fresh)} questions left "
                           "after the phases and the held-out set")
@@ -85,19 +93,15 @@ def sft_questions(cfg: SDZeroConfig, count: int) -> list:
 
 
 def run_sft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Optional[int] = None) -> Path:
-    from sdzero_mcore.phases.srt_train import train_completion_stage
-
     scfg = cfg.sft
-    source = common.start_source(cfg, init_from)
-    common.check_layout(cfg, source)
-    tokenizer = common.load_tokenizer(source)
-    from sdzero_mcore.data.prompts import control_phrases_from_config
-
+    source = start_source(cfg, init_from)
+    check_layout(cfg, source)
+    tokenizer = load_tokenizer(source)
     data = sft_examples(sft_questions(cfg, scfg.examples), tokenizer, cfg.data.prompt_template, scfg.max_seq_length,
                         noise=scfg.noise, revision_fraction=scfg.revision_fraction,
                         preset=control_phrases_from_config(cfg.data), seed=cfg.seed)
     if not data:
         raise ConfigError("sdzero sft: no question with a solution fits sft.max_seq_length")
-    common.setup_parallel(cfg)
-    return train_completion_stage(cfg, source, data, ("completion",), PHASE, scfg, common.pad_id(tokenizer),
+    setup_parallel(cfg)
+    return train_completion_stage(cfg, source, data, ("completion",), PHASE, scfg, pad_id(tokenizer),
                                   max_steps=max_steps)

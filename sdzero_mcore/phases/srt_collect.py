@@ -21,9 +21,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+from tqdm import tqdm
+
+from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import SDZeroConfig
+from sdzero_mcore.data.prompts import control_phrases_from_config, default_stop_ids, prompt_ids, revision_context
+from sdzero_mcore.data.question_sets import phase_questions
+from sdzero_mcore.eval.budget import record_budget
 from sdzero_mcore.fileio import atomic_write_text
-from sdzero_mcore.phases import common
+from sdzero_mcore.parallel.rank0 import run_on_rank0
+from sdzero_mcore.phases.append_log import check_log_hash
+from sdzero_mcore.rewards import reward_fn_for, reward_target
+from sdzero_mcore.rollout import sampling_from_config
+from sdzero_mcore.rollout.weight_sync import serving_engine
+from sdzero_mcore.run_setup import load_tokenizer
 
 PHASE = "srt_collect"
 RECORDS_FILE = "srt_records.jsonl"
@@ -72,34 +83,27 @@ def collect_dir(cfg: SDZeroConfig) -> Path:
 
 def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
     """Collect (or finish collecting) Phase 1 data; returns the D_revision file."""
-    from sdzero_mcore.data.prompts import control_phrases_from_config
-
-    source = common.start_source(cfg, init_from)
-    tokenizer = common.load_tokenizer(source)
+    source = start_source(cfg, init_from)
+    tokenizer = load_tokenizer(source)
     preset = control_phrases_from_config(cfg.data)
-    questions, _ = common.phase_questions(cfg)
+    questions, _ = phase_questions(cfg)
     out = collect_dir(cfg)
     check_log_config(out / RECORDS_FILE, config_hash(cfg))  # before any work, on every rank
-    engine = common.serving_engine(cfg, source, tokenizer)  # every rank joins a megatron weight stream
+    engine = serving_engine(cfg, source, tokenizer)  # every rank joins a megatron weight stream
     # rank 0 generates and writes; the others wait for it
-    path = common.run_on_rank0(
+    path = run_on_rank0(
         lambda: str(_collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out)), out
     )
     return Path(path)
 
 
 def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Path) -> Path:
-    from tqdm import tqdm
-
-    from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids, revision_context
-    from sdzero_mcore.rollout import sampling_from_config
-
     ccfg = cfg.srt_collect
     out.mkdir(parents=True, exist_ok=True)
     log = out / RECORDS_FILE
     chash = config_hash(cfg)
     done = recover_log(log)
-    reward_fn = common.make_reward_fn(cfg, questions)
+    reward_fn = reward_fn_for(cfg, questions)
     stop_ids = sorted(default_stop_ids(tokenizer))
     base = replace(
         sampling_from_config(cfg.rollout, stop_token_ids=stop_ids),
@@ -115,7 +119,7 @@ def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Pa
             seed = question_seed(cfg.rollout.seed, question.id)
             x = prompt_ids(tokenizer, question.question, template=cfg.data.prompt_template)
             attempts = engine.generate([x], replace(base, n=ccfg.n_init, seed=seed))
-            target = common.reward_target(question)
+            target = reward_target(question)
             init_rewards = reward_fn.score_batch([a.text for a in attempts], [target] * len(attempts))
             lines = []
             for a_index, (attempt, r_init) in enumerate(zip(attempts, init_rewards)):
@@ -159,7 +163,7 @@ def collection_complete(cfg: SDZeroConfig) -> bool:
 
 def check_log_config(log: Path, chash: str) -> None:
     """Refuse to extend a log written under another data/collection/rollout config."""
-    common.check_log_hash(log, chash, "was collected with another config")
+    check_log_hash(log, chash, "was collected with another config")
 
 
 def _append(path: Path, records: list[dict]) -> None:
@@ -204,5 +208,5 @@ def write_outputs(out: Path) -> Path:
         "generated_tokens": sum(a["tokens"] for a in init) + sum(r["rev_tokens"] for r in revisions),
     }
     atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    common.record_budget(out.parent, PHASE, summary["generations"], summary["generated_tokens"])
+    record_budget(out.parent, PHASE, summary["generations"], summary["generated_tokens"])
     return out / REVISION_FILE

@@ -8,6 +8,8 @@ from typing import Optional, Sequence
 import torch
 
 from sdzero_mcore.rollout.base import Completion, RolloutEngine, SamplingParams
+from sdzero_mcore.rollout.hf import HFRolloutEngine
+from sdzero_mcore.rollout.sglang import RemoteSGLangEngine, SGLangRolloutEngine
 
 __all__ = ["Completion", "RolloutEngine", "SamplingParams", "make_rollout_engine", "sampling_from_config"]
 
@@ -35,13 +37,9 @@ def make_rollout_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtyp
     before the first generation); SGLang always loads ``hf_dir`` at start-up.
     """
     if rollout_cfg.backend == "hf":
-        from sdzero_mcore.rollout.hf import HFRolloutEngine
-
         build = HFRolloutEngine.from_pretrained if load_weights else HFRolloutEngine.from_config
         return build(hf_dir, dtype=dtype, device=device)
     if rollout_cfg.backend == "sglang":
-        from sdzero_mcore.rollout.sglang import RemoteSGLangEngine, SGLangRolloutEngine
-
         if rollout_cfg.sglang_url:
             return RemoteSGLangEngine(rollout_cfg.sglang_url, tokenizer=tokenizer)
         return SGLangRolloutEngine(

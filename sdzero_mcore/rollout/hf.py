@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from sdzero_mcore.rollout.base import Completion, NamedTensors, SamplingParams, check_prompts
 
@@ -35,8 +36,6 @@ class HFRolloutEngine:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device=None, **kwargs):
         """Load weights, config and tokenizer from a HF directory."""
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         return cls(model, _load_tokenizer(path), device=device, **kwargs)
 
@@ -44,8 +43,6 @@ class HFRolloutEngine:
     def from_config(cls, path: str | Path, *, dtype: torch.dtype = torch.float32, device=None, **kwargs):
         """The architecture (and tokenizer) of a HF directory with uninitialised weights, to be filled
         by :meth:`update_weights`. A megatron checkpoint's ``hf/`` subdirectory is such a directory."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
         config = AutoConfig.from_pretrained(path)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return cls(model, _load_tokenizer(path), device=device, **kwargs)
@@ -85,7 +82,6 @@ class HFRolloutEngine:
         for i, prompt in enumerate(prompts):  # left padding: every row's next token is at the end
             input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
             attention_mask[i, width - len(prompt) :] = 1
-        from transformers import GenerationConfig
 
         stop = list(sampling.stop_token_ids)
         # A fresh GenerationConfig rather than the model's: only the given stop ids end a sample.
@@ -188,8 +184,6 @@ class HFRolloutEngine:
 
 
 def _load_tokenizer(path: str | Path):
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
 from sdzero_mcore import fileio
 from sdzero_mcore.config import (
@@ -21,7 +22,7 @@ from sdzero_mcore.config import (
     save_config,
 )
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPO_ROOT / "examples"
 PARALLEL_KEYS = (
     "backend, context_parallel_size, cp_comm_type, pipeline_model_parallel_size, tensor_model_parallel_size, "
     "timeout_minutes"
@@ -408,5 +409,5 @@ def test_argparse_defaults():
 def test_demo_configs_load():
     for name in ("demo_cpu.yaml", "demo_gpu_small.yaml"):
         cfg = load_config(EXAMPLES / name)
-        assert cfg.grpo.group_size == cfg.rft.samples_per_question == 4  # PAPER.md: 4 rollouts / samples
+        assert cfg.grpo.group_size == cfg.rft.samples_per_question == 4  # the paper: 4 rollouts / samples
         assert cfg.distill.prompts_per_step == cfg.distill.global_batch_size

@@ -11,12 +11,11 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "examples" / "tiny_cpu.yaml"
+TINY = REPO_ROOT / "examples" / "tiny_cpu.yaml"
 # small enough for CI: a handful of questions and steps per stage
 RUN_OVERRIDES = [
     "data.phase1_questions=16", "data.phase2_questions=16", "srt_train.epochs=1",
@@ -34,7 +33,7 @@ def _env() -> dict:
 
 def _sdzero(*args, launcher=(sys.executable, "-m")) -> subprocess.CompletedProcess:
     return subprocess.run([*launcher, "sdzero_mcore.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=_env(), timeout=900)
+                          cwd=REPO_ROOT, env=_env(), timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +116,7 @@ def test_sdzero_run_end_to_end(demo, tmp_path, tp):
     for name in ("base", "srt", "sd_zero"):
         assert 0.0 <= json.loads((tmp_path / "eval" / f"{name}.json").read_text())["accuracy"] <= 1.0
     from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
-    from sdzero_mcore.trainer import final_checkpoint
+    from sdzero_mcore.checkpoint.source import final_checkpoint
 
     final = final_checkpoint(tmp_path / "checkpoints" / "distill")
     assert read_checkpoint_meta(final)["tensor_parallel_size"] == tp

@@ -26,10 +26,15 @@ def test_redirections_apply_once_on_cpu():
         """
         import torch
         original = torch.cuda.current_device
-        from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat, cpu_compat_applied
-        assert not cpu_compat_applied()
+        from megatron.core.pipeline_parallel import schedules
+        from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
+        assert torch.cuda.current_device is original and schedules.torch is torch  # importing patches nothing
         assert apply_cpu_compat() is True and apply_cpu_compat() is True
         assert torch.cuda.current_device() == torch.device("cpu")
+        # the schedules' token counter lands on the CPU; the rest of torch is unchanged there
+        counter = schedules.torch.zeros([], dtype=torch.int, device="cuda")
+        assert counter.device.type == "cpu" and counter.dtype == torch.int
+        assert schedules.torch.ones is torch.ones and schedules.torch.Tensor is torch.Tensor
         assert torch.cuda.synchronize() is None
         from megatron.core.fusions import fused_softmax
         mask = fused_softmax.get_default_causal_mask(4)
@@ -49,9 +54,10 @@ def test_nothing_is_patched_when_cuda_is_present():
         original = torch.cuda.current_device
         from megatron.core.tensor_parallel import random as mcore_random
         tracker_class = mcore_random.CudaRNGStatesTracker
-        from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat, cpu_compat_applied
-        assert apply_cpu_compat() is False and not cpu_compat_applied()
-        assert torch.cuda.current_device is original
+        from megatron.core.pipeline_parallel import schedules
+        from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
+        assert apply_cpu_compat() is False
+        assert torch.cuda.current_device is original and schedules.torch is torch
         assert mcore_random.CudaRNGStatesTracker is tracker_class
         print("ok")
         """

@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
 from sdzero_mcore.config import ConfigError, DataConfig, load_config
 from sdzero_mcore.data import (
@@ -26,8 +27,6 @@ from sdzero_mcore.data import (
     split_phases,
 )
 from sdzero_mcore.data.questions import SKIP_HINT
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

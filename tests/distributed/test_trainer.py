@@ -21,26 +21,22 @@ def test_lr_schedule():
     assert cosine[6] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
 
 
-def _ce_loss(model, batch):
-    """Token-mean cross-entropy over the whole step: each micro-batch carries the step's token count."""
+def _ce_step(model, batch):
+    """Cross-entropy through megatron's vocab-parallel CE; the loss function hands the trainer the
+    masked sum and the token count (the per-token contract)."""
+    from sdzero_mcore.losses.masked import masked_token_sum
     from sdzero_mcore.models.forward import cp_local_batch
-    from sdzero_mcore.parallel.context_parallel import token_mean_loss
 
-    ids, labels, num_tokens = batch
+    ids, labels = batch
     local = cp_local_batch(ids, {"labels": labels, "mask": torch.ones_like(ids, dtype=torch.bool)})
     per_token = model(local["input_ids"], local["position_ids"], None, labels=local["labels"])
-    objective, value = token_mean_loss(per_token, local["mask"], num_tokens)
-    return objective, {"loss": value}
+    return per_token, lambda out: (*masked_token_sum(out, local["mask"]), {})
 
 
 def _batches(step):
     """Two micro-batches; the same every step (an overfit check), so the loss must fall."""
-    from sdzero_mcore.parallel.context_parallel import global_token_count
-
     g = torch.Generator().manual_seed(0)
-    pairs = [(torch.randint(0, VOCAB, (2, 12), generator=g), torch.randint(0, VOCAB, (2, 12), generator=g)) for _ in range(2)]
-    count = global_token_count(torch.ones(2 * len(pairs), 12, dtype=torch.bool))
-    return [(ids, labels, count) for ids, labels in pairs]
+    return [(torch.randint(0, VOCAB, (2, 12), generator=g), torch.randint(0, VOCAB, (2, 12), generator=g)) for _ in range(2)]
 
 
 def trainer_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
@@ -63,16 +59,16 @@ def trainer_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
     for tp in sorted({1, world}):
         # uninterrupted: 4 steps
         trainer = make(tp, f"straight_tp{tp}")
-        straight = [trainer.train_step(_batches(s), _ce_loss) for s in range(4)]
+        straight = [trainer.train_step(_batches(s), _ce_step) for s in range(4)]
         # interrupted after 2 steps, resumed in a fresh trainer from the checkpoint
         trainer = make(tp, f"resumed_tp{tp}")
-        first = [trainer.train_step(_batches(s), _ce_loss) for s in range(2)]
+        first = [trainer.train_step(_batches(s), _ce_step) for s in range(2)]
         trainer.state.data = {"offset": 2}
         ckpt = trainer.save_checkpoint()
         trainer = make(tp, f"resumed_tp{tp}")
         trainer.load_checkpoint(trainer.latest_checkpoint())
         assert trainer.state.step == 2 and trainer.state.data == {"offset": 2}
-        rest = [trainer.train_step(_batches(s), _ce_loss) for s in range(trainer.state.step, 4)]
+        rest = [trainer.train_step(_batches(s), _ce_step) for s in range(trainer.state.step, 4)]
         results[tp] = {"straight": straight, "resumed": first + rest, "ckpt": str(ckpt)}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
@@ -129,7 +125,7 @@ def bf16_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
     trainer = Trainer(model, OptimizerConfig(lr=1e-5, lr_schedule="constant"), total_steps=5, run_dir=run_dir,
                       phase="bf16", hf_files_dir=hf_dir)
     for step in range(5):
-        trainer.train_step(_batches(step), _ce_loss)
+        trainer.train_step(_batches(step), _ce_step)
     moved = {n: (trainer.masters[n] - start[n]).abs().max().item() for n in start}
     exact = [n for n, p in model.named_parameters() if not torch.equal(p, trainer.masters[n].to(p.dtype))]
     dtypes = {str(m.dtype) for m in trainer.masters.values()}

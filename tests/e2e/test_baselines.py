@@ -5,14 +5,13 @@ survives a crash, SDFT's teacher reads the gold solution, budgets add up, `sdzer
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
 from sdzero_mcore.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "examples" / "tiny_cpu.yaml"
+TINY = REPO_ROOT / "examples" / "tiny_cpu.yaml"
 
 
 def _chunk(index, questions):
@@ -61,9 +60,11 @@ def test_rft_and_grpo_budget_caps_name_the_problem():
 
 
 def test_grpo_collate_masks_exactly_the_response_predictions():
-    from sdzero_mcore.phases.grpo import GroupSample, collate_policy
+    from sdzero_mcore.data.sample import Sample
+    from sdzero_mcore.phases.grpo import collate_policy
 
-    batch = collate_policy([GroupSample([1, 2, 3], [4, 5], 1, 0.5), GroupSample([1], [6, 7, 8], 0, -0.5)], pad_id=0)
+    batch = collate_policy([Sample(0, [1, 2, 3], [4, 5], 1, advantage=0.5), Sample(1, [1], [6, 7, 8], 0, advantage=-0.5)],
+                           pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 6, 7, 8, 0]]
     labels, mask = batch["labels"], batch["mask"]
     assert labels[mask].tolist() == [4, 5, 6, 7, 8]  # every response token once, nothing else
@@ -72,12 +73,12 @@ def test_grpo_collate_masks_exactly_the_response_predictions():
 
 def test_sdft_teacher_prefix_is_the_gold_solution_then_the_rephrase_prompt():
     from sdzero_mcore.data.prompts import control_phrases, prompt_ids
+    from sdzero_mcore.data.question_sets import phase_questions
     from sdzero_mcore.models.tiny import build_char_tokenizer
-    from sdzero_mcore.phases import common
-    from sdzero_mcore.phases.self_distill import gold_solution_prefixes
+    from sdzero_mcore.phases.distill import gold_solution_prefixes
 
     cfg = load_config(TINY, ["data.phase1_questions=4", "data.phase2_questions=3"])
-    _, questions = common.phase_questions(cfg)
+    _, questions = phase_questions(cfg)
     tokenizer, preset = build_char_tokenizer(), control_phrases("paper")
     prompts = [prompt_ids(tokenizer, q.question) for q in questions]
     for q, x, prefix in zip(questions, prompts, gold_solution_prefixes(questions, prompts, tokenizer, preset)):
@@ -91,14 +92,14 @@ def test_sdft_teacher_prefix_is_the_gold_solution_then_the_rephrase_prompt():
 
 
 def test_budget_records_sum_and_a_missing_one_is_named(tmp_path):
-    from sdzero_mcore.phases import common
+    from sdzero_mcore.eval.budget import read_budget, record_budget
 
-    common.record_budget(tmp_path, "srt_collect", 40, 900)
-    common.record_budget(tmp_path, "distill", 10, 250)
-    common.record_budget(tmp_path, "distill", 12, 300)  # a rerun replaces its record
-    assert common.read_budget(tmp_path, ["srt_collect", "distill"]) == {"generations": 52, "generated_tokens": 1200}
+    record_budget(tmp_path, "srt_collect", 40, 900)
+    record_budget(tmp_path, "distill", 10, 250)
+    record_budget(tmp_path, "distill", 12, 300)  # a rerun replaces its record
+    assert read_budget(tmp_path, ["srt_collect", "distill"]) == {"generations": 52, "generated_tokens": 1200}
     with pytest.raises(ConfigError, match="no generation budget recorded for phase 'grpo'"):
-        common.read_budget(tmp_path, ["grpo"])
+        read_budget(tmp_path, ["grpo"])
 
 
 def test_eval_compare_joins_runs_from_the_command_line(tmp_path):
@@ -112,26 +113,26 @@ def test_eval_compare_joins_runs_from_the_command_line(tmp_path):
             "revise": None, "budget": {"generations": 7, "generated_tokens": 70},
         })
     done = subprocess.run([sys.executable, "-m", "sdzero_mcore.cli", "eval", "--compare", tmp_path / "base", tmp_path / "sd"],
-                          capture_output=True, text=True, cwd=ROOT)
+                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| run | avg@4 | pass@4") and len(lines) == 3
     assert lines[1].startswith("| base | 40.0 | 50.0") and lines[2].startswith("| sd | 55.5 | 65.5")
     missing = subprocess.run([sys.executable, "-m", "sdzero_mcore.cli", "eval", "--compare", tmp_path / "nope"],
-                             capture_output=True, text=True, cwd=ROOT)
+                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_eval_questions_from_a_file_or_held_out(tmp_path):
+    from sdzero_mcore.data.question_sets import phase_questions
     from sdzero_mcore.eval.evaluate import eval_questions
-    from sdzero_mcore.phases import common
 
     rows = tmp_path / "eval.jsonl"
     rows.write_text("".join(json.dumps({"problem": f"What is {i}+1?", "answer": str(i + 1)}) + "\n" for i in range(5)))
     cfg = load_config(TINY, ["eval.questions=3"])
     assert [q.question for q in eval_questions(cfg, str(rows))] == [f"What is {i}+1?" for i in range(3)]
     held_out = eval_questions(cfg)
-    phase1, phase2 = common.phase_questions(cfg)
+    phase1, phase2 = phase_questions(cfg)
     assert len(held_out) == 3 and not {q.id for q in held_out} & {q.id for q in phase1 + phase2}
 
 

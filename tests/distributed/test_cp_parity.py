@@ -23,7 +23,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def distill_samples():
-    from sdzero_mcore.losses import DistillSample
+    from sdzero_mcore.data.sample import Sample
 
     generator = torch.Generator().manual_seed(5)
 
@@ -32,8 +32,8 @@ def distill_samples():
 
     # different prompt, response and teacher-context lengths; the teacher's sequence is longer
     return [
-        DistillSample(prompt_ids=ids(5), response_ids=ids(7), teacher_prefix_ids=ids(17)),
-        DistillSample(prompt_ids=ids(3), response_ids=ids(11), teacher_prefix_ids=ids(9)),
+        Sample(0, prompt_ids=ids(5), response_ids=ids(7), teacher_prefix_ids=ids(17)),
+        Sample(1, prompt_ids=ids(3), response_ids=ids(11), teacher_prefix_ids=ids(9)),
     ]
 
 
@@ -41,13 +41,12 @@ def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
     import torch.distributed as dist
     from helpers import global_grads
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     from sdzero_mcore.checkpoint.loading import build_model_from_mcore
-    from sdzero_mcore.losses import collate_distill, distill_loss, teacher_targets
+    from sdzero_mcore.losses import collate_distill, distill_loss, masked_token_sum, student_logits, teacher_targets
     from sdzero_mcore.models.forward import causal_lm_logits, cp_local_batch
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
-    from sdzero_mcore.parallel.context_parallel import global_token_count, token_mean_loss
+    from sdzero_mcore.trainer import forward_backward, per_token_ddp
 
     init_distributed("gloo")
     generator = torch.Generator().manual_seed(11)
@@ -58,10 +57,8 @@ def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
     batch = collate_distill(distill_samples(), pad_id=0)
     results = {}
 
-    def fresh_model():
-        model = build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local")
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
-        return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    def fresh_model():  # the trainer's DDP and schedule: per-token loss, normalised by megatron
+        return per_token_ddp(build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local"))
 
     for tp, cp in layouts:
         initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
@@ -72,11 +69,12 @@ def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
 
         # token-mean cross-entropy through megatron's vocab-parallel CE, split over CP
         local = cp_local_batch(ids, {"labels": labels, "loss_mask": loss_mask})
-        per_token = ddp(local["input_ids"], local["position_ids"], None, labels=local["labels"])
-        objective, value = token_mean_loss(per_token, local["loss_mask"], global_token_count(local["loss_mask"]))
-        objective.backward()
-        finalize_model_grads([ddp])
-        record["ce"] = value
+
+        def ce_step(model, mb):
+            per_token = model(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
+            return per_token, lambda out: (*masked_token_sum(out, mb["loss_mask"]), {})
+
+        record["ce"] = forward_backward(ddp, [local], ce_step)["loss"]
         record["ce_grads"] = global_grads(ddp.module)
 
         # Phase 2 loss: the frozen teacher is a second copy of the same weights with a longer context
@@ -85,12 +83,18 @@ def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
         for kl, tail in (("reverse", "renorm"), ("mixed", "bucket")):
             ddp.zero_grad_buffer()
             targets = teacher_targets(teacher, batch, k=8)
-            loss = distill_loss(ddp, batch, targets, kl=kl, tail=tail)
-            loss.objective.backward()
-            finalize_model_grads([ddp])
-            record[f"distill_{kl}_{tail}"] = loss.value
+
+            def distill_step(model, _, kl=kl, tail=tail):
+                def loss_fn(logits):
+                    loss = distill_loss(logits, targets, kl=kl, tail=tail)
+                    return loss.loss_sum, loss.num_tokens, {}
+
+                return student_logits(model, batch), loss_fn
+
+            result = forward_backward(ddp, [None], distill_step)
+            record[f"distill_{kl}_{tail}"] = result["loss"]
             record[f"distill_{kl}_{tail}_grads"] = global_grads(ddp.module)
-            record[f"distill_{kl}_{tail}_tokens"] = loss.num_tokens
+            record[f"distill_{kl}_{tail}_tokens"] = result["num_tokens"]
         record["distill_targets"] = (targets.logprobs, targets.ids, targets.loss_mask)
         results[(tp, cp)] = record
     if dist.get_rank() == 0:
@@ -135,7 +139,7 @@ def test_logits_equal_cp1(runs):
 
 def test_gradients_equal_cp1(runs):
     name, cp, ref = runs
-    assert abs(cp["ce"].item() - ref["ce"].item()) < 1e-5
+    assert abs(cp["ce"] - ref["ce"]) < 1e-5
     assert cp["ce_grads"].keys() == ref["ce_grads"].keys() and ref["ce_grads"]
     worst = max(_max_rel(cp["ce_grads"][k], ref["ce_grads"][k]) for k in ref["ce_grads"])
     print(f"{name}: max relative |grad - CP1 grad| = {worst:.3e}")
@@ -146,9 +150,9 @@ def test_gradients_equal_cp1(runs):
 def test_distillation_loss_and_gradients_equal_cp1(runs, mode):
     name, cp, ref = runs
     # the global batch holds one copy of the 7 + 11 response tokens per data-parallel replica
-    assert cp[f"distill_{mode}_tokens"].item() == 18 * cp["dp"]
-    assert ref[f"distill_{mode}_tokens"].item() == 18 * ref["dp"]
-    loss, ref_loss = cp[f"distill_{mode}"].item(), ref[f"distill_{mode}"].item()
+    assert cp[f"distill_{mode}_tokens"] == 18 * cp["dp"]
+    assert ref[f"distill_{mode}_tokens"] == 18 * ref["dp"]
+    loss, ref_loss = cp[f"distill_{mode}"], ref[f"distill_{mode}"]
     print(f"{name} {mode}: loss {loss:.6f} vs CP1 {ref_loss:.6f}")
     assert ref_loss > 0 and abs(loss - ref_loss) < 1e-5 * max(1.0, ref_loss)
     grads, ref_grads = cp[f"distill_{mode}_grads"], ref[f"distill_{mode}_grads"]

@@ -4,9 +4,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_kernels.py"
+from helpers import REPO_ROOT
+
+TOOL = REPO_ROOT / "tools" / "bench_kernels.py"
 
 
 def test_cpu_smoke_run_reports_every_op(tmp_path):

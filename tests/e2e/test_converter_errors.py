@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO_ROOT
 from safetensors.torch import load_file, save_file
 
 from sdzero_mcore.checkpoint.atomic import OutputExistsError, staged_output_dir
-from sdzero_mcore.checkpoint.convert import hf_to_mcore, main as convert_main, mcore_to_hf, parse_size
+from sdzero_mcore.checkpoint.convert import hf_to_mcore, mcore_to_hf, parse_size
+from sdzero_mcore.checkpoint.convert import main as convert_main
 from sdzero_mcore.checkpoint.hf_io import CheckpointError
 from sdzero_mcore.checkpoint.mcore_io import read_checkpoint_meta
 from sdzero_mcore.models.tiny import save_tiny_hf_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def test_killed_conversion_leaves_no_checkpoint(sharded_hf, tmp_path):
     """SIGKILL mid-conversion: the output path does not appear, and the staging dir is not a checkpoint."""
     out = tmp_path / "mcore"
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-mcore",
+        [sys.executable, str(REPO_ROOT / "tools" / "convert_checkpoint.py"), "hf-to-mcore",
          "--hf-dir", str(sharded_hf), "--out-dir", str(out), "--tp", "2", "--no-progress"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )

@@ -3,9 +3,10 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_attention.py"
+from helpers import REPO_ROOT
+
+TOOL = REPO_ROOT / "tools" / "bench_attention.py"
 
 
 def test_cpu_smoke_run_reports_both_implementations(tmp_path):

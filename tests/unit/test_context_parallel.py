@@ -1,8 +1,9 @@
-"""Load-balanced CP split/merge of token-level tensors, and the CP-aware token-mean loss (single process)."""
+"""Load-balanced CP split/merge of token-level tensors, and the masked token sum of the per-token loss contract (single process)."""
 
 import pytest
 import torch
 
+from sdzero_mcore.losses.masked import masked_token_sum
 from sdzero_mcore.parallel.context_parallel import (
     cp_chunk_ids,
     merge_from_cp,
@@ -11,7 +12,6 @@ from sdzero_mcore.parallel.context_parallel import (
     sequence_chunk_order,
     split_batch_for_cp,
     split_for_cp,
-    token_mean_loss,
 )
 
 
@@ -64,15 +64,15 @@ def test_split_errors_name_the_problem():
         pad_seq(torch.zeros(1, 5), 4)
 
 
-def test_token_mean_loss_ignores_masked_non_finite_values():
+def test_masked_token_sum_ignores_masked_non_finite_values():
     loss = torch.tensor([[1.0, float("nan"), 3.0], [float("inf"), 5.0, 0.5]], requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, True, False]])
-    objective, value = token_mean_loss(loss, mask, mask.sum().double(), group=None)
-    assert objective.item() == pytest.approx(3.0) and value.item() == pytest.approx(3.0)
-    objective.backward()
-    assert torch.equal(loss.grad, mask.float() / 3)
+    total, count = masked_token_sum(loss, mask)
+    assert total.item() == pytest.approx(9.0) and count.item() == 3
+    total.backward()
+    assert torch.equal(loss.grad, mask.float())
 
 
-def test_token_mean_loss_checks_shapes():
+def test_masked_token_sum_checks_shapes():
     with pytest.raises(ValueError, match="per_token_loss .* and loss_mask .* differ"):
-        token_mean_loss(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.bool), torch.tensor(1.0), group=None)
+        masked_token_sum(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.bool))

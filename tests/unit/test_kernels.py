@@ -7,7 +7,6 @@ allocated poisoned (NaN / a sentinel id), so an element a kernel forgets to writ
 
 import pytest
 import torch
-
 from sdzero_kernels import (
     TAIL_MASS_FLOOR,
     full_kl,

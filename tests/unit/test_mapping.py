@@ -1,7 +1,8 @@
-"""The HF <-> megatron layouts of DESIGN.md, checked against hand-built expectations at TP 1, 2, 4."""
+"""The HF <-> megatron layouts of docs/design.md, checked against hand-built expectations at TP 1, 2, 4."""
 
 import pytest
 import torch
+from helpers import hf_to_global
 
 from sdzero_mcore.checkpoint.mapping import (
     DictSource,
@@ -10,7 +11,6 @@ from sdzero_mcore.checkpoint.mapping import (
     expected_hf_shapes,
     gather_shards,
     global_to_hf,
-    hf_to_global,
     hf_to_local,
     mappings_by_param_name,
     shard_global,

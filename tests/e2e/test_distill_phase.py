@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB
+from helpers import REPO_ROOT, VOCAB
 
 from sdzero_mcore.config import ConfigError, load_config
 from sdzero_mcore.models.tiny import save_tiny_hf_model
 from sdzero_mcore.parallel import run_local_workers
 
-TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+TINY = REPO_ROOT / "examples" / "tiny_cpu.yaml"
 FAST = [
     "distill.prompts_per_step=4", "distill.global_batch_size=4", "distill.micro_batch_size=2",
     "rollout.max_new_tokens=16", "distill.max_response_tokens=16", "logging.progress=false",
@@ -30,7 +30,7 @@ def torch_kernels():
 
 
 def distill_worker(hf_dir: str, run_dir: str, overrides: list, max_steps: int) -> None:
-    from sdzero_mcore.phases.self_distill import run_distill
+    from sdzero_mcore.phases.distill import run_distill
 
     cfg = load_config(TINY, [f"output_dir={run_dir}", *FAST, *overrides])
     run_distill(cfg, hf_dir, max_steps=max_steps)
@@ -78,7 +78,7 @@ def test_resume_continues_with_identical_losses(hf_dir, tmp_path):
 
 def test_bad_configs_fail_before_any_work(hf_dir, tmp_path):
     from sdzero_mcore.data import DataError
-    from sdzero_mcore.phases.self_distill import run_distill
+    from sdzero_mcore.phases.distill import run_distill
 
     def cfg(*extra):
         return load_config(TINY, [f"output_dir={tmp_path}/run", *FAST, *extra])
@@ -105,10 +105,11 @@ def fixed_batch_worker(student_hf: str, teacher_hf: str, out_path: str) -> None:
     from sdzero_mcore.checkpoint.loading import build_model_from_hf
     from sdzero_mcore.config import OptimizerConfig
     from sdzero_mcore.data.prompts import control_phrases, teacher_context
-    from sdzero_mcore.losses.distill import DistillSample, collate_distill, distill_loss, teacher_targets
+    from sdzero_mcore.data.sample import Sample
+    from sdzero_mcore.losses.distill import collate_distill, distill_loss, student_logits, teacher_targets
     from sdzero_mcore.models.forward import causal_lm_logits
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
-    from sdzero_mcore.phases.self_distill import sync_teacher
+    from sdzero_mcore.phases.distill import sync_teacher
     from sdzero_mcore.trainer import Trainer
 
     init_distributed("gloo")
@@ -121,21 +122,24 @@ def fixed_batch_worker(student_hf: str, teacher_hf: str, out_path: str) -> None:
         x = torch.randint(3, VOCAB, (prompt_len,), generator=g).tolist()
         y = torch.randint(3, VOCAB, (response_len,), generator=g).tolist()
         ctx = teacher_context(x, y, reward, tokenizer, preset)
-        samples.append(DistillSample(x, y, ctx.ids[: ctx.response_start]))
+        samples.append(Sample(0, x, y, reward, teacher_prefix_ids=ctx.ids[: ctx.response_start]))
         contexts.append((x, y, ctx.ids, ctx.response_start))
     batch = collate_distill(samples, pad_id=0)
     student = build_model_from_hf(student_hf, params_dtype=torch.float32, transformer_impl="local")
     teacher = build_model_from_hf(teacher_hf, params_dtype=torch.float32, transformer_impl="local").eval()
     targets = teacher_targets(teacher, batch, k=K)
-    record = {"per_token": distill_loss(student, batch, targets).per_token, "contexts": contexts}
+    record = {"per_token": distill_loss(student_logits(student, batch), targets).per_token, "contexts": contexts}
     trainer = Trainer(student, OptimizerConfig(lr=3e-3, lr_schedule="constant"), total_steps=12,
                       run_dir=str(Path(out_path).parent / "run"), phase="overfit", hf_files_dir=student_hf)
 
-    def loss_fn(model, _):
-        loss = distill_loss(model, batch, targets, num_tokens=targets.loss_mask.sum().double())
-        return loss.objective, {"kl": loss.value}
+    def forward_step(model, _):
+        def loss_fn(logits):
+            loss = distill_loss(logits, targets)
+            return loss.loss_sum, loss.num_tokens, {}
 
-    record["overfit"] = [trainer.train_step([None], loss_fn)["kl"] for _ in range(12)]
+        return student_logits(model, batch), loss_fn
+
+    record["overfit"] = [trainer.train_step([None], forward_step)["loss"] for _ in range(12)]
     ids = torch.tensor([contexts[0][2]])
     with torch.no_grad():
         before = (causal_lm_logits(teacher, ids) - causal_lm_logits(student, ids)).abs().max().item()

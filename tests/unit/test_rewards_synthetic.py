@@ -9,7 +9,14 @@ from fractions import Fraction
 
 import pytest
 
-from sdzero_mcore.rewards import SYNTHETIC_TASKS, RewardResult, SyntheticReward, generate_rows, get_reward_fn, verify_synthetic
+from sdzero_mcore.rewards import (
+    SYNTHETIC_TASKS,
+    RewardResult,
+    SyntheticReward,
+    generate_rows,
+    get_reward_fn,
+    verify_synthetic,
+)
 
 
 @pytest.mark.parametrize("task", SYNTHETIC_TASKS)

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import VOCAB
+from helpers import REPO_ROOT, VOCAB
 
 from sdzero_mcore.config import load_config
 from sdzero_mcore.models.tiny import save_tiny_hf_model
 from sdzero_mcore.parallel import run_local_workers
 from sdzero_mcore.phases.srt_collect import RECORDS_FILE, recover_log
 
-TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+TINY = REPO_ROOT / "examples" / "tiny_cpu.yaml"
 COLLECT = ["data.phase1_questions=6", "data.phase2_questions=4", "srt_collect.max_new_tokens=12",
            "srt_collect.n_init=2", "srt_collect.n_rev=2", "logging.progress=false"]
 
@@ -105,12 +105,13 @@ def test_masks_cover_exactly_the_completions(hf_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from sdzero_mcore.data.prompts import control_phrases
-    from sdzero_mcore.phases.srt_train import collate_srt, load_examples
+    from sdzero_mcore.phases.completion import collate_completion
+    from sdzero_mcore.phases.srt_train import load_examples
 
     records = write_d_revision(tmp_path / "d.jsonl", hf_dir, n=2)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     pairs = load_examples(tmp_path / "d.jsonl", tokenizer, control_phrases("paper"), 512)
-    batch = collate_srt(pairs, 0, ("revision", "generation"))
+    batch = collate_completion(pairs, 0, ("revision", "generation"))
     for row, record in enumerate(records):
         y_rev, x = record["y_rev_ids"], record["x_ids"]
         seq_len = len(pairs[row].revision.ids)
@@ -133,7 +134,7 @@ def srt_worker(hf_dir: str, d_revision: str, run_dir: str, mode: str, tp: int, e
 
 
 def test_split_micro_batches_packs_by_padded_tokens():
-    from sdzero_mcore.phases.common import split_micro_batches
+    from sdzero_mcore.trainer import split_micro_batches
 
     items = [[0] * n for n in (5, 1, 9, 3, 3, 7, 2)]
     assert split_micro_batches(items, 3) == [items[0:3], items[3:6], items[6:]]  # rows, in order
@@ -209,13 +210,13 @@ def test_a_log_from_another_config_is_refused(hf_dir, tmp_path):
 def test_sft_examples_and_questions_are_disjoint_from_the_phases(hf_dir):
     from transformers import AutoTokenizer
 
-    from sdzero_mcore.phases import common
+    from sdzero_mcore.data.question_sets import heldout_questions, phase_questions
     from sdzero_mcore.phases.sft import sft_examples, sft_questions
 
     cfg = load_config(TINY, [*COLLECT])
     questions = sft_questions(cfg, 50)
-    phase1, phase2 = common.phase_questions(cfg)
-    heldout = common.heldout_questions(cfg, 200)
+    phase1, phase2 = phase_questions(cfg)
+    heldout = heldout_questions(cfg, 200)
     assert len(questions) == 50 and len(heldout) == 200
     assert not {q.id for q in questions} & ({q.id for q in phase1} | {q.id for q in phase2} | {q.id for q in heldout})
     assert not {q.id for q in heldout} & ({q.id for q in phase1} | {q.id for q in phase2})
@@ -231,9 +232,9 @@ def test_sft_examples_and_questions_are_disjoint_from_the_phases(hf_dir):
 def test_sft_noise_replaces_the_final_answer_of_that_fraction():
     import random
 
-    from sdzero_mcore.phases.sft import noisy_solution, sft_examples
     from sdzero_mcore.data.questions import Question
     from sdzero_mcore.models.tiny import build_char_tokenizer
+    from sdzero_mcore.phases.sft import noisy_solution, sft_examples
     from sdzero_mcore.rewards import verify_synthetic
 
     assert noisy_solution("62+12=74\n\\boxed{74}", "74", random.Random(0)) == "62+12=81\n\\boxed{81}"

@@ -1,0 +1,61 @@
+"""What every phase sets up the same way from the run config: process groups, models, tokenizer.
+
+A phase resolves its :class:`~sdzero_mcore.checkpoint.source.ModelSource`, checks the layout
+against config.json before any process group exists, then calls :func:`setup_parallel` and
+:func:`build_model`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer
+
+from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
+from sdzero_mcore.checkpoint.source import ModelSource
+from sdzero_mcore.config import ConfigError, SDZeroConfig
+from sdzero_mcore.models.hf_config import ModelArch
+from sdzero_mcore.parallel import init_distributed, initialize_model_parallel
+
+
+def params_dtype(cfg: SDZeroConfig) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, cfg.model.dtype)
+
+
+def check_layout(cfg: SDZeroConfig, source: ModelSource) -> None:
+    """TP must divide the heads: checked from config.json before any process group exists."""
+    arch = ModelArch.from_hf_dir(source.hf_files_dir)
+    try:
+        arch.check_tensor_parallel(cfg.parallel.tensor_model_parallel_size)
+    except ValueError as error:
+        raise ConfigError(f"parallel.tensor_model_parallel_size: {error}") from None
+
+
+def setup_parallel(cfg: SDZeroConfig):
+    init_distributed(cfg.parallel.backend, timeout_minutes=cfg.parallel.timeout_minutes)
+    return initialize_model_parallel(
+        tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
+        context_parallel_size=cfg.parallel.context_parallel_size,
+        seed=cfg.seed,
+    )
+
+
+def build_model(cfg: SDZeroConfig, source: ModelSource):
+    build = build_model_from_mcore if source.kind == "mcore" else build_model_from_hf
+    return build(
+        source.path,
+        params_dtype=params_dtype(cfg),
+        transformer_impl=cfg.model.transformer_impl,
+        local_attention=cfg.model.local_attention,
+        cp_comm_type=cfg.parallel.cp_comm_type,
+        make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+    )
+
+
+def load_tokenizer(source: ModelSource):
+    return AutoTokenizer.from_pretrained(source.hf_files_dir)
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
