@@ -11,7 +11,7 @@ from sdzero_mcore.warnings_filter import quiet_dependency_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sdzero_mcore.checkpoint.convert import add_convert_arguments
+    from sdzero_mcore.convert_args import add_convert_arguments
     from sdzero_mcore.demo import add_demo_arguments
     from sdzero_mcore.parity_demo import add_parity_demo_arguments
 

@@ -12,22 +12,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as hf_logging
-
-from sdzero_mcore.checkpoint.convert import hf_to_mcore, mcore_to_hf
-from sdzero_mcore.checkpoint.loading import build_model_from_mcore
-from sdzero_mcore.models.forward import causal_lm_logits
-from sdzero_mcore.models.tiny import save_tiny_hf_model
-from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel, run_local_workers
 
 LOGITS_TOLERANCE = 1e-4
 PROMPT = "Q: What is 12 + 7?\nA: Let me add. 12 + 7 = 19. The answer is \\boxed{19}."
 
 
 def _logits_worker(mcore_dir: str, tp: int, input_ids: torch.Tensor, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from sdzero_mcore.checkpoint.loading import build_model_from_mcore
+    from sdzero_mcore.models.forward import causal_lm_logits
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
 
     init_distributed("gloo")
     try:
@@ -43,6 +38,13 @@ def _logits_worker(mcore_dir: str, tp: int, input_ids: torch.Tensor, out_path: s
 
 def run_parity_demo(out_dir: str | Path, architecture: str = "Qwen3ForCausalLM", tp: int = 2) -> bool:
     """Run the round trip and print the parity table. Returns whether every check passed."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from sdzero_mcore.checkpoint.convert import hf_to_mcore, mcore_to_hf
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+    from sdzero_mcore.parallel import run_local_workers
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -184,3 +184,13 @@ def hf_to_global(mapping, hf_tensors: dict, arch, padded_vocab: int) -> torch.Te
     from sdzero_mcore.checkpoint.mapping import DictSource, hf_to_local
 
     return hf_to_local(mapping, DictSource(hf_tensors), arch, 0, 1, padded_vocab)
+
+
+def tiny_qwen3_mcore(root: Path) -> Path:
+    """A random tiny Qwen3 (vocab VOCAB) as a HF directory ``root/hf`` and an mcore checkpoint ``root/mcore``."""
+    from sdzero_mcore.checkpoint.convert import hf_to_mcore
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+
+    hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB)
+    hf_to_mcore(hf_dir, root / "mcore", tensor_parallel_size=1, progress=False)
+    return root / "mcore"

@@ -24,6 +24,12 @@ from sdzero_mcore.warnings_filter import quiet_dependency_warnings
 quiet_dependency_warnings()  # before megatron-core is imported: its import-time notices are noise here
 
 from bench_common import Timer  # noqa: E402 - tools/ is on sys.path when run as a script
+from megatron.core.transformer.dot_product_attention import DotProductAttention  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+
+from sdzero_mcore.models.attention import SDPACoreAttention  # noqa: E402
+from sdzero_mcore.parallel import init_distributed, initialize_model_parallel  # noqa: E402
 
 IMPLS = ("sdpa", "unfused")
 
@@ -49,19 +55,11 @@ def causal_attention_flops(batch: int, heads: int, seq: int, head_dim: int) -> f
 
 
 def init_single_rank(device: torch.device) -> None:
-    from sdzero_mcore.parallel import init_distributed, initialize_model_parallel
-
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     initialize_model_parallel(1, seed=0)
 
 
 def build_core(impl: str, args, dtype: torch.dtype):
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from sdzero_mcore.models.attention import SDPACoreAttention
-
     config = TransformerConfig(
         num_layers=1,
         hidden_size=args.heads * args.head_dim,

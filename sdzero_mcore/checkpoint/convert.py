@@ -26,6 +26,7 @@ from sdzero_mcore.checkpoint.atomic import OutputExistsError, staged_output_dir
 from sdzero_mcore.checkpoint.hf_io import CheckpointError, copy_non_weight_files, write_safetensors
 from sdzero_mcore.checkpoint.loading import build_model_from_hf, open_hf_checkpoint
 from sdzero_mcore.checkpoint.mapping import concrete_mappings, expected_hf_shapes, global_to_hf, weight_mappings
+from sdzero_mcore.convert_args import DTYPE_NAMES, add_convert_arguments
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.models.hf_config import UnsupportedModelError
 from sdzero_mcore.parallel.launch import run_local_workers
@@ -33,6 +34,7 @@ from sdzero_mcore.parallel.state import destroy_distributed, init_distributed, i
 from sdzero_mcore.warnings_filter import quiet_dependency_warnings
 
 DTYPE_CHOICES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+assert tuple(DTYPE_CHOICES) == DTYPE_NAMES
 
 
 def holds_hf_checkpoint(path: Path) -> bool:
@@ -195,26 +197,6 @@ def mcore_to_hf(
 
 # ------------------------------------------------------------------------------------------
 # Command line
-
-
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="direction", required=True, metavar="{hf-to-mcore,mcore-to-hf}")
-    to_mcore = sub.add_parser("hf-to-mcore", help="HF safetensors -> megatron-core dist checkpoint")
-    to_mcore.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json, *.safetensors)")
-    to_mcore.add_argument("--out-dir", required=True, help="megatron-core checkpoint directory to create")
-    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at (default 1)")
-    to_mcore.add_argument(
-        "--dtype", choices=list(DTYPE_CHOICES), default="auto", help="parameter dtype (auto: as stored)"
-    )
-    to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    to_hf = sub.add_parser("mcore-to-hf", help="megatron-core dist checkpoint -> HF safetensors")
-    to_hf.add_argument("--mcore-dir", required=True, help="checkpoint written by hf-to-mcore or the trainer")
-    to_hf.add_argument("--out-dir", required=True, help="HF checkpoint directory to create")
-    to_hf.add_argument("--dtype", choices=list(DTYPE_CHOICES), default="auto", help="output dtype (auto: as stored)")
-    to_hf.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    for sub_parser in (to_mcore, to_hf):
-        sub_parser.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
-        sub_parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def run_convert(args: argparse.Namespace) -> int:

@@ -1,25 +1,28 @@
-"""Process groups, CPU compatibility for megatron-core, and local multi-process launching."""
+"""Process groups, CPU compatibility for megatron-core, and local multi-process launching.
 
-from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
-from sdzero_mcore.parallel.launch import run_local_workers
-from sdzero_mcore.parallel.state import (
-    DistEnv,
-    ParallelSizes,
-    destroy_distributed,
-    detect_dist_env,
-    init_distributed,
-    initialize_model_parallel,
-    set_seed,
-)
+The names below load their module on first use (PEP 562): a spawned worker imports
+``parallel.launch`` to start, and must not import megatron-core before it has applied the
+caller's warning filters.
+"""
 
-__all__ = [
-    "DistEnv",
-    "ParallelSizes",
-    "apply_cpu_compat",
-    "destroy_distributed",
-    "detect_dist_env",
-    "init_distributed",
-    "initialize_model_parallel",
-    "run_local_workers",
-    "set_seed",
-]
+import importlib
+
+_HOME = {
+    "apply_cpu_compat": "cpu_compat",
+    "run_local_workers": "launch",
+    "DistEnv": "state",
+    "ParallelSizes": "state",
+    "destroy_distributed": "state",
+    "detect_dist_env": "state",
+    "init_distributed": "state",
+    "initialize_model_parallel": "state",
+    "set_seed": "state",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

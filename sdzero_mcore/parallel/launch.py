@@ -7,10 +7,13 @@ so code under it runs unchanged under torchrun or SLURM.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import pickle
 import socket
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
@@ -22,10 +25,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(
-    local_rank: int, fn: Callable, nprocs: int, port: int, warning_filters: list, args: Sequence[Any]
-) -> None:
+def _worker(local_rank: int, fn_ref: tuple[str, str], nprocs: int, port: int, warning_filters: list,
+            pickled_args: bytes) -> None:
     warnings.filters[:] = warning_filters  # a spawned process starts with default filters
+    # ``fn`` and its arguments are imported only now, under the caller's filters: their modules may
+    # import megatron-core, whose import-time notices would otherwise reach the user's terminal
+    module, qualname = fn_ref
+    fn = functools.reduce(getattr, qualname.split("."), importlib.import_module(module))
+    args = pickle.loads(pickled_args)
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
@@ -51,7 +58,7 @@ def run_local_workers(fn: Callable, nprocs: int, *args: Any) -> None:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     mp.start_processes(
         _worker,
-        args=(fn, nprocs, free_port(), list(warnings.filters), tuple(args)),
+        args=((fn.__module__, fn.__qualname__), nprocs, free_port(), list(warnings.filters), pickle.dumps(tuple(args))),
         nprocs=nprocs,
         join=True,
         start_method="spawn",

@@ -8,10 +8,8 @@ distillation loss (and its gradients) on two sequences of different lengths.
 
 import pytest
 import torch
-from helpers import VOCAB
+from helpers import VOCAB, tiny_qwen3_mcore
 
-from sdzero_mcore.checkpoint.convert import hf_to_mcore
-from sdzero_mcore.models.tiny import save_tiny_hf_model
 from sdzero_mcore.parallel import run_local_workers
 
 TOL = 1e-4
@@ -105,8 +103,7 @@ def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
-    hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB)
-    hf_to_mcore(hf_dir, root / "mcore", tensor_parallel_size=1, progress=False)
+    tiny_qwen3_mcore(root)
     return root
 
 

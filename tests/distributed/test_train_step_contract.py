@@ -11,10 +11,8 @@ over all four sequences / 32.
 
 import pytest
 import torch
-from helpers import VOCAB, global_grads
+from helpers import VOCAB, global_grads, tiny_qwen3_mcore
 
-from sdzero_mcore.checkpoint.convert import hf_to_mcore
-from sdzero_mcore.models.tiny import save_tiny_hf_model
 from sdzero_mcore.parallel import run_local_workers
 
 SEQ = 16
@@ -88,9 +86,7 @@ def contract_worker(mcore_dir: str, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("contract")
-    hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB)
-    hf_to_mcore(hf_dir, root / "mcore", tensor_parallel_size=1, progress=False)
-    run_local_workers(contract_worker, 2, str(root / "mcore"), str(root / "out.pt"))
+    run_local_workers(contract_worker, 2, str(tiny_qwen3_mcore(root)), str(root / "out.pt"))
     return torch.load(root / "out.pt", weights_only=False)
 
 
