@@ -397,9 +397,17 @@ def _needs_namespaces(reward):
         pytest.skip("rlimits isolation cannot contain this (documented in the README's sandbox section)")
 
 
-def test_proc_is_private(reward, machine_unharmed):
+@pytest.fixture(scope="module")
+def roomy():
+    """For programs that should finish and be judged: limits far from what they need, so that a
+    load spike on a shared 2-core machine cannot turn them into timeouts."""
+    with CodeReward(time_limit_s=5.0, wall_time_limit_s=20.0, memory_limit_mb=256, num_workers=2) as code_reward:
+        yield code_reward
+
+
+def test_proc_is_private(roomy, machine_unharmed):
     """A secret on a host process's command line must not be visible in the sandbox's /proc."""
-    _needs_namespaces(reward)
+    _needs_namespaces(roomy)
     secret = f"sdzero-secret-{uuid.uuid4().hex}"
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", secret])
     try:
@@ -408,7 +416,7 @@ def test_proc_is_private(reward, machine_unharmed):
             "        found.append(open(f'/proc/{pid}/cmdline', 'rb').read())\n    except OSError:\n        pass\n"
             f"print('leaked' if any({secret!r}.encode() in c for c in found) else 'hidden', len(found))\n"
         )
-        result = reward.score(python(source), [{"input": "", "output": "hidden 2"}])
+        result = roomy.score(python(source), [{"input": "", "output": "hidden 2"}])
         # Two processes: the init of the program's own pid namespace and the program; the count
         # is in the expected output so that a /proc showing host processes fails even without
         # the secret.
@@ -418,9 +426,9 @@ def test_proc_is_private(reward, machine_unharmed):
         holder.wait()
 
 
-def test_host_unix_sockets_are_unreachable(reward, machine_unharmed):
-    _needs_namespaces(reward)
-    with _host_dir_writable_by(reward.sandbox.run_as_uid) as host_dir:
+def test_host_unix_sockets_are_unreachable(roomy, machine_unharmed):
+    _needs_namespaces(roomy)
+    with _host_dir_writable_by(roomy.sandbox.run_as_uid) as host_dir:
         path = os.path.join(host_dir, "host.sock")
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(path)
@@ -432,23 +440,23 @@ def test_host_unix_sockets_are_unreachable(reward, machine_unharmed):
                 "import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\ntry:\n"
                 f"    s.connect({path!r})\n    print('connected')\nexcept OSError as exc:\n    print('blocked')\n"
             )
-            result = reward.score(python(source), [{"input": "", "output": "blocked"}])
+            result = roomy.score(python(source), [{"input": "", "output": "blocked"}])
             assert (result.reward, result.reason) == (1, "correct"), result
             _assert_no_connection(server)
         finally:
             server.close()
 
 
-def test_world_readable_files_outside_the_work_dir_are_unreadable(reward, machine_unharmed):
+def test_world_readable_files_outside_the_work_dir_are_unreadable(roomy, machine_unharmed):
     """Expected outputs left world-readable on the host must not let a program score 1."""
-    _needs_namespaces(reward)
-    with _host_dir_writable_by(reward.sandbox.run_as_uid, mode=0o755) as host_dir:
+    _needs_namespaces(roomy)
+    with _host_dir_writable_by(roomy.sandbox.run_as_uid, mode=0o755) as host_dir:
         answers = os.path.join(host_dir, "expected.txt")
         with open(answers, "w") as handle:
             handle.write("the expected output 4f1c")
         os.chmod(answers, 0o644)
         source = f"try:\n    print(open({answers!r}).read())\nexcept OSError:\n    print('unreadable')"
-        result = reward.score(python(source), [{"input": "", "output": "the expected output 4f1c"}])
+        result = roomy.score(python(source), [{"input": "", "output": "the expected output 4f1c"}])
         assert (result.reward, result.reason) == (0, "wrong_answer"), result
 
 
@@ -460,10 +468,10 @@ WRITE_UNTIL_FULL = (
 )
 
 
-def test_disk_use_per_sample_is_bounded(reward, machine_unharmed):
+def test_disk_use_per_sample_is_bounded(roomy, machine_unharmed):
     """The work dir, /tmp and /dev/shm share one quota (a tmpfs of max_disk_bytes)."""
-    _needs_namespaces(reward)
-    sandbox = reward.sandbox
+    _needs_namespaces(roomy)
+    sandbox = roomy.sandbox
     limits = Limits(cpu_s=5, wall_s=10, memory_bytes=256 << 20, max_processes=8, max_file_bytes=64 << 20,
                     max_disk_bytes=16 << 20)
     with sandbox.workspace() as workspace:
@@ -489,7 +497,7 @@ MEMORY_OUTSIDE_RLIMIT_AS = (
 def test_memory_outside_the_address_space_limit_is_denied(machine_unharmed, isolation):
     """memfd files, SysV shared memory and a tmpfs in a namespace of the program's own are not
     counted by RLIMIT_AS: the seccomp launcher denies all three, in both modes."""
-    with CodeReward(time_limit_s=TIME_LIMIT_S, isolation=isolation) as code_reward:
+    with CodeReward(time_limit_s=5.0, wall_time_limit_s=20.0, isolation=isolation) as code_reward:
         result = code_reward.score(python(MEMORY_OUTSIDE_RLIMIT_AS), [{"input": "", "output": "memfd denied userns denied shm denied"}])
     assert (result.reward, result.reason) == (1, "correct"), result
 
@@ -522,7 +530,7 @@ def test_rlimits_fallback_leaves_no_setsid_daemon(machine_unharmed):
         "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n"
         "        os._exit(0)\n    os._exit(0)\ntime.sleep(0.2)\nprint('forked')"
     )
-    with CodeReward(time_limit_s=TIME_LIMIT_S, isolation="rlimits") as fallback:
+    with CodeReward(time_limit_s=5.0, wall_time_limit_s=20.0, isolation="rlimits") as fallback:
         result = fallback.score(daemon, [{"input": "", "output": "forked"}])
         assert (result.reward, result.reason) == (1, "correct"), result
         # Right after the score, not after the fixture's grace period; zombies (killed, waiting for

@@ -541,7 +541,7 @@ class Sandbox:
                 continue
             seen.add(candidate)
             try:
-                with self._workspace(isolation) as ws:
+                with self._workspace(isolation, python=candidate) as ws:
                     result = self._run(
                         [candidate, "-I", "-c", "import sys; print(sys.version.split()[0])"], ws, limits, isolation, tools,
                         python=candidate, verbose_setup=verbose_setup,
@@ -587,7 +587,9 @@ class Sandbox:
         return self._workspace(self.isolation)
 
     @contextlib.contextmanager
-    def _workspace(self, isolation: str) -> Iterator[Workspace]:
+    def _workspace(self, isolation: str, python: Optional[str] = None) -> Iterator[Workspace]:
+        """python: the interpreter that kills the uid's processes (rlimits mode as root); default
+        the probed one (the probe passes the candidate it is trying)."""
         with contextlib.ExitStack() as stack:
             if isolation == "rlimits" and self.is_root:
                 uid = stack.enter_context(self._fallback_uids.hold())
@@ -598,7 +600,7 @@ class Sandbox:
             if isolation == "rlimits" and self.is_root:
                 # Last in, first out: kill its processes, then remove its files (and the workspace).
                 stack.callback(_remove_files_of, uid)
-                stack.callback(kill_uid, uid, self._kill_python())
+                stack.callback(kill_uid, uid, python or self.python_executable)
             # The sandbox uid may pass through root to its box but not list or open root's files
             # (stdin/stdout/stderr live there).
             os.chmod(root, 0o711)
@@ -608,11 +610,6 @@ class Sandbox:
             if self.is_root:
                 os.chown(box, uid, uid)
             yield Workspace(root=root, box=box, uid=uid)
-
-    def _kill_python(self) -> str:
-        # The probe may still be choosing the interpreter (it runs in workspaces too): any
-        # interpreter the uid can run will do for one kill(-1).
-        return self._probe_result[1] if self._probe_result else (self._requested_python or "/usr/bin/python3")
 
     def run(
         self,
