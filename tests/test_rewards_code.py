@@ -486,7 +486,9 @@ def test_disk_use_per_sample_is_bounded(roomy, machine_unharmed):
 MEMORY_OUTSIDE_RLIMIT_AS = (
     "import ctypes, mmap, os\nlibc = ctypes.CDLL(None, use_errno=True)\nreport = []\n"
     "try:\n    fd = os.memfd_create('hoard')\n    report.append('memfd allowed')\nexcept OSError:\n    report.append('memfd denied')\n"
-    # a user namespace would let the program mount a tmpfs of its own (no size limit)
+    # a tmpfs of its own has no size limit: mounted directly (the program is root of its user
+    # namespace in namespaces mode) or in a new user namespace
+    "report.append('mount allowed' if libc.mount(b'hoard', b'/tmp', b'tmpfs', 0, b'size=4g') == 0 else 'mount denied')\n"
     "report.append('userns allowed' if libc.unshare(0x10000000) == 0 else 'userns denied')\n"
     "report.append('shm allowed' if libc.shmget(0, 1 << 20, 0o1000 | 0o600) >= 0 else 'shm denied')\n"
     "print(' '.join(report))\n"
@@ -498,7 +500,7 @@ def test_memory_outside_the_address_space_limit_is_denied(machine_unharmed, isol
     """memfd files, SysV shared memory and a tmpfs in a namespace of the program's own are not
     counted by RLIMIT_AS: the seccomp launcher denies all three, in both modes."""
     with CodeReward(time_limit_s=5.0, wall_time_limit_s=20.0, isolation=isolation) as code_reward:
-        result = code_reward.score(python(MEMORY_OUTSIDE_RLIMIT_AS), [{"input": "", "output": "memfd denied userns denied shm denied"}])
+        result = code_reward.score(python(MEMORY_OUTSIDE_RLIMIT_AS), [{"input": "", "output": "memfd denied mount denied userns denied shm denied"}])
     assert (result.reward, result.reason) == (1, "correct"), result
 
 
