@@ -35,14 +35,16 @@ Containment, from the outside in:
   inside ends it even if the trainer dies first.
 - "rlimits" isolation (the fallback when user namespaces are unavailable): rlimits, the seccomp
   launcher and, for Python programs, a prelude that replaces socket.socket. As root, every
-  workspace gets its own uid from `fallback_uids`, so
-  RLIMIT_NPROC and signals reach only that sample's processes, and when a run ends every process
-  of that uid is killed (setsid daemons included) and its files in /tmp, /var/tmp and /dev/shm are
-  removed when the workspace closes. (The uid is held with an abstract socket, see _FallbackUids.)
+  workspace gets its own uid from `fallback_uids` (held with an abstract socket, see
+  _FallbackUids), so RLIMIT_NPROC and signals reach only that sample's processes; when a run ends
+  every process of that uid is killed (setsid daemons included), and when the workspace closes its
+  files in /tmp, /var/tmp and /dev/shm are removed.
 
 What each mode cannot contain (also in the README's sandbox section):
 - both: memory is bounded per process (RLIMIT_AS) times RLIMIT_NPROC, plus the tmpfs quota in
-  namespaces mode, plus kernel memory for pipes, sockets and page tables; no cgroup limit is set.
+  namespaces mode, plus kernel memory for pipes, sockets and page tables. No cgroup limit is set:
+  the machines this was built and tested on offer no cgroup v2 memory controller (cgroup v1
+  only), so instead of an untested cgroup path the memory no rlimit counts is denied (seccomp).
   CPU time is per process (RLIMIT_CPU), so up to max_processes busy processes each get cpu_s.
 - rlimits: the host filesystem: every file the sandbox uid may read (world-readable test data, a
   secret in a world-readable file) is readable, /proc lists every host process and its command
