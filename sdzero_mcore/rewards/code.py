@@ -265,14 +265,15 @@ class CodeReward(RewardFn):
         if result.setup_failed:
             logger.error("code reward: sandbox setup failed: %s", result.stderr[-500:])
             return "error"
+        # First: a full stream is what went wrong even if the program then spun until a limit
+        # killed it. Either stream: one flooding stderr dies of EFBIG (or SIGXFSZ) as on stdout.
+        if result.signal == signal.SIGXFSZ or result.output_limit_hit:
+            return "output_limit"
         if result.timed_out or result.signal == signal.SIGXCPU:
             return "timeout"
         # RLIMIT_CPU's hard limit (soft + 1 s) ends with SIGKILL when SIGXCPU was caught/ignored.
         if result.signal == signal.SIGKILL and result.wall_s >= math.ceil(self.time_limit_s):
             return "timeout"
-        # Either stream: a program flooding stderr dies of EFBIG (or SIGXFSZ) like one flooding stdout.
-        if result.signal == signal.SIGXFSZ or result.output_limit_hit:
-            return "output_limit"
         if result.returncode == 0:
             return None
         stderr_tail = result.stderr[-4096:]

@@ -21,9 +21,9 @@ Containment, from the outside in:
   `run_as_uid` (default nobody). A shell step inside (pid 1 of that pid namespace) builds a new root
   on a tmpfs of `Limits.max_disk_bytes` and pivots into it, so the host's tree is gone, not just
   hidden: it holds read-only bind mounts of only what programs need (/usr and the top-level links
-  into it, the interpreter's and compiler's prefixes, the dynamic loader's files in /etc), /dev
-  with null, zero, full, random and urandom, a fresh procfs, and /work, /tmp, /var/tmp, /dev/shm
-  on the same tmpfs (one disk quota for everything the sample writes). The workspace's files are
+  into it, the interpreter's and compiler's prefixes, the dynamic loader's cache and
+  /etc/alternatives), /dev with null, zero, full, random and urandom, a fresh procfs, and /work,
+  /tmp, /var/tmp, /dev/shm on the same tmpfs (one disk quota for everything the sample writes). The workspace's files are
   copied into /work; named outputs (the compiled binary) are copied back out after the program.
   The program then runs in a second user, mount and pid namespace with its own procfs (it sees
   only its own processes, never the setup shell, which holds the host's work directory) and
@@ -86,11 +86,11 @@ FALLBACK_UIDS = range(2_100_000_000, 2_100_000_256)
 SETUP_FAILED_EXIT = 125
 
 # Host paths a program may need, exposed read-only in namespaces mode (those that exist): the
-# system tree and the dynamic loader's configuration. The interpreter's and compiler's prefixes are
-# added per sandbox. Nothing else of the host is visible.
+# system tree, the dynamic loader's cache (ld.so reads no other file of /etc at run time) and the
+# alternatives links some distributions install compilers through. The interpreter's and
+# compiler's prefixes are added per sandbox. Nothing else of the host is visible.
 SYSTEM_PATHS = (
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
-    "/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives",
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache", "/etc/alternatives",
 )
 
 # Runs as pid 1 of the new pid namespace, as root of the new user namespace (mapped to the
@@ -117,9 +117,12 @@ printf '%s\n' "$expose" | while IFS= read -r path; do
     ln -sfn "$(readlink "$path")" "$new$path"
   elif [ -e "$path" ]; then
     if [ -d "$path" ]; then mkdir -p "$new$path"; else : > "$new$path"; fi
-    mount --bind "$path" "$new$path" 2>/dev/null || { echo "sdzero-sandbox: cannot expose $path" >&2; exit 125; }
-    mount -o remount,bind,ro "$new$path" 2>/dev/null \
-      || { [ "$verbose" = verbose ] && echo "sdzero-sandbox: could not make $path read-only" >&2; }
+    # One mount call (bind, then read-only) per path: each call is a process, on every run.
+    if ! mount -o bind,ro "$path" "$new$path" 2>/dev/null; then
+      mountpoint -q "$new$path" 2>/dev/null || mount --bind "$path" "$new$path" 2>/dev/null \
+        || { echo "sdzero-sandbox: cannot expose $path" >&2; exit 125; }
+      [ "$verbose" = verbose ] && echo "sdzero-sandbox: could not make $path read-only" >&2
+    fi
   fi
 done || exit 125
 for dev in null zero full random urandom; do
