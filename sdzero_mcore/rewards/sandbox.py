@@ -142,7 +142,7 @@ cd /work || fail "cannot enter /work"
 # namespace, so the program gets ordinary signal semantics (pid 1 ignores default-action signals
 # such as SIGXCPU) and its leftovers die with the namespaces. The program's status comes back as
 # 128 + n when signal n killed it. `timeout` is a leash in case the trainer dies first.
-timeout --signal=KILL "$leash" unshare --user --mount --pid --fork --mount-proc --map-current-user -- \
+timeout --signal=KILL "$leash" unshare --user --mount --pid --fork --kill-child --mount-proc --map-current-user -- \
   prlimit --nproc="$nproc" -- "$launcher" -I -S -c "$seccomp" sh -c '"$@"; exit $?' sdzero-init "$@" 3<&-
 status=$?
 for name in $outputs; do
