@@ -21,6 +21,7 @@ import pytest
 from sdzero_mcore.rewards import CodeReward, get_reward_fn
 from sdzero_mcore.rewards.code import outputs_match, parse_problem
 from sdzero_mcore.rewards.extraction import last_code_block
+from sdzero_mcore.rewards import sandbox as sandbox_module
 from sdzero_mcore.rewards.sandbox import FALLBACK_UIDS, Limits
 
 TIME_LIMIT_S = 1.0
@@ -544,3 +545,20 @@ def test_rlimits_fallback_leaves_no_setsid_daemon(machine_unharmed):
             if p.info["uids"] and p.info["uids"].real in FALLBACK_UIDS and p.info["status"] != psutil.STATUS_ZOMBIE
         ]
         assert survivors == []
+
+
+@pytest.mark.parametrize("isolation", ["auto", "rlimits"])
+def test_sandbox_start_up_has_its_own_deadline(machine_unharmed, monkeypatch, isolation):
+    """The wall-clock limit starts when the program starts (a loaded machine's slow sandbox start
+    must not eat it); a start-up that takes too long is a setup failure, cleaned up like a run."""
+    with CodeReward(time_limit_s=TIME_LIMIT_S, isolation=isolation) as code_reward:
+        sandbox = code_reward.sandbox
+        limits = Limits(cpu_s=5, wall_s=20, memory_bytes=256 << 20, max_processes=8, max_file_bytes=1 << 20)
+        with sandbox.workspace() as workspace:
+            ran = sandbox.run([sandbox.python_executable, "-I", "-c", "import time; time.sleep(0.2)"], workspace, limits=limits)
+            assert ran.returncode == 0 and ran.wall_s >= 0.2 and not ran.setup_failed, ran
+            monkeypatch.setattr(sandbox_module, "SETUP_TIMEOUT_S", 0.001)  # no sandbox starts that fast
+            hung = sandbox.run([sandbox.python_executable, "-I", "-c", "print('ran')"], workspace, limits=limits)
+        # (The program may get to run before the kill lands: the run is a failure either way.)
+        assert hung.setup_failed and hung.timed_out, hung
+        assert b"did not start the program within 0.001 s" in hung.stderr

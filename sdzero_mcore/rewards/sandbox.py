@@ -62,6 +62,7 @@ import logging
 import math
 import os
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -84,6 +85,10 @@ FALLBACK_UIDS = range(2_100_000_000, 2_100_000_256)
 
 # Exit status the setup step and the seccomp launcher use when they cannot build the sandbox.
 SETUP_FAILED_EXIT = 125
+# How long the sandbox's start-up (mounts, copies, the launcher) may take before the program runs;
+# its wall-clock limit starts after that. Normally a fraction of a second; generous for a loaded
+# machine, and the run is a setup failure past it.
+SETUP_TIMEOUT_S = 60.0
 
 # Host paths a program may need, exposed read-only in namespaces mode (those that exist): the
 # system tree, the dynamic loader's cache (ld.so reads no other file of /etc at run time) and the
@@ -97,10 +102,11 @@ SYSTEM_PATHS = (
 # sandbox uid outside). Arguments: the process limit, a wall-clock leash in whole seconds,
 # "verbose" to report mounts that could not be made read-only (the probe uses it), the tmpfs size
 # in bytes, the host paths to expose (newline-separated), the names to copy back into the
-# workspace after the program (space-separated), the launcher's interpreter and code; the
-# program's argv follows. The workspace is the cwd.
+# workspace after the program (space-separated), the launcher's interpreter and code, the
+# descriptor the launcher reports the program's start on; the program's argv follows. The
+# workspace is the cwd.
 _NAMESPACE_SETUP = r"""
-nproc=$1; leash=$2; verbose=$3; quota=$4; expose=$5; outputs=$6; launcher=$7; seccomp=$8; shift 8
+nproc=$1; leash=$2; verbose=$3; quota=$4; expose=$5; outputs=$6; launcher=$7; seccomp=$8; started=$9; shift 9
 fail() { echo "sdzero-sandbox: $*" >&2; exit 125; }
 box=$PWD
 mount --make-rprivate / 2>/dev/null || fail "cannot make the mount tree private"
@@ -132,9 +138,11 @@ ln -s /proc/self/fd "$new/dev/fd"; ln -s /proc/self/fd/0 "$new/dev/stdin"
 ln -s /proc/self/fd/1 "$new/dev/stdout"; ln -s /proc/self/fd/2 "$new/dev/stderr"
 mount -t proc proc "$new/proc" 2>/dev/null || fail "cannot mount a private /proc"
 cp -R --preserve=mode "$box/." "$new/work/" 2>/dev/null || fail "cannot copy the workspace in"
-# Kept open across the pivot to copy outputs back; the program never gets it (3<&- below), and it
-# cannot reach it through /proc: the program's pid namespace does not contain this shell.
-exec 3<"$box" || fail "cannot open the workspace"
+# Kept open across the pivot to copy outputs back; the program never gets it (the launcher closes
+# every descriptor but 0-2), and cannot reach it through /proc: the program's pid namespace does
+# not contain this shell. The number avoids the start descriptor's (a single digit: sh's limit).
+boxfd=3; [ "$started" = 3 ] && boxfd=4
+eval "exec $boxfd<\"\$box\"" || fail "cannot open the workspace"
 pivot_root=$(PATH=$PATH:/usr/sbin:/sbin command -v pivot_root) || fail "pivot_root not found"
 cd "$new" && "$pivot_root" . .old 2>/dev/null && umount -l /.old 2>/dev/null && rmdir /.old || fail "cannot pivot into the sandbox root"
 cd /work || fail "cannot enter /work"
@@ -143,11 +151,11 @@ cd /work || fail "cannot enter /work"
 # such as SIGXCPU) and its leftovers die with the namespaces. The program's status comes back as
 # 128 + n when signal n killed it. `timeout` is a leash in case the trainer dies first.
 timeout --signal=KILL "$leash" unshare --user --mount --pid --fork --kill-child --mount-proc --map-current-user -- \
-  prlimit --nproc="$nproc" -- "$launcher" -I -S -c "$seccomp" sh -c '"$@"; exit $?' sdzero-init "$@" 3<&-
+  prlimit --nproc="$nproc" -- "$launcher" -I -S -c "$seccomp" "$started" sh -c '"$@"; exit $?' sdzero-init "$@"
 status=$?
 for name in $outputs; do
   if [ -f "/work/$name" ] && [ ! -L "/work/$name" ]; then
-    cp --preserve=mode "/work/$name" "/proc/self/fd/3/$name" 2>/dev/null || fail "cannot copy $name out"
+    cp --preserve=mode "/work/$name" "/proc/self/fd/$boxfd/$name" 2>/dev/null || fail "cannot copy $name out"
   fi
 done
 exit $status
@@ -157,8 +165,11 @@ _NAMESPACE_SETUP_COMMAND = "\n".join(
     line for line in _NAMESPACE_SETUP.splitlines() if line.strip() and not line.lstrip().startswith("#")
 )
 
-# The seccomp launcher: `python -I -S -c _SECCOMP_EXEC program args...` installs the filter
-# described in the module docstring and execs the program. A syscall denied by number returns EPERM
+# The seccomp launcher: `python -I -S -c _SECCOMP_EXEC FD program args...` installs the filter
+# described in the module docstring, writes one byte to descriptor FD (the trainer starts the
+# program's wall clock there, so the sandbox's own start-up does not count against the program),
+# closes every descriptor but stdin, stdout and stderr (the program inherits nothing else), and
+# execs the program. A syscall denied by number returns EPERM
 # (ENOSYS for clone3 and foreign ABIs, which libc treats as "not available"). Without a filter for
 # this machine's architecture it refuses to run anything (fail closed).
 _SECCOMP_EXEC = r"""
@@ -215,10 +226,12 @@ libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_u
 if libc.prctl(38, 1, None, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:
     sys.stderr.write("sdzero-sandbox: cannot install the seccomp filter: %s\n" % os.strerror(ctypes.get_errno()))
     sys.exit(125)
+os.write(int(sys.argv[1]), b"1")
+os.closerange(3, os.sysconf("SC_OPEN_MAX"))
 try:
-    os.execvp(sys.argv[1], sys.argv[1:])
+    os.execvp(sys.argv[2], sys.argv[2:])
 except OSError as exc:
-    sys.stderr.write("%s: %s\n" % (sys.argv[1], exc.strerror))
+    sys.stderr.write("%s: %s\n" % (sys.argv[2], exc.strerror))
     sys.exit(127)
 """
 
@@ -662,13 +675,14 @@ class Sandbox:
             (resource.RLIMIT_FSIZE, limits.max_file_bytes, limits.max_file_bytes),
             (resource.RLIMIT_CORE, 0, 0),
         ]
+        started_read, started_write = os.pipe()
         if isolation == "namespaces":
             command = [
                 tools["unshare"], "--user", "--map-root-user", "--net", "--mount", "--pid", "--ipc", "--fork",
                 "--kill-child", "--", tools["sh"], "-c", _NAMESPACE_SETUP_COMMAND, "sdzero-sandbox",
                 str(limits.max_processes), str(math.ceil(limits.wall_s) + 5), "verbose" if verbose_setup else "quiet",
                 str(limits.max_disk_bytes), "\n".join(self._expose_paths(python)), " ".join(outputs), python,
-                _SECCOMP_EXEC, *argv,
+                _SECCOMP_EXEC, str(started_write), *argv,
             ]
         else:
             rlimits.append((resource.RLIMIT_NPROC, limits.max_processes, limits.max_processes))
@@ -676,7 +690,7 @@ class Sandbox:
                 interpreter, *flags, script = argv
                 flags = [flag for flag in flags if flag not in ("-I", "-S")]
                 argv = [interpreter, "-I", "-S", *flags, "-c", _PYTHON_SOCKET_BLOCK, script]
-            command = [python, "-I", "-S", "-c", _SECCOMP_EXEC, *argv]
+            command = [python, "-I", "-S", "-c", _SECCOMP_EXEC, str(started_write), *argv]
 
         user_kwargs = {}
         if self.is_root:
@@ -691,22 +705,30 @@ class Sandbox:
         # Files, not pipes: output is bounded by RLIMIT_FSIZE instead of by our memory, and there
         # is no pipe to deadlock on.
         with open(stdin_path, "rb") as fin, open(stdout_path, "wb+", opener=_private_opener) as fout, \
-                open(stderr_path, "wb+", opener=_private_opener) as ferr:
+                open(stderr_path, "wb+", opener=_private_opener) as ferr, open(started_read, "rb", buffering=0) as started:
+            try:
+                process = subprocess.Popen(
+                    command,
+                    stdin=fin,
+                    stdout=fout,
+                    stderr=ferr,
+                    cwd=workspace.box,
+                    env=dict(_CHILD_ENV),
+                    close_fds=True,
+                    pass_fds=(started_write,),
+                    start_new_session=True,
+                    preexec_fn=functools.partial(_apply_rlimits, tuple(rlimits)),
+                    **user_kwargs,
+                )
+            finally:
+                os.close(started_write)
+            # The launcher's byte (or end of file: everything exited before it) starts the clock.
+            setup_hung = not select.select([started], [], [], SETUP_TIMEOUT_S)[0]
             start = time.monotonic()
-            process = subprocess.Popen(
-                command,
-                stdin=fin,
-                stdout=fout,
-                stderr=ferr,
-                cwd=workspace.box,
-                env=dict(_CHILD_ENV),
-                close_fds=True,
-                start_new_session=True,
-                preexec_fn=functools.partial(_apply_rlimits, tuple(rlimits)),
-                **user_kwargs,
-            )
             timed_out = False
             try:
+                if setup_hung:
+                    raise subprocess.TimeoutExpired(command, SETUP_TIMEOUT_S)
                 process.wait(timeout=limits.wall_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
@@ -740,7 +762,9 @@ class Sandbox:
             returncode, signum = None, raw - 128
         else:
             returncode, signum = raw, None
-        setup_failed = raw == SETUP_FAILED_EXIT and stderr.startswith(b"sdzero-sandbox:")
+        setup_failed = setup_hung or (raw == SETUP_FAILED_EXIT and stderr.startswith(b"sdzero-sandbox:"))
+        if setup_hung:
+            stderr += f"sdzero-sandbox: the sandbox did not start the program within {SETUP_TIMEOUT_S:g} s\n".encode()
         return RunResult(
             returncode=returncode, signal=signum, timed_out=timed_out, setup_failed=setup_failed,
             stdout=stdout, stderr=stderr, wall_s=wall_s,
