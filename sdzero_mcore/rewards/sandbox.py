@@ -3,7 +3,9 @@
 Containment, from the outside in:
 - Each program gets a fresh workspace (Sandbox.workspace) and runs in a new session under rlimits
   set in preexec_fn (CPU time, address space, file size, stack, no core files) and a wall-clock
-  timeout after which the whole process group is SIGKILLed. stdout and stderr go to files the
+  timeout after which the whole process group is SIGKILLed. The wall clock starts when the
+  program starts (the launcher below reports it): building the sandbox has its own deadline,
+  SETUP_TIMEOUT_S, so a loaded machine's slow start-up does not eat the program's time. stdout and stderr go to files the
   program cannot read back; a stream that reaches the file-size limit is reported as such
   (RunResult.output_limit_hit), whichever stream it was.
 - Every program (and the compiler) starts through a seccomp launcher (_SECCOMP_EXEC, x86_64 and
