@@ -108,14 +108,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def run_phase(args) -> int:
-    """Load the config, run the phase; a bad config or data prints one line and exits 2."""
+    """Load and check the config (and the data, the paths and the vocabulary it names), run the
+    phase; a bad config or data prints one line and exits 2 before any work."""
     import json
 
     from sdzero_mcore.config import ConfigError, config_from_args
     from sdzero_mcore.data import DataError
+    from sdzero_mcore.preflight import check_before_work
 
     try:
         cfg = config_from_args(args)
+        check_before_work(cfg, args.command, init_from=getattr(args, "init_from", None), out=getattr(args, "out", None))
         if args.command == "eval":
             from sdzero_mcore.eval.evaluate import parse_budget, run_eval
 

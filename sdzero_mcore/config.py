@@ -36,6 +36,7 @@ __all__ = [
     "RFTConfig",
     "SFTConfig",
     "LoggingConfig",
+    "MathConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",
@@ -217,7 +218,12 @@ class DataConfig(_Section):
     phase1_questions: int = _checked(6000, _AT_LEAST_1)
     phase2_questions: int = _checked(9000, _AT_LEAST_1)
     split_seed: int = 0
+    # the prompt x (as prompt_template renders it) counted with the run's tokenizer; rows over it
+    # follow long_prompts: error = stop naming the row, skip = skip and count them
     max_prompt_tokens: int = _checked(2048, _AT_LEAST_1)
+    long_prompts: str = _checked("error", _one_of("error", "skip"))
+    # the largest row read (a JSONL line, or another source's question, answer, solution and tests)
+    max_row_bytes: int = _checked(16 * 2**20, _AT_LEAST_1)
     # auto = the tokenizer's chat template when it has one, else "Question: ...\nAnswer:"
     prompt_template: str = _checked("auto", _one_of("auto", "chat", "plain"))
     # P_r: paper = the paper's exact phrases (docs/method.md); custom = p_r_correct (r = 1) and p_r_incorrect (r = 0)
@@ -468,6 +474,19 @@ class EvalConfig(_Section):
 
 
 @dataclass
+class MathConfig(_Section):
+    """The math reward's equivalence policy (sdzero_mcore.rewards.math).
+
+    math_verify (default): math-verify's verdict, as the authors' release uses it in Phase 2, so
+    rewards match theirs; it accepts decimals rounded to its precision (1/3 vs 0.333333) and
+    ignores letter case. strict: additionally a decimal must be the exact value and letters keep
+    their case. Both accept comma and thin-space thousands separators.
+    """
+
+    policy: str = _checked("math_verify", _one_of("math_verify", "strict"))
+
+
+@dataclass
 class WandbConfig(_Section):
     """Weights & Biases, an optional logger (``pip install 'sdzero-mcore[wandb]'``); off while ``project`` is null.
     ``mode: offline`` writes the run under ``dir`` (default ``<output_dir>/wandb``) with no network,
@@ -505,7 +524,11 @@ class SDZeroConfig(_Section):
     """The whole run: one section per subsystem and per training phase."""
 
     run_name: str = "sdzero"
-    output_dir: str = "runs/sdzero"
+    # where every phase writes; checked before any work (sdzero_mcore.preflight): not empty, not a
+    # file, writable
+    output_dir: str = _checked(
+        "runs/sdzero", _Rule(lambda v: bool(v.strip()), "a directory path", problem="is empty; allowed:")
+    )
     seed: int = 1234
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -519,6 +542,7 @@ class SDZeroConfig(_Section):
     rft: RFTConfig = field(default_factory=RFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    math: MathConfig = field(default_factory=MathConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

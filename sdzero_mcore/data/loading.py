@@ -6,6 +6,13 @@ index; for JSONL also the 1-based line) and the field. With ``skip_invalid=True`
 skipped, counted per reason in ``LoadedData.skipped`` and summarised in one log line; nothing is
 dropped without being counted.
 
+Beyond each row's fields: a row larger than ``max_row_bytes`` is invalid (a JSONL line is never
+read whole past the cap); two rows of a source with the same id and different content are an
+error naming both rows (with ``skip_invalid``, the later row is skipped and both are named in the
+log); with ``max_prompt_tokens`` and a token counter, a row whose prompt is longer is an error or,
+with ``long_prompts="skip"``, skipped and counted. ``load_from_config`` counts tokens with the
+run's tokenizer, which the caller passes (the phases and the CLI's checks before work).
+
 Sources, in the order they are recognised:
 
 - ``synthetic:<task>``: rows from ``sdzero_mcore.rewards.synthetic.generate_rows(task, n, seed)``.
@@ -24,8 +31,9 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
+from sdzero_mcore.data.prompts import prompt_ids
 from sdzero_mcore.data.questions import (
     FIELD_PRESETS,
     SKIP_HINT,
@@ -34,21 +42,30 @@ from sdzero_mcore.data.questions import (
     Question,
     RowProblem,
     build_question,
+    question_content,
     resolve_fields,
 )
 
 if TYPE_CHECKING:
     from sdzero_mcore.config import DataConfig
 
-__all__ = ["DATA_FORMATS", "LoadedData", "load_from_config", "load_rows"]
+__all__ = ["DATA_FORMATS", "DEFAULT_MAX_ROW_BYTES", "LONG_PROMPT_ACTIONS", "LoadedData", "load_from_config", "load_rows"]
 
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
 DATA_FORMATS = ("auto", "jsonl", "json", "parquet")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
+# Far above any real question with its tests, far below what hurts: a 50 MB one-line question once
+# grew a run to 4 GB.
+DEFAULT_MAX_ROW_BYTES = 16 << 20
+LONG_PROMPT_ACTIONS = ("error", "skip")
+LONG_PROMPT_REASON = "prompt over data.max_prompt_tokens"
+DUPLICATE_ID_REASON = "duplicate id with different content"
+_NAMED_DUPLICATES_LOGGED = 20  # skipped duplicate ids named one per log line; the rest are counted
 
-
+# The tokenizer load_from_config counts prompt tokens with. The phases call load_from_config with
+# the data section only, so the CLI registers the run's tokenizer here before dispatching a phase.
 @dataclass
 class LoadedData:
     """The valid questions of one source, and what was skipped (reason -> count)."""
@@ -115,6 +132,10 @@ def load_rows(
     synthetic_size: Optional[int] = None,
     synthetic_seed: int = 0,
     cache_dir: Optional[str] = None,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    max_prompt_tokens: Optional[int] = None,
+    count_prompt_tokens: Optional[Callable[[str], int]] = None,
+    long_prompts: str = "error",
 ) -> LoadedData:
     """Load, map and validate the questions of ``source``.
 
@@ -125,7 +146,10 @@ def load_rows(
     to keep in ``Question.extra`` (None keeps all; ``[]`` saves memory on wide datasets such as
     OpenR1-Math, whose `generations` and `messages` columns are large). ``synthetic_size`` is the
     number of rows to generate for ``synthetic:<task>`` (default: ``limit``), ``synthetic_seed``
-    their seed. ``cache_dir`` is passed to ``datasets.load_dataset``.
+    their seed. ``cache_dir`` is passed to ``datasets.load_dataset``. ``max_row_bytes``: the
+    largest row accepted (a JSONL line, or the used fields of another source's row).
+    ``max_prompt_tokens`` with ``count_prompt_tokens`` (question text -> prompt tokens): longer
+    prompts are an error, or with ``long_prompts="skip"`` skipped and counted.
     """
     if not isinstance(source, str) or not source.strip():
         raise DataError(repr(source), "the dataset source must be a non-empty string")
@@ -133,6 +157,10 @@ def load_rows(
         raise DataError(source, f"limit must be >= 1 or None, got {limit}")
     if data_format not in DATA_FORMATS:
         raise DataError(source, f"unknown data format {data_format!r}; choose from {', '.join(DATA_FORMATS)}")
+    if long_prompts not in LONG_PROMPT_ACTIONS:
+        raise DataError(source, f"long_prompts must be one of {', '.join(LONG_PROMPT_ACTIONS)}, got {long_prompts!r}")
+    if max_row_bytes < 1:
+        raise DataError(source, f"max_row_bytes must be >= 1, got {max_row_bytes}")
 
     if preset != "auto" and preset not in FIELD_PRESETS:  # before a possibly long download
         raise DataError(source, f"unknown field preset {preset!r}; choose from auto, {', '.join(FIELD_PRESETS)}")
@@ -141,7 +169,7 @@ def load_rows(
     if kind == "synthetic":
         raw = _read_synthetic(source, synthetic_size if synthetic_size is not None else limit, synthetic_seed)
     elif kind == "jsonl":
-        raw = _read_jsonl(Path(source).expanduser(), source, limit)
+        raw = _read_jsonl(Path(source).expanduser(), source, limit, max_row_bytes)
     elif kind in ("json", "parquet"):
         raw = _read_with_datasets(kind, source, split, limit, cache_dir)
     else:
@@ -158,20 +186,38 @@ def load_rows(
 
     questions: list[Question] = []
     skipped: Counter[str] = Counter()
+    first_of_id: dict[str, tuple[_RawRow, Question]] = {}
     for raw_row in raw.rows:
         try:
             if raw_row.problem is not None:
                 raise raw_row.problem
-            questions.append(
-                build_question(raw_row.row, mapping, source=source, index=raw_row.index, extra_fields=extra_fields)
-            )
+            question = build_question(raw_row.row, mapping, source=source, index=raw_row.index, extra_fields=extra_fields)
+            if raw_row.line is None:  # a JSONL line was capped as it was read
+                _check_row_bytes(question, max_row_bytes)
+            _check_duplicate(question, raw_row, first_of_id, mapping)
+            if max_prompt_tokens is not None and count_prompt_tokens is not None:
+                tokens = count_prompt_tokens(question.question)
+                if tokens > max_prompt_tokens:
+                    raise RowProblem(
+                        mapping.question, f"the prompt is {tokens} tokens, over data.max_prompt_tokens ({max_prompt_tokens})",
+                        LONG_PROMPT_REASON,
+                    )
         except RowProblem as problem:
-            if not skip_invalid:
+            # Long prompts follow long_prompts (an expected, routine filter); every other problem
+            # follows skip_invalid (a broken row).
+            skip = long_prompts == "skip" if problem.reason == LONG_PROMPT_REASON else skip_invalid
+            if not skip:
+                hint = "set data.long_prompts=skip to skip and count such rows" if problem.reason == LONG_PROMPT_REASON else SKIP_HINT
                 raise DataError(
                     source, problem.problem, row=raw_row.index, line=raw_row.line, field_name=problem.field,
-                    reason=problem.reason, hint=SKIP_HINT,
+                    reason=problem.reason, hint=hint,
                 ) from None
+            if problem.reason == DUPLICATE_ID_REASON and skipped[problem.reason] < _NAMED_DUPLICATES_LOGGED:
+                logger.warning("data: %s: skipped %s: %s", source, _where(raw_row), problem.problem)
             skipped[problem.reason] += 1
+            continue
+        first_of_id.setdefault(question.id, (raw_row, question))
+        questions.append(question)
 
     loaded = LoadedData(questions, dict(skipped), source, mapping, rows_read=len(raw.rows))
     if skipped:
@@ -185,8 +231,10 @@ def load_rows(
     return loaded
 
 
-def load_from_config(data: "DataConfig", *, cache_dir: Optional[str] = None) -> LoadedData:
+def load_from_config(data: "DataConfig", *, cache_dir: Optional[str] = None, prompt_tokenizer: Any = None) -> LoadedData:
     """``load_rows`` with the settings of a ``DataConfig`` (the ``data`` section of the run config).
+    Prompt tokens are counted with ``prompt_tokenizer`` (the run's; None: not counted), on the
+    prompt as ``data.prompt_template`` renders it.
 
     A synthetic task generates ``synthetic_size`` rows. By default it generates as many as both
     phases need (``phase1_questions + phase2_questions``) *unique* questions: random generators
@@ -197,20 +245,21 @@ def load_from_config(data: "DataConfig", *, cache_dir: Optional[str] = None) -> 
         needed = data.phase1_questions + data.phase2_questions
         size = needed
         for _ in range(_SYNTHETIC_GROW_ATTEMPTS):
-            loaded = _load_configured(data, cache_dir, synthetic_size=size)
+            loaded = _load_configured(data, cache_dir, prompt_tokenizer, synthetic_size=size)
             unique = len({q.id for q in loaded})
             if unique >= needed:
                 break
             size += 2 * (needed - unique) + 16
         # Still short (a task with too few distinct questions): split_phases names the shortfall.
         return loaded
-    return _load_configured(data, cache_dir, synthetic_size=data.synthetic_size)
+    return _load_configured(data, cache_dir, prompt_tokenizer, synthetic_size=data.synthetic_size)
 
 
 _SYNTHETIC_GROW_ATTEMPTS = 8
 
 
-def _load_configured(data: "DataConfig", cache_dir: Optional[str], *, synthetic_size: Optional[int]) -> LoadedData:
+def _load_configured(data: "DataConfig", cache_dir: Optional[str], prompt_tokenizer: Any, *,
+                     synthetic_size: Optional[int]) -> LoadedData:
     return load_rows(
         data.dataset,
         split=data.split,
@@ -228,6 +277,48 @@ def _load_configured(data: "DataConfig", cache_dir: Optional[str], *, synthetic_
         synthetic_size=synthetic_size,
         synthetic_seed=data.synthetic_seed,
         cache_dir=cache_dir,
+        max_row_bytes=data.max_row_bytes,
+        max_prompt_tokens=data.max_prompt_tokens,
+        count_prompt_tokens=_prompt_token_counter(prompt_tokenizer, data.prompt_template),
+        long_prompts=data.long_prompts,
+    )
+
+
+def _prompt_token_counter(tokenizer: Any, template: str) -> Optional[Callable[[str], int]]:
+    if tokenizer is None:
+        return None
+    return lambda question: len(prompt_ids(tokenizer, question, template=template))
+
+
+# ---------------------------------------------------------------------------------------------
+# Row checks beyond the fields
+
+
+def _where(raw_row: _RawRow) -> str:
+    return f"row {raw_row.index}" + (f" (line {raw_row.line})" if raw_row.line is not None else "")
+
+
+def _check_row_bytes(question: Question, max_row_bytes: int) -> None:
+    """A row from `datasets` is already in memory; this keeps an oversized one out of the run."""
+    size = sum(len(part.encode("utf-8")) for part in question_content(question))
+    if size > max_row_bytes:
+        raise RowProblem(None, f"the row's text is {size} bytes, over data.max_row_bytes ({max_row_bytes})",
+                         "row over data.max_row_bytes")
+
+
+def _check_duplicate(question: Question, raw_row: _RawRow, first_of_id: dict, mapping: FieldMapping) -> None:
+    first = first_of_id.get(question.id)
+    if first is None:
+        return
+    first_row, first_question = first
+    if question_content(first_question) == question_content(question):
+        return  # an exact repeat is one question (split_phases keeps one)
+    fields = ("question", "answer", "solution", "tests")
+    differing = [name for name, a, b in zip(fields, question_content(first_question), question_content(question)) if a != b]
+    raise RowProblem(
+        mapping.id or mapping.question,
+        f"id {question.id!r} repeats {_where(first_row)} with a different {', '.join(differing)}",
+        DUPLICATE_ID_REASON,
     )
 
 
@@ -266,10 +357,11 @@ def _source_kind(source: str, data_format: str) -> str:
     return "hub"
 
 
-def _read_jsonl(path: Path, source: str, limit: Optional[int]) -> _RawRows:
+def _read_jsonl(path: Path, source: str, limit: Optional[int], max_row_bytes: int) -> _RawRows:
     """Parse JSON Lines here rather than with `datasets`, to report a bad line by its number.
 
-    Blank lines are allowed (and not rows); the row index counts the non-blank lines from 0.
+    Blank lines are allowed (and not rows); the row index counts the non-blank lines from 0. A
+    line longer than ``max_row_bytes`` is read in bounded pieces and dropped, never held whole.
     """
     rows: list[_RawRow] = []
     columns: dict[str, None] = {}
@@ -278,10 +370,26 @@ def _read_jsonl(path: Path, source: str, limit: Optional[int]) -> _RawRows:
     except OSError as err:
         raise DataError(source, f"cannot be opened: {err.strerror or err}") from None
     with handle:
-        for line_number, raw_line in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
+        line_number = 0
+        while limit is None or len(rows) < limit:
+            raw_line = handle.readline(max_row_bytes + 1)
+            if not raw_line:
                 break
+            line_number += 1
             index = len(rows)
+            if len(raw_line.rstrip(b"\r\n")) > max_row_bytes:
+                size = len(raw_line)
+                while not raw_line.endswith(b"\n"):  # skip the rest of the line
+                    raw_line = handle.readline(1 << 20)
+                    if not raw_line:
+                        break
+                    size += len(raw_line)
+                problem = RowProblem(
+                    None, f"the line is over data.max_row_bytes ({max_row_bytes} bytes; it has {size})",
+                    "row over data.max_row_bytes",
+                )
+                rows.append(_RawRow(index, line_number, None, problem))
+                continue
             try:
                 # utf-8-sig: a byte-order mark on the first line is not part of the JSON.
                 text = raw_line.decode("utf-8-sig" if line_number == 1 else "utf-8")

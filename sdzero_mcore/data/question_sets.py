@@ -13,9 +13,10 @@ from sdzero_mcore.data.split import split_phases
 SYNTHETIC_HELDOUT_RESERVED = 500  # reserved for evaluation; step 0 (sft) never trains on them
 
 
-def phase_questions(cfg: SDZeroConfig) -> tuple[list, list]:
-    """(phase 1, phase 2) questions: loaded, validated and split as the data section says."""
-    loaded = load_from_config(cfg.data)
+def phase_questions(cfg: SDZeroConfig, tokenizer=None) -> tuple[list, list]:
+    """(phase 1, phase 2) questions: loaded, validated and split as the data section says; with the
+    run's ``tokenizer``, prompts over ``data.max_prompt_tokens`` are an error or skipped (``data.long_prompts``)."""
+    loaded = load_from_config(cfg.data, prompt_tokenizer=tokenizer)
     return split_phases(loaded.questions, cfg.data.phase1_questions, cfg.data.phase2_questions, cfg.data.split_seed)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -21,6 +22,7 @@ __all__ = [
     "Question",
     "build_question",
     "normalise_tests",
+    "question_content",
     "question_text_id",
     "resolve_fields",
 ]
@@ -79,6 +81,11 @@ class Question:
     source: str
     index: int
     extra: dict = field(default_factory=dict)
+
+
+def question_content(q: "Question") -> tuple:
+    """What makes two questions the same problem (everything but id and origin)."""
+    return (q.question, q.answer or "", q.solution or "", json.dumps(q.tests, sort_keys=True, default=str))
 
 
 def question_text_id(question: str) -> str:
@@ -274,6 +281,12 @@ def _require_text(row: Mapping[str, Any], name: str, role: str) -> str:
         raise RowProblem(name, f"missing (the row has: {present})", f"missing field '{name}'")
     # A numeric answer (e.g. 42 in JSON) is converted to its text; booleans are not numbers here.
     if role == "answer" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            # JSON NaN, Infinity or a Parquet null float: str() would make it the answer "nan".
+            raise RowProblem(
+                name, f"the answer is {value!r}, not a finite number (NaN usually marks a missing value)",
+                f"non-finite number in field '{name}'",
+            )
         value = str(value)
     if not isinstance(value, str):
         raise RowProblem(

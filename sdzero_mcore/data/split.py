@@ -15,11 +15,10 @@ one question: they are deduplicated before ranking, so an id can never be in bot
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from typing import Sequence
 
-from sdzero_mcore.data.questions import DataError, Question
+from sdzero_mcore.data.questions import DataError, Question, question_content
 
 __all__ = ["dedupe_by_id", "split_phases"]
 
@@ -29,10 +28,18 @@ logger = logging.getLogger(__name__)
 def _content_key(q: Question) -> tuple:
     # Which of several same-id rows is kept must not depend on their order in the input, so the
     # choice is by content (then by origin), never by position in the list.
-    return (
-        q.question, q.answer or "", q.solution or "", json.dumps(q.tests, sort_keys=True, default=str),
-        q.source, q.index,
-    )
+    return (*question_content(q), q.source, q.index)
+
+
+def _id_groups(questions: Sequence[Question]) -> dict[str, list[Question]]:
+    groups: dict[str, list[Question]] = {}
+    for q in questions:
+        groups.setdefault(q.id, []).append(q)
+    return groups
+
+
+def _differs(group: Sequence[Question]) -> bool:
+    return len({question_content(q) for q in group}) > 1
 
 
 def dedupe_by_id(questions: Sequence[Question]) -> tuple[list[Question], int, int]:
@@ -42,16 +49,21 @@ def dedupe_by_id(questions: Sequence[Question]) -> tuple[list[Question], int, in
     answer, tests or solution (worth a look: the same id naming different problems). Of a group
     the row with the smallest content key is kept, so the result does not depend on input order.
     """
-    groups: dict[str, list[Question]] = {}
-    for q in questions:
-        groups.setdefault(q.id, []).append(q)
     unique, removed, conflicting = [], 0, 0
-    for group in groups.values():
+    for group in _id_groups(questions).values():
         unique.append(min(group, key=_content_key))
         removed += len(group) - 1
-        if len({_content_key(q)[:4] for q in group}) > 1:
-            conflicting += 1
+        conflicting += _differs(group)
     return unique, removed, conflicting
+
+
+def _describe_conflicts(questions: Sequence[Question], shown: int = 5) -> str:
+    """The first ``shown`` ids whose rows differ, each with the rows (source and index) that carry it."""
+    conflicts = [group for group in _id_groups(questions).values() if _differs(group)]
+    text = "; ".join(
+        f"id {group[0].id!r}: " + ", ".join(f"{q.source} row {q.index}" for q in group) for group in conflicts[:shown]
+    )
+    return text + (f"; and {len(conflicts) - shown} more" if len(conflicts) > shown else "")
 
 
 def _rank(seed: int, question_id: str) -> bytes:
@@ -73,10 +85,12 @@ def split_phases(
 
     unique, removed, conflicting = dedupe_by_id(questions)
     if removed:
+        # Rows of one source with the same id and different content never get here (load_rows
+        # stops or skips them); these repeat an id across sources, or repeat a row exactly.
         logger.warning(
-            "data split: removed %d rows whose question id repeats an earlier one (%d ids with differing "
-            "content); %d unique questions remain",
-            removed, conflicting, len(unique),
+            "data split: removed %d rows whose question id repeats another row's (%d ids with differing content%s); "
+            "%d unique questions remain",
+            removed, conflicting, f": {_describe_conflicts(questions)}" if conflicting else "", len(unique),
         )
     requested = n_phase1 + n_phase2
     if requested > len(unique):

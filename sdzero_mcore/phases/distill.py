@@ -194,7 +194,7 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
     check_layout(cfg, source)
     tokenizer = load_tokenizer(source)
     preset = control_phrases_from_config(cfg.data)
-    _, questions = phase_questions(cfg)
+    _, questions = phase_questions(cfg, tokenizer)
     prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
     gold_prefixes = gold_solution_prefixes(questions, prompts, tokenizer, preset) if dcfg.teacher_context == "gold_solution" else None
     check_teacher_budget(gold_prefixes or prompts, tokenizer, preset, dcfg.max_teacher_tokens, with_separator=gold_prefixes is None)

@@ -96,7 +96,7 @@ def run_grpo(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: O
     source = start_source(cfg, init_from)
     check_layout(cfg, source)
     tokenizer = load_tokenizer(source)
-    phase1, phase2 = phase_questions(cfg)
+    phase1, phase2 = phase_questions(cfg, tokenizer)
     questions = phase1 + phase2
     prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
     rollout_steps = grpo_steps(cfg, len(questions))

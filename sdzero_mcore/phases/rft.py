@@ -41,8 +41,8 @@ class RFTExample(NamedTuple):
     completion: "object"  # data.prompts.CompletionExample: loss on the sampled response (with its EOS)
 
 
-def rft_questions(cfg: SDZeroConfig) -> list:
-    phase1, phase2 = phase_questions(cfg)
+def rft_questions(cfg: SDZeroConfig, tokenizer=None) -> list:
+    phase1, phase2 = phase_questions(cfg, tokenizer)
     questions = phase1 + phase2
     if cfg.rft.max_generations is not None:
         questions = questions[: cfg.rft.max_generations // cfg.rft.samples_per_question]
@@ -156,7 +156,7 @@ def run_rft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Op
     source = start_source(cfg, init_from)
     check_layout(cfg, source)
     tokenizer = load_tokenizer(source)
-    questions = rft_questions(cfg)
+    questions = rft_questions(cfg, tokenizer)
     log = sample_dir(cfg) / SAMPLES_FILE
     summary_file = sample_dir(cfg) / "summary.json"
     chash = sampling_hash(cfg, source.path)

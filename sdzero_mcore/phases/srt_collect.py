@@ -86,7 +86,7 @@ def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
     source = start_source(cfg, init_from)
     tokenizer = load_tokenizer(source)
     preset = control_phrases_from_config(cfg.data)
-    questions, _ = phase_questions(cfg)
+    questions, _ = phase_questions(cfg, tokenizer)
     out = collect_dir(cfg)
     check_log_config(out / RECORDS_FILE, config_hash(cfg))  # before any work, on every rank
     engine = serving_engine(cfg, source, tokenizer)  # every rank joins a megatron weight stream

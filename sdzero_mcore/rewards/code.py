@@ -32,12 +32,11 @@ from typing import Any, Optional, Sequence
 
 from sdzero_mcore.rewards.base import RewardFn, RewardResult, check_batch
 from sdzero_mcore.rewards.extraction import last_code_block
-from sdzero_mcore.rewards.sandbox import Limits, RunResult, Sandbox
+from sdzero_mcore.rewards.sandbox import MiB, Limits, RunResult, Sandbox, install_prefix
 
 logger = logging.getLogger(__name__)
 
 CHECKERS = ("tokens", "exact", "float")
-MiB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -109,7 +108,10 @@ class CodeReward(RewardFn):
         accrues slower than wall time) does not turn correct programs into timeouts.
     memory_limit_mb: address-space limit (RLIMIT_AS) per run.
     max_processes: RLIMIT_NPROC (processes and threads) per run.
-    max_output_mb: RLIMIT_FSIZE: stdout, stderr and any file the program writes.
+    max_output_mb: RLIMIT_FSIZE: stdout, stderr and any file the program writes; a program whose
+        stdout or stderr reaches it is "output_limit".
+    max_disk_mb: everything a run writes (work directory, /tmp, /dev/shm) in namespaces mode, where
+        it is one size-limited tmpfs; the compile step gets max(max_disk_mb, 256).
     compile_timeout_s / compile_memory_limit_mb: the same limits for g++.
     timeout_s: wall budget per sample for compile plus all tests; when it runs out, "timeout".
     num_workers: samples judged concurrently (threads, each driving its own sandboxed processes).
@@ -125,6 +127,7 @@ class CodeReward(RewardFn):
         memory_limit_mb: int = 512,
         max_processes: int = 16,
         max_output_mb: int = 64,
+        max_disk_mb: int = 64,
         compile_timeout_s: float = 30.0,
         compile_memory_limit_mb: int = 2048,
         checker: str = "tokens",
@@ -141,7 +144,7 @@ class CodeReward(RewardFn):
             raise ValueError(f"checker must be one of {CHECKERS}, got {checker!r}")
         for name, value in (
             ("time_limit_s", time_limit_s), ("memory_limit_mb", memory_limit_mb), ("max_processes", max_processes),
-            ("max_output_mb", max_output_mb), ("compile_timeout_s", compile_timeout_s),
+            ("max_output_mb", max_output_mb), ("max_disk_mb", max_disk_mb), ("compile_timeout_s", compile_timeout_s),
             ("compile_memory_limit_mb", compile_memory_limit_mb), ("float_tolerance", float_tolerance),
             ("timeout_s", timeout_s),
         ):
@@ -159,6 +162,7 @@ class CodeReward(RewardFn):
         self.memory_bytes = int(memory_limit_mb) * MiB
         self.max_processes = int(max_processes)
         self.max_output_bytes = int(max_output_mb) * MiB
+        self.max_disk_bytes = int(max_disk_mb) * MiB
         self.compile_timeout_s = float(compile_timeout_s)
         self.compile_memory_bytes = int(compile_memory_limit_mb) * MiB
         self.checker = checker
@@ -167,7 +171,11 @@ class CodeReward(RewardFn):
         self.wall_time_limit_s = float(wall_time_limit_s)
         self.num_workers = num_workers
         self.cxx = shutil.which(cxx) if cxx else None
-        self.sandbox = Sandbox(isolation=isolation, run_as_uid=run_as_uid, python_executable=python_executable)
+        self.sandbox = Sandbox(
+            isolation=isolation, run_as_uid=run_as_uid, python_executable=python_executable,
+            # A compiler installed outside /usr (e.g. /opt/gcc) must be visible in the sandbox.
+            readable_paths=[install_prefix(self.cxx)] if self.cxx else [],
+        )
         self._executor: Optional[ThreadPoolExecutor] = None
 
     def score(self, response: str, answer: Any) -> RewardResult:
@@ -218,7 +226,9 @@ class CodeReward(RewardFn):
                     limits=Limits(
                         cpu_s=self.compile_timeout_s, wall_s=max(wall, 0.1), memory_bytes=self.compile_memory_bytes,
                         max_processes=max(self.max_processes, 16), max_file_bytes=max(self.max_output_bytes, 256 * MiB),
+                        max_disk_bytes=max(self.max_disk_bytes, 256 * MiB),
                     ),
+                    outputs=("main",),
                 )
                 if compiled.setup_failed:
                     logger.error("code reward: sandbox setup failed: %s", compiled.stderr[-500:])
@@ -239,7 +249,7 @@ class CodeReward(RewardFn):
                     limits=Limits(
                         cpu_s=self.time_limit_s, wall_s=min(self.wall_time_limit_s, remaining),
                         memory_bytes=self.memory_bytes, max_processes=self.max_processes,
-                        max_file_bytes=self.max_output_bytes,
+                        max_file_bytes=self.max_output_bytes, max_disk_bytes=self.max_disk_bytes,
                     ),
                 )
                 reason = self._classify(result)
@@ -255,13 +265,15 @@ class CodeReward(RewardFn):
         if result.setup_failed:
             logger.error("code reward: sandbox setup failed: %s", result.stderr[-500:])
             return "error"
+        # First: a full stream is what went wrong even if the program then spun until a limit
+        # killed it. Either stream: one flooding stderr dies of EFBIG (or SIGXFSZ) as on stdout.
+        if result.signal == signal.SIGXFSZ or result.output_limit_hit:
+            return "output_limit"
         if result.timed_out or result.signal == signal.SIGXCPU:
             return "timeout"
         # RLIMIT_CPU's hard limit (soft + 1 s) ends with SIGKILL when SIGXCPU was caught/ignored.
         if result.signal == signal.SIGKILL and result.wall_s >= math.ceil(self.time_limit_s):
             return "timeout"
-        if result.signal == signal.SIGXFSZ:
-            return "output_limit"
         if result.returncode == 0:
             return None
         stderr_tail = result.stderr[-4096:]

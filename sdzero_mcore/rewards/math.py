@@ -1,5 +1,16 @@
 """Math reward: the last \\boxed{} answer, checked for symbolic equivalence with math-verify.
 
+Equivalence policy (``MathReward(policy=...)``, config ``math.policy``):
+- "math_verify" (the default): math-verify's own verdict. This is what the SD-Zero authors'
+  release uses in Phase 2, so the default reproduces their rewards, including math-verify's
+  looseness: a decimal that agrees with the exact value to its rounding precision (1/3 vs
+  0.333333, pi vs 3.14159265) scores 1, and letters are compared without case (x vs X).
+- "strict": math-verify's verdict, and then a decimal in either answer must be exactly the other
+  value (0.5 = 1/2, but 0.333333 != 1/3: a rounded decimal is not the exact value) and a letter
+  must not appear in another case than in the reference (x != X).
+Both accept thousands separators: commas (math-verify's own) and thin spaces (U+2009, U+202F,
+LaTeX \\, and \\thinspace), which are removed between digit groups before parsing.
+
 Verification runs in worker processes (sdzero_mcore.rewards._pool.DeadlinePool) because sympy can
 hang or blow up on adversarial answers: each sample gets a hard timeout, a hung or crashed worker
 is killed and replaced, and the batch always returns.
@@ -14,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 import os
 import pickle
 import re
@@ -29,11 +41,55 @@ _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 # \varnothing parses as a free symbol, so it never matched \emptyset).
 _SPELLINGS = ((r"\varnothing", r"\emptyset"),)
 
+# A thin space between digit groups is a thousands separator (SI style: 1 000 000). math-verify
+# 0.9.0 reads "1\,000" as 1*0 and U+2009 as a break in the number, so they are removed first.
+_THIN_SPACE_SEPARATOR = re.compile(r"(?<=\d)(?:\\,|\\thinspace\s*|\u2009|\u202f)(?=\d{3}(?!\d))")
+
+POLICIES = ("math_verify", "strict")
+DEFAULT_POLICY = "math_verify"  # the authors' release (see the module docstring); math.policy sets it per run
+
 
 def _normalise(latex: str) -> str:
     for variant, canonical in _SPELLINGS:
         latex = latex.replace(variant, canonical)
-    return latex
+    return _THIN_SPACE_SEPARATOR.sub("", latex)
+
+
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+
+
+def _letters(latex: str) -> set[str]:
+    """The letters an answer writes, outside LaTeX command names (\\frac, \\pi, \\text)."""
+    return set(re.findall(r"[A-Za-z]", _LATEX_COMMAND.sub(" ", latex)))
+
+
+def _case_differs(gold: str, predicted: str) -> bool:
+    """Whether the prediction writes a letter in another case than the reference does (X for x);
+    letters the reference lacks in either case (units such as cm) do not count."""
+    gold_letters = _letters(gold)
+    return any(c not in gold_letters and c.swapcase() in gold_letters for c in _letters(predicted))
+
+
+def _exactly_equal(gold_value: Any, predicted_value: Any) -> bool:
+    """Whether two parsed answers are equal with every decimal read as the exact rational it
+    writes (0.333333 = 333333/1000000, which is not 1/3)."""
+    import sympy  # here, like math_verify: only the worker processes need it, and it is slow to import
+
+    def exact(value):
+        if not isinstance(value, sympy.Basic):
+            return value
+        return value.xreplace({f: sympy.Rational(str(f)) for f in value.atoms(sympy.Float)})
+
+    gold_exact, predicted_exact = exact(gold_value), exact(predicted_value)
+    if isinstance(gold_exact, sympy.Expr) and isinstance(predicted_exact, sympy.Expr):
+        return sympy.simplify(gold_exact - predicted_exact) == 0
+    return gold_exact == predicted_exact
+
+
+def _has_decimal(value: Any) -> bool:
+    import sympy
+
+    return isinstance(value, sympy.Basic) and bool(value.atoms(sympy.Float))
 
 
 def gold_for_parsing(gold: str) -> str:
@@ -63,7 +119,9 @@ def _init_math_worker(verify_fn: Optional[Callable[[str, str], bool]]) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)
 
 
-def _verify_in_worker(gold: str, predicted: str, verify_fn: Optional[Callable[[str, str], bool]]) -> str:
+def _verify_in_worker(
+    gold: str, predicted: str, verify_fn: Optional[Callable[[str, str], bool]], policy: str = DEFAULT_POLICY
+) -> str:
     """Runs in a worker: the reason string for one (gold, extracted prediction) pair."""
     if verify_fn is not None:
         return "correct" if verify_fn(gold, predicted) else "wrong"
@@ -77,12 +135,22 @@ def _verify_in_worker(gold: str, predicted: str, verify_fn: Optional[Callable[[s
     predicted_parsed = parse("\\boxed{" + _normalise(predicted) + "}", parsing_timeout=None)
     if not predicted_parsed:
         return "wrong"
-    return "correct" if verify(gold_parsed, predicted_parsed, timeout_seconds=None) else "wrong"
+    if not verify(gold_parsed, predicted_parsed, timeout_seconds=None):
+        return "wrong"
+    if policy == "strict":
+        if _case_differs(gold, predicted):
+            return "wrong"
+        gold_value, predicted_value = gold_parsed[0], predicted_parsed[0]
+        if (_has_decimal(gold_value) or _has_decimal(predicted_value)) and not _exactly_equal(gold_value, predicted_value):
+            return "wrong"
+    return "correct"
 
 
 class MathReward(RewardFn):
     """r(y, a) = 1 iff the last \\boxed{} answer of y is equivalent to a under math-verify.
 
+    policy: "math_verify" or "strict" (see the module docstring); None = the process default
+        (DEFAULT_POLICY unless the CLI set the run's math.policy). Ignored with verify_fn.
     timeout_s: hard limit per sample (verification only; extraction is linear-time in the parent).
     num_workers: verification processes, started on first use.
     verify_fn: optional replacement for math-verify, called in the worker as
@@ -102,7 +170,10 @@ class MathReward(RewardFn):
         verify_fn: Optional[Callable[[str, str], bool]] = None,
         mp_context: str = "spawn",
         startup_timeout_s: float = 120.0,
+        policy: str = DEFAULT_POLICY,
     ) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if num_workers is None:
@@ -121,6 +192,7 @@ class MathReward(RewardFn):
                 ) from exc
         self.timeout_s = float(timeout_s)
         self.verify_fn = verify_fn
+        self.policy = policy
         self.pool = DeadlinePool(
             num_workers,
             context=mp_context,
@@ -147,10 +219,10 @@ class MathReward(RewardFn):
                 results[index] = RewardResult(0, predicted, "no_answer")
                 continue
             task_indices.append(index)
-            task_args.append((gold, predicted, self.verify_fn))
+            task_args.append((gold, predicted, self.verify_fn, self.policy))
 
         outcomes = self.pool.map(_verify_in_worker, task_args, self.timeout_s)
-        for index, (gold, predicted, _), outcome in zip(task_indices, task_args, outcomes):
+        for index, (gold, predicted, *_), outcome in zip(task_indices, task_args, outcomes):
             if outcome.status == "ok":
                 reason = outcome.value
                 results[index] = RewardResult(1 if reason == "correct" else 0, predicted, reason)
@@ -170,6 +242,9 @@ class MathReward(RewardFn):
 def _gold_text(answer: Any, index: int) -> str:
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
         raise TypeError(f"answers[{index}] must be a str (or int/float) reference answer, got {type(answer).__name__}")
+    if isinstance(answer, float) and not math.isfinite(answer):
+        # str(nan) would become the reference answer "nan"; NaN usually marks a missing value.
+        raise ValueError(f"answers[{index}] is {answer!r}: a reference answer must be a finite number or text")
     text = str(answer).strip()
     if not text:
         raise ValueError(f"answers[{index}] is empty: a math problem needs a reference answer")

@@ -35,13 +35,15 @@ def reward_name(cfg: SDZeroConfig, questions: Sequence) -> str:
 
 
 def reward_fn_for(cfg: SDZeroConfig, questions: Sequence) -> RewardFn:
-    """The run's reward function for ``questions``, with the rollout section's workers and timeout."""
+    """The run's reward function for ``questions``, with the rollout section's workers and timeout
+    and, for math, the run's ``math.policy``."""
     name = reward_name(cfg, questions)
     if name.startswith("synthetic:"):  # verified in-process: pure Python, bounded work
         return get_reward_fn(name)
     if name == "code":  # its timeout is a per-sample budget over all tests: keep the reward's default
         return get_reward_fn(name, num_workers=cfg.rollout.reward_workers)
-    return get_reward_fn(name, timeout_s=cfg.rollout.reward_timeout_s, num_workers=cfg.rollout.reward_workers)
+    return get_reward_fn(name, timeout_s=cfg.rollout.reward_timeout_s, num_workers=cfg.rollout.reward_workers,
+                         policy=cfg.math.policy)
 
 
 def reward_target(question) -> object:

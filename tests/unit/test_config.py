@@ -180,7 +180,7 @@ def test_unknown_nested_key_lists_section_keys():
 def test_unknown_top_level_key_lists_top_level_keys():
     message = config_error("tp=2")
     assert "unknown key 'tp'" in message
-    assert "allowed top-level keys: checkpoint, data, distill, eval, grpo, logging, model, optimizer, output_dir" in message
+    assert "allowed top-level keys: checkpoint, data, distill, eval, grpo, logging, math, model, optimizer, output_dir" in message
     assert "did you mean" not in message
 
 

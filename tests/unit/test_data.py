@@ -590,7 +590,11 @@ def test_split_dedupes_ids(caplog):
     with caplog.at_level(logging.WARNING, logger="sdzero_mcore.data"):
         phase1, phase2 = split_phases(questions + dupes, 10, 10, 0)
     assert len(set(ids(phase1 + phase2))) == 20
-    assert "removed 6 rows whose question id repeats an earlier one (1 ids with differing content)" in caplog.text
+    # the conflicting id is named with the rows that carry it (issue 17: the line named neither)
+    assert (
+        "removed 6 rows whose question id repeats another row's (1 ids with differing content: "
+        "id 'id-0000': mem row 0, copy row 0)"
+    ) in caplog.text
     # which copy is kept does not depend on order either
     assert split_phases(dupes + questions, 10, 10, 0) == (phase1, phase2)
     with pytest.raises(DataError) as info:
@@ -607,3 +611,90 @@ def test_split_argument_errors():
         split_phases(make_questions(3), -1, 1, 0)
     with pytest.raises(TypeError, match="n_phase1 must be an int"):
         split_phases(make_questions(3), 1.0, 1, 0)
+
+
+# --- issue 17: values, sizes and ids that used to get through -------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["NaN", "Infinity", "-Infinity"])
+def test_non_finite_answer_is_rejected(tmp_path, bad):
+    path = write_jsonl(tmp_path / "m.jsonl", [MATH_ROWS[0], {"question": "q?", "answer": bad}])  # json writes NaN
+    message = data_error(str(path))
+    assert message.startswith(f"{path}: row 1 (line 2): field 'answer': the answer is {bad!r}, not a finite number")
+    loaded = load_rows(str(path), skip_invalid=True)
+    assert len(loaded) == 1 and loaded.skipped == {"non-finite number in field 'answer'": 1}
+
+
+def test_oversized_jsonl_line_is_rejected_without_reading_it_whole(tmp_path):
+    huge = {"question": "x" * (3 << 20), "answer": "1"}
+    path = write_jsonl(tmp_path / "big.jsonl", [MATH_ROWS[0], huge, MATH_ROWS[1]])
+    message = data_error(str(path), max_row_bytes=1 << 20)
+    assert message.startswith(f"{path}: row 1 (line 2): the line is over data.max_row_bytes ({1 << 20} bytes; it has ")
+    loaded = load_rows(str(path), max_row_bytes=1 << 20, skip_invalid=True)
+    # the rest of the long line was skipped, so the next row is read from its own line
+    assert [q.question for q in loaded] == [MATH_ROWS[0]["question"], MATH_ROWS[1]["question"]]
+    assert loaded.skipped == {"row over data.max_row_bytes": 1}
+    assert len(load_rows(str(path))) == 3  # the default cap (16 MiB) takes it
+
+
+def test_oversized_row_from_datasets_is_rejected(tmp_path, cache_dir):
+    path = write_json(tmp_path / "big.json", [MATH_ROWS[0], {"question": "y" * 5000, "answer": "1"}])
+    message = data_error(str(path), max_row_bytes=4096, cache_dir=cache_dir)
+    assert message.startswith(f"{path}: row 1: the row's text is 5005 bytes, over data.max_row_bytes (4096)")
+
+
+def test_data_config_caps_rows_by_default(tmp_path):
+    assert DataConfig().max_row_bytes == 16 << 20
+    path = write_jsonl(tmp_path / "big.jsonl", [MATH_ROWS[0], {"question": "z" * 300, "answer": "1"}])
+    with pytest.raises(DataError, match="over data.max_row_bytes"):
+        load_from_config(DataConfig(dataset=str(path), max_row_bytes=200))
+
+
+def test_max_prompt_tokens_error_or_skip(tmp_path):
+    rows = [MATH_ROWS[0], {"question": "a much longer question " * 4, "answer": "1"}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    message = data_error(str(path), max_prompt_tokens=20, count_prompt_tokens=len)
+    assert message == (
+        f"{path}: row 1 (line 2): field 'question': the prompt is 92 tokens, over data.max_prompt_tokens (20) "
+        "(set data.long_prompts=skip to skip and count such rows)"
+    )
+    loaded = load_rows(str(path), max_prompt_tokens=20, count_prompt_tokens=len, long_prompts="skip")
+    assert len(loaded) == 1 and loaded.skipped == {"prompt over data.max_prompt_tokens": 1}
+    assert "skipped 1 invalid (prompt over data.max_prompt_tokens: 1)" in loaded.summary()
+
+
+def test_load_from_config_counts_prompt_tokens_with_the_run_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from sdzero_mcore.data.prompts import prompt_ids
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+
+    tokenizer = AutoTokenizer.from_pretrained(save_tiny_hf_model(tmp_path / "hf", vocab_size=128))
+    rows = [{"question": "1+1?", "answer": "2"}, {"question": "9" * 200, "answer": "9"}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    limit = len(prompt_ids(tokenizer, "1+1?", template="auto")) + 5
+    data = DataConfig(dataset=str(path), max_prompt_tokens=limit, long_prompts="skip")
+    assert len(load_from_config(data)) == 2  # no tokenizer: nothing to count with
+    loaded = load_from_config(data, prompt_tokenizer=tokenizer)
+    assert [q.index for q in loaded] == [0] and loaded.skipped == {"prompt over data.max_prompt_tokens": 1}
+    with pytest.raises(DataError, match=r"row 1 \(line 2\): field 'question': the prompt is \d+ tokens"):
+        load_from_config(DataConfig(dataset=str(path), max_prompt_tokens=limit), prompt_tokenizer=tokenizer)
+
+
+def test_duplicate_id_with_different_content_names_both_rows(tmp_path, caplog):
+    rows = [
+        {"id": "p-1", "question": "What is 1+1?", "answer": "2"},
+        {"id": "p-2", "question": "What is 2+2?", "answer": "4"},
+        {"id": "p-1", "question": "What is 1+1?", "answer": "2"},  # an exact repeat: one question
+        {"id": "p-1", "question": "What is 1+1?", "answer": "3"},
+    ]
+    path = write_jsonl(tmp_path / "dup.jsonl", rows)
+    message = data_error(str(path))
+    assert message == (
+        f"{path}: row 3 (line 4): field 'id': id 'p-1' repeats row 0 (line 1) with a different answer ({SKIP_HINT})"
+    )
+    with caplog.at_level(logging.WARNING, logger="sdzero_mcore.data"):
+        loaded = load_rows(str(path), skip_invalid=True)
+    assert [q.index for q in loaded] == [0, 1, 2]
+    assert loaded.skipped == {"duplicate id with different content": 1}
+    assert f"{path}: skipped row 3 (line 4): id 'p-1' repeats row 0 (line 1) with a different answer" in caplog.text

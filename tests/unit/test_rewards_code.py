@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -19,7 +21,8 @@ import pytest
 from sdzero_mcore.rewards import CodeReward, get_reward_fn
 from sdzero_mcore.rewards.code import outputs_match, parse_problem
 from sdzero_mcore.rewards.extraction import last_code_block
-from sdzero_mcore.rewards.sandbox import Limits
+from sdzero_mcore.rewards import sandbox as sandbox_module
+from sdzero_mcore.rewards.sandbox import FALLBACK_UIDS, Limits
 
 TIME_LIMIT_S = 1.0
 WALL_TIME_LIMIT_S = 2.5
@@ -52,18 +55,33 @@ def reward():
         yield code_reward
 
 
+def _is_sandbox_uid(uid: int, sandbox_uid: int) -> bool:
+    # As non-root the sandbox uid is ours, and this process tree is below; as root the rlimits
+    # fallback runs each workspace as one of FALLBACK_UIDS.
+    return (uid == sandbox_uid and uid != os.geteuid()) or uid in FALLBACK_UIDS
+
+
 def _snapshot(sandbox_uid: int) -> dict:
-    ours = os.geteuid()
     sandbox_processes = set()
-    if sandbox_uid != ours:  # as non-root the sandbox uid is ours, and this process tree is below
-        for process in psutil.process_iter(["uids"]):
-            with contextlib.suppress(psutil.Error):
-                if process.info["uids"] and process.info["uids"].real == sandbox_uid:
-                    sandbox_processes.add(process.pid)
+    for process in psutil.process_iter(["uids"]):
+        with contextlib.suppress(psutil.Error):
+            if process.info["uids"] and _is_sandbox_uid(process.info["uids"].real, sandbox_uid):
+                sandbox_processes.add(process.pid)
+    scratch_files = set()
+    for directory in ("/tmp", "/var/tmp", "/dev/shm"):
+        with contextlib.suppress(OSError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if _is_sandbox_uid(entry.stat(follow_symlinks=False).st_uid, sandbox_uid):
+                        scratch_files.add(entry.path)
+    with open("/proc/self/mountinfo") as handle:
+        mounts = {line.split()[4] for line in handle}
     return {
         "descendants": {p.pid for p in psutil.Process().children(recursive=True)},
         "sandbox_uid_processes": sandbox_processes,
         "work_dirs": {d for d in os.listdir(tempfile.gettempdir()) if d.startswith("sdzero_sandbox_")},
+        "scratch_files_of_sandbox_uids": scratch_files,
+        "mounts": mounts,
     }
 
 
@@ -257,15 +275,17 @@ def test_memory_bomb_is_contained(reward, machine_unharmed, source):
 
 
 def test_output_flood_is_cut(machine_unharmed):
-    with CodeReward(time_limit_s=TIME_LIMIT_S, max_output_mb=1) as small_output:
+    # A roomy wall limit: the flood takes well under a second, but a loaded shared machine can
+    # delay the sandbox's start by seconds, and this test is about the classification.
+    with CodeReward(time_limit_s=TIME_LIMIT_S, wall_time_limit_s=20.0, max_output_mb=1) as small_output:
         result = small_output.score(python("while True:\n    print('x' * 1000)"), ADD_TESTS)
     assert (result.reward, result.reason) == (0, "output_limit")
 
 
 @contextlib.contextmanager
-def _host_dir_writable_by(uid: int):
-    """A directory outside the sandbox work dir and outside the tmpfs-covered dirs that the
-    sandbox uid could write to on the host, so only the sandbox stops the write."""
+def _host_dir_writable_by(uid: int, mode: int = 0o777):
+    """A directory outside the sandbox work dir and outside /tmp that the sandbox uid could write
+    to (or, with mode 0o755, read) on the host, so only the sandbox stops the access."""
     candidates = ["/srv", "/opt"] if os.geteuid() == 0 else [os.path.expanduser("~")]
     for parent in candidates:
         try:
@@ -273,8 +293,8 @@ def _host_dir_writable_by(uid: int):
         except OSError:
             continue
         try:
-            os.chmod(path, 0o777)
-            if os.geteuid() == 0:
+            os.chmod(path, mode)
+            if os.geteuid() == 0 and mode == 0o777:
                 os.chown(path, uid, uid)
             yield path
         finally:
@@ -370,3 +390,175 @@ def test_rlimits_fallback_contains_a_fork_bomb_when_root(machine_unharmed):
         result, elapsed = _timed_score(fallback, bomb)
     assert (result.reward, result.reason) == (0, "timeout")
     assert elapsed < RUN_BOUND_S, elapsed
+
+
+# ---- hardening (issue 17): what hostile programs got through before ------------------------------
+
+
+def _needs_namespaces(reward):
+    if reward.sandbox.isolation != "namespaces":
+        pytest.skip("rlimits isolation cannot contain this (documented in the README's sandbox section)")
+
+
+@pytest.fixture(scope="module")
+def roomy():
+    """For programs that should finish and be judged: limits far from what they need, so that a
+    load spike on a shared 2-core machine cannot turn them into timeouts."""
+    with CodeReward(time_limit_s=5.0, wall_time_limit_s=20.0, memory_limit_mb=256, num_workers=2) as code_reward:
+        yield code_reward
+
+
+def test_proc_is_private(roomy, machine_unharmed):
+    """A secret on a host process's command line must not be visible in the sandbox's /proc."""
+    _needs_namespaces(roomy)
+    secret = f"sdzero-secret-{uuid.uuid4().hex}"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", secret])
+    try:
+        source = (
+            "import os\nfound = []\nfor pid in filter(str.isdigit, os.listdir('/proc')):\n    try:\n"
+            "        found.append(open(f'/proc/{pid}/cmdline', 'rb').read())\n    except OSError:\n        pass\n"
+            f"print('leaked' if any({secret!r}.encode() in c for c in found) else 'hidden', len(found))\n"
+        )
+        result = roomy.score(python(source), [{"input": "", "output": "hidden 2"}])
+        # Two processes: the init of the program's own pid namespace and the program; the count
+        # is in the expected output so that a /proc showing host processes fails even without
+        # the secret.
+        assert (result.reward, result.reason) == (1, "correct"), result
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_host_unix_sockets_are_unreachable(roomy, machine_unharmed):
+    _needs_namespaces(roomy)
+    with _host_dir_writable_by(roomy.sandbox.run_as_uid) as host_dir:
+        path = os.path.join(host_dir, "host.sock")
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(path)
+        os.chmod(path, 0o777)
+        server.listen(4)
+        server.setblocking(False)
+        try:
+            source = (
+                "import socket\ns = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\ntry:\n"
+                f"    s.connect({path!r})\n    print('connected')\nexcept OSError as exc:\n    print('blocked')\n"
+            )
+            result = roomy.score(python(source), [{"input": "", "output": "blocked"}])
+            assert (result.reward, result.reason) == (1, "correct"), result
+            _assert_no_connection(server)
+        finally:
+            server.close()
+
+
+def test_world_readable_files_outside_the_work_dir_are_unreadable(roomy, machine_unharmed):
+    """Expected outputs left world-readable on the host must not let a program score 1."""
+    _needs_namespaces(roomy)
+    with _host_dir_writable_by(roomy.sandbox.run_as_uid, mode=0o755) as host_dir:
+        answers = os.path.join(host_dir, "expected.txt")
+        with open(answers, "w") as handle:
+            handle.write("the expected output 4f1c")
+        os.chmod(answers, 0o644)
+        source = f"try:\n    print(open({answers!r}).read())\nexcept OSError:\n    print('unreadable')"
+        result = roomy.score(python(source), [{"input": "", "output": "the expected output 4f1c"}])
+        assert (result.reward, result.reason) == (0, "wrong_answer"), result
+
+
+WRITE_UNTIL_FULL = (
+    "import os\nwritten = 0\nchunk = b'x' * (1 << 20)\n"
+    "for i in range(200):\n    path = {where!r}[i % 3] + f'/f{{i}}'\n    try:\n"
+    "        with open(path, 'wb') as handle:\n            handle.write(chunk)\n            handle.flush()\n"
+    "        written += 1\n    except OSError:\n        break\nprint(written)\n"
+)
+
+
+def test_disk_use_per_sample_is_bounded(roomy, machine_unharmed):
+    """The work dir, /tmp and /dev/shm share one quota (a tmpfs of max_disk_bytes)."""
+    _needs_namespaces(roomy)
+    sandbox = roomy.sandbox
+    limits = Limits(cpu_s=5, wall_s=10, memory_bytes=256 << 20, max_processes=8, max_file_bytes=64 << 20,
+                    max_disk_bytes=16 << 20)
+    with sandbox.workspace() as workspace:
+        with open(os.path.join(workspace.box, "fill.py"), "w") as handle:
+            handle.write(WRITE_UNTIL_FULL.format(where=[".", "/tmp", "/dev/shm"]))
+        run = sandbox.run([sandbox.python_executable, "-I", "fill.py"], workspace, limits=limits, python_program=True)
+    assert run.returncode == 0, run
+    written_mib = int(run.stdout.decode())
+    assert 8 <= written_mib < 16, written_mib  # about the quota, far from the 200 MiB it tried
+
+
+MEMORY_OUTSIDE_RLIMIT_AS = (
+    "import ctypes, mmap, os\nlibc = ctypes.CDLL(None, use_errno=True)\nreport = []\n"
+    "try:\n    fd = os.memfd_create('hoard')\n    report.append('memfd allowed')\nexcept OSError:\n    report.append('memfd denied')\n"
+    # a tmpfs of its own has no size limit: mounted directly (the program is root of its user
+    # namespace in namespaces mode) or in a new user namespace
+    "report.append('mount allowed' if libc.mount(b'hoard', b'/tmp', b'tmpfs', 0, b'size=4g') == 0 else 'mount denied')\n"
+    "report.append('userns allowed' if libc.unshare(0x10000000) == 0 else 'userns denied')\n"
+    "report.append('shm allowed' if libc.shmget(0, 1 << 20, 0o1000 | 0o600) >= 0 else 'shm denied')\n"
+    "print(' '.join(report))\n"
+)
+
+
+@pytest.mark.parametrize("isolation", ["auto", "rlimits"])
+def test_memory_outside_the_address_space_limit_is_denied(machine_unharmed, isolation):
+    """memfd files, SysV shared memory and a tmpfs in a namespace of the program's own are not
+    counted by RLIMIT_AS: the seccomp launcher denies all three, in both modes."""
+    with CodeReward(time_limit_s=5.0, wall_time_limit_s=20.0, isolation=isolation) as code_reward:
+        result = code_reward.score(python(MEMORY_OUTSIDE_RLIMIT_AS), [{"input": "", "output": "memfd denied mount denied userns denied shm denied"}])
+    assert (result.reward, result.reason) == (1, "correct"), result
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_output_flood_on_either_stream_is_output_limit(machine_unharmed, stream):
+    with CodeReward(time_limit_s=TIME_LIMIT_S, wall_time_limit_s=20.0, max_output_mb=1) as small_output:
+        result = small_output.score(python(f"import sys\nwhile True:\n    print('x' * 1000, file=sys.{stream})"), ADD_TESTS)
+    assert (result.reward, result.reason) == (0, "output_limit"), result
+
+
+SLOW_ADD = python("import time\na, b = map(int, input().split())\ntime.sleep(1.0)\nprint(a + b)")
+KILL_EVERYONE = python("import os, signal, time\ntime.sleep(0.3)\nos.kill(-1, signal.SIGKILL)\nprint('still here')")
+
+
+@pytest.mark.parametrize("isolation", ["auto", "rlimits"])
+def test_kill_all_does_not_reach_other_samples(machine_unharmed, isolation):
+    """kill(-1, SIGKILL) from one sample must not kill another sample judged at the same time."""
+    with CodeReward(time_limit_s=3.0, wall_time_limit_s=6.0, num_workers=2, isolation=isolation) as code_reward:
+        results = code_reward.score_batch([KILL_EVERYONE, SLOW_ADD], [[{"input": "", "output": "x"}], ADD_TESTS[:1]])
+    assert results[1].reason == "correct", results
+
+
+def test_rlimits_fallback_leaves_no_setsid_daemon(machine_unharmed):
+    """A double-forked setsid daemon (out of the process group, idle so RLIMIT_CPU never ends it)
+    must not outlive the sample: as root each fallback workspace has its own uid, killed whole."""
+    if os.geteuid() != 0:
+        pytest.skip("without root the fallback cannot switch uids, so it cannot find a daemon (documented)")
+    daemon = python(
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(60)\n"
+        "        os._exit(0)\n    os._exit(0)\ntime.sleep(0.2)\nprint('forked')"
+    )
+    with CodeReward(time_limit_s=5.0, wall_time_limit_s=20.0, isolation="rlimits") as fallback:
+        result = fallback.score(daemon, [{"input": "", "output": "forked"}])
+        assert (result.reward, result.reason) == (1, "correct"), result
+        # Right after the score, not after the fixture's grace period; zombies (killed, waiting for
+        # the machine's init to reap them) cannot run.
+        survivors = [
+            p.info for p in psutil.process_iter(["pid", "uids", "status", "cmdline"])
+            if p.info["uids"] and p.info["uids"].real in FALLBACK_UIDS and p.info["status"] != psutil.STATUS_ZOMBIE
+        ]
+        assert survivors == []
+
+
+@pytest.mark.parametrize("isolation", ["auto", "rlimits"])
+def test_sandbox_start_up_has_its_own_deadline(machine_unharmed, monkeypatch, isolation):
+    """The wall-clock limit starts when the program starts (a loaded machine's slow sandbox start
+    must not eat it); a start-up that takes too long is a setup failure, cleaned up like a run."""
+    with CodeReward(time_limit_s=TIME_LIMIT_S, isolation=isolation) as code_reward:
+        sandbox = code_reward.sandbox
+        limits = Limits(cpu_s=5, wall_s=20, memory_bytes=256 << 20, max_processes=8, max_file_bytes=1 << 20)
+        with sandbox.workspace() as workspace:
+            ran = sandbox.run([sandbox.python_executable, "-I", "-c", "import time; time.sleep(0.2)"], workspace, limits=limits)
+            assert ran.returncode == 0 and ran.wall_s >= 0.2 and not ran.setup_failed, ran
+            monkeypatch.setattr(sandbox_module, "SETUP_TIMEOUT_S", 0.001)  # no sandbox starts that fast
+            hung = sandbox.run([sandbox.python_executable, "-I", "-c", "print('ran')"], workspace, limits=limits)
+        # (The program may get to run before the kill lands: the run is a failure either way.)
+        assert hung.setup_failed and hung.timed_out, hung
+        assert b"did not start the program within 0.001 s" in hung.stderr

@@ -74,7 +74,7 @@ EQUIVALENCE_TABLE = [
     (r"\frac{3}{4}", r"\boxed{\tfrac34}", 1, "correct"),
     (r"\frac{1}{2}", r"\boxed{\frac{2}{4}}", 1, "correct"),
     (r"\frac{3}{4}", r"\boxed{\frac{4}{3}}", 0, "wrong"),
-    ("1/3", r"\boxed{0.33}", 0, "wrong"),  # a rounded decimal is not the exact value
+    ("1/3", r"\boxed{0.33}", 0, "wrong"),  # too coarse for math-verify too; 0.333333 passes it (POLICY_TABLE)
     # intervals and sets
     ("[1,2)", r"\boxed{\left[1, 2\right)}", 1, "correct"),
     ("[1,2)", r"\boxed{[1,2]}", 0, "wrong"),
@@ -265,3 +265,61 @@ def test_worker_start_up_failure_raises_a_clear_error_and_cleans_up():
     finally:
         pool.close()
     assert not _zombie_children()
+
+
+# ---- equivalence policy (issue 17) ----------------------------------------------------------------
+# (gold, response, reward under "math_verify", reward under "strict")
+
+POLICY_TABLE = [
+    ("1/3", r"\boxed{0.333333}", 1, 0),  # rounded to math-verify's precision: not the exact value
+    (r"\pi", r"\boxed{3.14159265}", 1, 0),
+    (r"[\frac{1}{3}, 1]", r"\boxed{[0.333333, 1]}", 1, 0),  # decimals inside structures too
+    ("x", r"\boxed{X}", 1, 0),  # strict is case-sensitive
+    ("x^2+2x+1", r"\boxed{(x+1)^2}", 1, 1),
+    ("1/2", r"\boxed{0.5}", 1, 1),  # an exact decimal is the exact value
+    ("0.25", r"\boxed{\frac{1}{4}}", 1, 1),
+    (r"-\frac{1}{2}", r"\boxed{-0.5}", 1, 1),
+    ("5", r"\boxed{5 \text{ cm}}", 1, 1),  # a unit is not a letter of the answer
+    ("B", r"\boxed{\text{(B)}}", 1, 1),
+    # thousands separators, in the response and in the reference, under both policies
+    ("1000000", r"\boxed{1,000,000}", 1, 1),
+    ("1000000", "\\boxed{1\u2009000\u2009000}", 1, 1),  # U+2009 thin space
+    ("1000000", "\\boxed{1\u202f000\u202f000}", 1, 1),  # U+202F narrow no-break space
+    ("1000000", r"\boxed{1\,000\,000}", 1, 1),  # LaTeX thin space
+    ("1\u2009000", r"\boxed{1000}", 1, 1),
+    (r"1\,000", r"\boxed{1000}", 1, 1),
+    ("1000", r"\boxed{1\,001}", 0, 0),
+    ("12", r"\boxed{1\,2}", 0, 0),  # not digit groups of three: not a separator
+]
+
+
+@pytest.mark.parametrize("policy", ["math_verify", "strict"])
+def test_equivalence_policy(policy):
+    column = 2 if policy == "math_verify" else 3
+    with MathReward(num_workers=1, timeout_s=20.0, policy=policy) as reward:
+        assert reward.policy == policy
+        results = reward.score_batch([row[1] for row in POLICY_TABLE], [row[0] for row in POLICY_TABLE])
+    got = [(row[0], row[1], result.reward) for row, result in zip(POLICY_TABLE, results)]
+    assert got == [(row[0], row[1], row[column]) for row in POLICY_TABLE]
+
+
+def test_default_policy_is_math_verify_and_the_run_config_sets_it():
+    from sdzero_mcore.config import SDZeroConfig, load_config
+    from sdzero_mcore.rewards import reward_fn_for
+
+    # Workers start on first use, so these rewards start no process.
+    assert MathReward(num_workers=1).policy == "math_verify"  # the authors' release
+    assert SDZeroConfig().math.policy == "math_verify"
+    # the phases build their reward from the run config: math.policy reaches it
+    strict = reward_fn_for(load_config(overrides=["math.policy=strict", "data.dataset=gsm8k"]), [])
+    assert isinstance(strict, MathReward) and strict.policy == "strict"
+    with pytest.raises(ValueError, match="policy"):
+        MathReward(policy="loose")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_gold_is_rejected(bad):
+    reward = MathReward(num_workers=1)
+    with pytest.raises(ValueError, match=r"answers\[0\] is .*finite"):
+        reward.score(r"\boxed{1}", bad)
+    reward.close()
