@@ -266,3 +266,45 @@ def test_eval_backend_flag_selects_the_engine(monkeypatch):
     cli.main(["eval", str(TINY), "rollout.backend=hf", "--checkpoint", "ckpt", "--out", "out", "--backend", "vllm"])
     args = seen["args"]
     assert load_config(args.config, args.overrides).rollout.backend == "vllm"
+
+
+class _RecordingLLM:
+    """vllm.LLM's sleep-mode and RPC surface, recording calls: sleep mode exists only on CUDA/ROCm
+    builds, so its order is checked by contract here (the CPU run above covers the rest)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append(("rpc", method))
+        return [[]]  # one worker; sdzero_finish_reload: no parameter left unset
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+def test_gpu_sleep_mode_order_by_contract():
+    from sdzero_mcore.rollout.vllm import VLLMRolloutEngine
+
+    engine = VLLMRolloutEngine.__new__(VLLMRolloutEngine)  # no engine start: the recorder stands in
+    engine.llm, engine.sleep_mode, engine.released, engine.asleep = _RecordingLLM(), True, set(), False
+    engine.weight_shapes, engine.vocab_size = {"w": (2,)}, 8
+    engine.sleep()
+    engine.sleep()  # already asleep: nothing more to release
+    with pytest.raises(RuntimeError, match="asleep"):
+        engine.generate([[1]], SamplingParams())
+    engine.update_weights([[("w", torch.ones(2))]])
+    engine.wake()
+    assert engine.llm.calls == [
+        ("sleep", 1),
+        ("wake_up", ("weights",)),  # the weights' memory is back before they are written
+        ("rpc", "sdzero_begin_reload"), ("rpc", "sdzero_load_bucket"), ("rpc", "sdzero_finish_reload"),
+        ("reset_prefix_cache",),
+        ("wake_up", ("kv_cache",)),  # the KV cache only after the sync
+    ]
