@@ -194,3 +194,19 @@ def tiny_qwen3_mcore(root: Path) -> Path:
     hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB)
     hf_to_mcore(hf_dir, root / "mcore", tensor_parallel_size=1, progress=False)
     return root / "mcore"
+
+
+def perturb_like_training(model, rank: int) -> dict[str, bool]:
+    """Move a megatron model's weights as training would, so that its checkpoint on disk is stale:
+    TP-sharded parameters get a different perturbation per shard; replicated ones (norms) the same
+    on every rank, as training keeps them. Returns whether each parameter is TP-sharded."""
+    from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
+
+    table = mappings_by_param_name(model.hf_arch)
+    sharded = {name: table[name].kind is not Kind.REPLICATED for name, _ in model.named_parameters()}
+    with torch.no_grad():
+        for index, (name, param) in enumerate(model.named_parameters()):
+            shard = rank if sharded[name] else 0
+            noise = torch.randn(param.shape, generator=torch.Generator().manual_seed(100 * index + shard))
+            param.add_(0.02 * noise)
+    return sharded

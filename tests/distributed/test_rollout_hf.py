@@ -16,10 +16,9 @@ STEPS = 10
 
 def sync_worker(mcore_dir: str, out_path: str) -> None:
     import torch.distributed as dist
-    from helpers import megatron_greedy, peak_allocated_bytes
+    from helpers import megatron_greedy, peak_allocated_bytes, perturb_like_training
 
     from sdzero_mcore.checkpoint.loading import build_model_from_mcore
-    from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
     from sdzero_mcore.models.forward import causal_lm_logits
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
     from sdzero_mcore.parallel.resharding import iter_hf_buckets
@@ -29,15 +28,7 @@ def sync_worker(mcore_dir: str, out_path: str) -> None:
     initialize_model_parallel(tensor_model_parallel_size=2)
     rank = dist.get_rank()
     model = build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local")
-    table = mappings_by_param_name(model.hf_arch)
-    sharded = {name: table[name].kind is not Kind.REPLICATED for name, _ in model.named_parameters()}
-    with torch.no_grad():  # "training moved the weights": the checkpoint on disk is now stale
-        for index, (name, param) in enumerate(model.named_parameters()):
-            # TP-sharded parameters get a different perturbation per shard; replicated ones (norms)
-            # must stay identical on every rank, as training keeps them.
-            shard = rank if sharded[name] else 0
-            noise = torch.randn(param.shape, generator=torch.Generator().manual_seed(100 * index + shard))
-            param.add_(0.02 * noise)
+    sharded = perturb_like_training(model, rank)  # the checkpoint on disk is now stale
     ids = torch.tensor([PROMPTS[0] * 3])
     record = {"megatron_logits": causal_lm_logits(model, ids), "megatron_greedy": [megatron_greedy(model, p, STEPS) for p in PROMPTS]}
 

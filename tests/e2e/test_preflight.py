@@ -7,16 +7,15 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
 from sdzero_mcore.cli import main
 from sdzero_mcore.config import ConfigError, load_config
 from sdzero_mcore.models.tiny import save_tiny_hf_model
 from sdzero_mcore.preflight import check_before_work, find_hf_files_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = str(REPO_ROOT / "examples" / "tiny_cpu.yaml")
 # Small enough that a command which wrongly gets past the checks ends soon instead of training.
 SMALL = ["data.phase1_questions=2", "data.phase2_questions=2", "rollout.max_new_tokens=4", "srt_collect.max_new_tokens=4"]

@@ -15,11 +15,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB
+from helpers import REPO_ROOT, VOCAB
 
 from sdzero_mcore.checkpoint.convert import hf_to_mcore
 from sdzero_mcore.models.tiny import save_tiny_hf_model
@@ -41,7 +40,7 @@ LOGPROB_ATOL = 1e-4
 # A fixed KV cache: vLLM's CPU build otherwise sizes it as a fraction of the NUMA node's memory
 # minus what the worker holds, which depends on the machine.
 ENGINE = dict(max_model_len=128, kv_cache_gb=0.25)
-TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny_cpu.yaml"
+TINY = REPO_ROOT / "examples" / "tiny_cpu.yaml"
 
 
 def megatron_logprobs(model, prompt: list[int], tokens: list[int]) -> list[float]:
@@ -64,10 +63,9 @@ def _error_of(fn) -> str:
 
 def sync_worker(mcore_dir: str, out_path: str) -> None:
     import torch.distributed as dist
-    from helpers import megatron_greedy
+    from helpers import megatron_greedy, perturb_like_training
 
     from sdzero_mcore.checkpoint.loading import build_model_from_mcore
-    from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
     from sdzero_mcore.parallel.resharding import iter_hf_buckets
     from sdzero_mcore.rollout.hf import HFRolloutEngine
@@ -77,12 +75,7 @@ def sync_worker(mcore_dir: str, out_path: str) -> None:
     initialize_model_parallel(tensor_model_parallel_size=2)
     rank = dist.get_rank()
     model = build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local")
-    table = mappings_by_param_name(model.hf_arch)
-    with torch.no_grad():  # "training moved the weights": the checkpoint on disk is now stale
-        for index, (name, param) in enumerate(model.named_parameters()):
-            # replicated parameters (norms) stay identical on every rank, as training keeps them
-            shard = rank if table[name].kind is not Kind.REPLICATED else 0
-            param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(100 * index + shard)))
+    perturb_like_training(model, rank)  # the checkpoint on disk is now stale
     record = {"megatron_greedy": [megatron_greedy(model, p, STEPS) for p in PROMPTS]}
     greedy = SamplingParams(temperature=0.0, max_new_tokens=STEPS, return_logprobs=True)
     sampled = SamplingParams(temperature=1.0, max_new_tokens=STEPS, n=2, seed=11, return_logprobs=True)
