@@ -21,9 +21,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from sdzero_mcore.checkpoint.source import LATEST_FILE
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.data import load_from_config, split_phases
 from sdzero_mcore.data.prompts import prompt_ids
+from sdzero_mcore.data.question_sets import phase_questions
 
 __all__ = ["DATA_COMMANDS", "check_before_work", "check_output_dir", "find_hf_files_dir", "vocab_size"]
 
@@ -31,9 +32,6 @@ __all__ = ["DATA_COMMANDS", "check_before_work", "check_output_dir", "find_hf_fi
 DATA_COMMANDS = ("sft", "srt-collect", "distill", "run", "rft", "grpo")
 # Commands that use distill.top_k.
 TOP_K_COMMANDS = ("distill", "run")
-# The checkpoint file the trainer points at its newest step with (sdzero_mcore.trainer.LATEST_FILE);
-# a literal here so that this check imports neither torch nor the trainer.
-_LATEST_FILE = "latest"
 
 
 def check_before_work(cfg: SDZeroConfig, command: str, *, init_from: Optional[str] = None, out: Optional[str] = None) -> None:
@@ -54,8 +52,7 @@ def check_before_work(cfg: SDZeroConfig, command: str, *, init_from: Optional[st
             )
     if command in DATA_COMMANDS:
         tokenizer = _load_tokenizer(hf_dir, cfg.data.prompt_template) if hf_dir is not None else None
-        loaded = load_from_config(cfg.data, prompt_tokenizer=tokenizer)
-        split_phases(loaded.questions, cfg.data.phase1_questions, cfg.data.phase2_questions, cfg.data.split_seed)
+        phase_questions(cfg, tokenizer)  # the phases' own loading and split, with the same tokenizer
 
 
 def check_output_dir(path_text: str, key: str) -> None:
@@ -87,7 +84,7 @@ def find_hf_files_dir(cfg: SDZeroConfig, init_from: Optional[str]) -> Optional[P
             continue
         root = Path(candidate).expanduser()
         steps = []
-        pointer = root / _LATEST_FILE
+        pointer = root / LATEST_FILE
         if pointer.is_file():
             steps.append(root / pointer.read_text().strip())
         steps += sorted(root.glob("step_*"), reverse=True)
