@@ -40,6 +40,9 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",
+    "PromptConfig",
+    "PromptsConfig",
+    "RECIPES",
     "RolloutConfig",
     "SDZeroConfig",
     "SRTCollectConfig",
@@ -226,8 +229,10 @@ class DataConfig(_Section):
     max_row_bytes: int = _checked(16 * 2**20, _AT_LEAST_1)
     # auto = the tokenizer's chat template when it has one, else "Question: ...\nAnswer:"
     prompt_template: str = _checked("auto", _one_of("auto", "chat", "plain"))
-    # P_r: paper = the paper's exact phrases (docs/method.md); custom = p_r_correct (r = 1) and p_r_incorrect (r = 0)
-    p_r_preset: str = _checked("paper", _one_of("paper", "custom"))
+    # P_r (docs/method.md): paper = the paper's text; qwen / olmo = the release's phrases for that family;
+    # auto = qwen or olmo from the model's architecture in config.json (the `release` recipe's default);
+    # custom = p_r_correct (r = 1) and p_r_incorrect (r = 0)
+    p_r_preset: str = _checked("paper", _one_of("paper", "qwen", "olmo", "auto", "custom"))
     p_r_correct: Optional[str] = None
     p_r_incorrect: Optional[str] = None
     eval_datasets: list[str] = field(default_factory=list)
@@ -257,6 +262,44 @@ class DataConfig(_Section):
                 raise ConfigError(
                     f"{prefix}synthetic_size ({self.synthetic_size}) is less than {prefix}phase1_questions "
                     f"({self.phase1_questions}) + {prefix}phase2_questions ({self.phase2_questions}) = {needed}"
+                )
+
+
+@dataclass
+class PromptConfig(_Section):
+    """How one phase turns a question into a prompt (sdzero_mcore.data.prompts.RunPrompts).
+
+    The user turn is ``prefix + question + suffix`` under an optional system prompt, through the
+    tokenizer's chat template. ``attempt`` says where a first attempt and P_r go when the phase
+    conditions on one: ``assistant`` = the same assistant turn continues with
+    ``y + "\\n\\n" + P_r + "\\n\\n"``; ``user`` = the user turn ends with
+    ``"\\n\\n" + y + "\\n\\n" + P_r`` and the model answers in a fresh assistant turn (the
+    release's SRT revision stage).
+    """
+
+    system: Optional[str] = None
+    prefix: str = ""
+    suffix: str = ""
+    attempt: str = _checked("assistant", _one_of("assistant", "user"))
+
+
+@dataclass
+class PromptsConfig(_Section):
+    """One prompt layout per phase; the recipe sets them (docs/method.md has both recipes' texts)."""
+
+    collection: PromptConfig = field(default_factory=PromptConfig)  # Phase 1 attempts and revisions
+    srt_generation: PromptConfig = field(default_factory=PromptConfig)  # L_generation / SRT stage 1
+    srt_revision: PromptConfig = field(default_factory=PromptConfig)  # L_revision / SRT stage 2
+    student: PromptConfig = field(default_factory=PromptConfig)  # Phase 2 rollouts, GRPO, RFT, SDFT
+    teacher: PromptConfig = field(default_factory=PromptConfig)  # Phase 2 teacher context
+    eval: PromptConfig = field(default_factory=PromptConfig)  # sdzero eval and Phase 2 validation
+
+    def _check_relations(self, prefix: str) -> None:
+        for name in ("collection", "teacher"):
+            if getattr(self, name).attempt != "assistant":
+                raise ConfigError(
+                    f"{prefix}{name}.attempt: {getattr(self, name).attempt!r} is not supported; allowed: assistant "
+                    f"(the {name} prompt's attempt is scored or revised in the same assistant turn)"
                 )
 
 
@@ -306,6 +349,9 @@ class OptimizerConfig(_Section):
     lr_schedule: str = _checked("constant", _one_of("cosine", "constant"))
     warmup_steps: int = _checked(0, _NON_NEGATIVE)
     warmup_ratio: float = _checked(0.0, _FRACTION_HALF_OPEN)
+    # null: warm up as (step + 1) / warmup_steps; a value f: torch's LinearLR(start_factor=f), i.e.
+    # f at step 0 rising linearly to 1 at warmup_steps (the release's Phase 2: 0.1 over 20 steps)
+    warmup_start_factor: Optional[float] = _checked(None, _Rule(lambda v: v is None or 0 < v <= 1, "null or (0, 1]"))
 
     def _check_relations(self, prefix: str) -> None:
         if self.warmup_steps > 0 and self.warmup_ratio > 0:
@@ -321,27 +367,39 @@ class OptimizerConfig(_Section):
 class SRTCollectConfig(_Section):
     """Self-revision data collection: initial attempts, then revisions of each."""
 
-    n_init: int = _checked(1, _AT_LEAST_1)
-    n_rev: int = _checked(3, _AT_LEAST_1)
+    n_init: int = _checked(1, _AT_LEAST_1)  # attempts per question
+    n_rev: int = _checked(3, _AT_LEAST_1)  # revisions per revised attempt
     temperature: float = _checked(0.7, _NON_NEGATIVE)
+    top_p: float = _checked(1.0, _PROBABILITY)
+    # a sample ends at the first of these strings (cut before it), besides the tokenizer's end token
+    stop_strings: list[str] = field(default_factory=list)
+    # false: only wrong attempts are revised, so every kept tuple is a correction (the release)
     revise_correct: bool = True
-    target_count: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    # scan the Phase 1 questions in order until this many verified revisions are kept; null = all questions
+    target_kept: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    # the release's cleaning of kept tuples: repeated-tail trim, flattering-opener strip, dedup
+    # (sdzero_mcore/data/trace_cleaning.py); the summary counts what each rule removed
+    cleaning: bool = False
     max_new_tokens: int = _checked(16384, _AT_LEAST_1)
-    output_file: str = "srt_records.jsonl"
 
 
 @dataclass
 class SRTTrainConfig(_Section):
     """Self-revision training (phase 1)."""
 
-    # joint = L_revision + L_generation in one loss, as in the paper; sequential = the released
-    # code's two SFT stages, generation then revision
+    # joint = L_revision + L_generation in one loss, as in the paper (Eq. 3); sequential = the
+    # release's two SFT stages: generation (prompts.srt_generation) then revision (prompts.srt_revision)
     mode: str = _checked("joint", _one_of("joint", "sequential"))
+    # sequential: the revision stage trains on this many tuples and the generation stage on the rest
+    # (the release: 1000); null = every tuple in both stages
+    stage2_size: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
     epochs: int = _checked(3, _AT_LEAST_1)
     global_batch_size: int = _checked(4, _AT_LEAST_1)
     micro_batch_size: int = _checked(1, _AT_LEAST_1)
     # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
     max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    # held out of training (seeded); its NLL is logged as val_loss before training and at every epoch end
+    validation_fraction: float = _checked(0.0, _FRACTION_HALF_OPEN)
     max_seq_length: int = _checked(32768, _AT_LEAST_1)
     optimizer: OptimizerConfig = field(
         default_factory=partial(
@@ -371,6 +429,9 @@ class DistillConfig(_Section):
     teacher_sync_interval: int = _checked(0, _NON_NEGATIVE)  # 0 = sync the teacher at each epoch end only
     max_response_tokens: int = _checked(8192, _AT_LEAST_1)
     max_teacher_tokens: int = _checked(16384, _AT_LEAST_1)
+    # the first y of the teacher context keeps the end token it was sampled with (the release); false
+    # strips it so that P_r continues the same assistant turn
+    teacher_keeps_end_token: bool = False
     # revision: the teacher reads x + y + P_r + y (SD-Zero); gold_solution: x + the data's solution +
     # P_r(correct) + y, the SDFT baseline (needs data.solution_field or a synthetic task)
     teacher_context: str = _checked("revision", _one_of("revision", "gold_solution"))
@@ -407,6 +468,8 @@ class SFTConfig(_Section):
     micro_batch_size: int = _checked(32, _AT_LEAST_1)
     # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
     max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    # held out of training (seeded); its NLL is logged as val_loss before training and at every epoch end
+    validation_fraction: float = _checked(0.0, _FRACTION_HALF_OPEN)
     max_seq_length: int = _checked(512, _AT_LEAST_1)
     optimizer: OptimizerConfig = field(
         default_factory=partial(OptimizerConfig, lr=3e-3, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=0.01)
@@ -430,6 +493,8 @@ class RFTConfig(_Section):
     micro_batch_size: int = _checked(1, _AT_LEAST_1)
     # pack micro-batches by padded tokens (sorted by length) instead of rows; null = micro_batch_size rows
     max_tokens_per_micro_batch: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
+    # held out of training (seeded); its NLL is logged as val_loss before training and at every epoch end
+    validation_fraction: float = _checked(0.0, _FRACTION_HALF_OPEN)
     max_seq_length: int = _checked(32768, _AT_LEAST_1)
     optimizer: OptimizerConfig = field(
         default_factory=partial(OptimizerConfig, lr=5e-6, lr_schedule="cosine", warmup_ratio=0.05, weight_decay=1e-4)
@@ -533,6 +598,10 @@ class SDZeroConfig(_Section):
     """The whole run: one section per subsystem and per training phase."""
 
     run_name: str = "sdzero"
+    # paper = the paper's text; release = the authors' public code (princeton-pli/Self-Distillation-Zero).
+    # It sets the defaults of every setting where they differ (RECIPES below, docs/method.md); a key
+    # given in the config file or on the command line still wins.
+    recipe: str = _checked("paper", _one_of("paper", "release"))
     # where every phase writes; checked before any work (sdzero_mcore.preflight): not empty, not a
     # file, writable
     output_dir: str = _checked(
@@ -542,6 +611,7 @@ class SDZeroConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # for phases that have none
     srt_collect: SRTCollectConfig = field(default_factory=SRTCollectConfig)
@@ -557,6 +627,44 @@ class SDZeroConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------
+# Recipes: the defaults that differ between the paper's text and the authors' release
+
+
+_STEP_BY_STEP = "Please reason step by step, and put your final answer within \\boxed{}."
+_RELEASE_STUDENT = {"prefix": _STEP_BY_STEP + "\n\n"}
+
+# Each recipe is a partial config merged over the dataclass defaults, below the config file and the
+# overrides. `paper` is the dataclass defaults themselves (the paper's text); `release` is read from
+# the release's scripts (docs/method.md, "Paper vs release", names the script behind each value).
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "release": {
+        "data": {"p_r_preset": "auto"},
+        "prompts": {
+            "collection": {"system": "You are a helpful assistant that solves math problems step by step.",
+                           "suffix": "\n\n" + _STEP_BY_STEP},
+            "srt_generation": {"system": _STEP_BY_STEP},
+            "srt_revision": {"system": _STEP_BY_STEP, "attempt": "user"},
+            "student": _RELEASE_STUDENT,
+            "teacher": _RELEASE_STUDENT,
+            "eval": _RELEASE_STUDENT,
+        },
+        "srt_collect": {
+            "n_init": 3, "n_rev": 3, "temperature": 1.0, "top_p": 0.9, "revise_correct": False, "target_kept": 6000,
+            "stop_strings": ["<|im_end|>", "<|endoftext|>", "<|im_start|>", "Question:"], "cleaning": True,
+        },
+        "srt_train": {"mode": "sequential", "stage2_size": 1000},
+        "distill": {
+            "kl": "mixed", "mixed_weight": 0.5, "teacher_keeps_end_token": True, "max_teacher_tokens": 32768,
+            "optimizer": {"adam_beta2": 0.999, "warmup_steps": 20, "warmup_start_factor": 0.1},
+            "validation": {"interval": 20, "k": 8, "keep_best": 3},
+        },
+        "math": {"extraction": "release"},
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -564,11 +672,17 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Defaults, then the YAML file at ``path`` (if any), then ``key=value`` overrides, validated."""
     if isinstance(overrides, str):
         raise TypeError("overrides must be a sequence of 'key=value' strings, not a single string")
+    layers = [] if path is None else [(_read_yaml(Path(path)), f"config file {path}")]
+    layers += [(_parse_override(item), f"override {item!r}") for item in overrides]
+    # the recipe named by the file or an override sets defaults below both of them
     merged = OmegaConf.structured(SDZeroConfig)
-    if path is not None:
-        merged = _merge(merged, _read_yaml(Path(path)), source=f"config file {path}")
-    for item in overrides:
-        merged = _merge(merged, _parse_override(item), source=f"override {item!r}")
+    for layer, source in layers:
+        merged = _merge(merged, layer, source=source)
+    recipe = merged.recipe
+    if recipe in RECIPES and RECIPES[recipe]:
+        merged = _merge(OmegaConf.structured(SDZeroConfig), OmegaConf.create(RECIPES[recipe]), source=f"recipe {recipe!r}")
+        for layer, source in layers:
+            merged = _merge(merged, layer, source=source)
     try:
         with _deferred_validation():
             cfg = OmegaConf.to_object(merged)

@@ -7,12 +7,17 @@ against config.json before any process group exists, then calls :func:`setup_par
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import torch
 from transformers import AutoTokenizer
 
 from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
 from sdzero_mcore.checkpoint.source import ModelSource
 from sdzero_mcore.config import ConfigError, SDZeroConfig
+from sdzero_mcore.data.prompts import RunPrompts
 from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.parallel import init_distributed, initialize_model_parallel
 
@@ -55,6 +60,27 @@ def build_model(cfg: SDZeroConfig, source: ModelSource):
 
 def load_tokenizer(source: ModelSource):
     return AutoTokenizer.from_pretrained(source.hf_files_dir)
+
+
+def config_architecture(hf_dir: Path) -> Optional[str]:
+    """``architectures[0]`` of ``hf_dir/config.json`` (None when it names none); read as plain JSON so
+    that a model this package cannot build yet still gets its family's phrases."""
+    path = Path(hf_dir) / "config.json"
+    try:
+        architectures = json.loads(path.read_text()).get("architectures") or [None]
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{path}: cannot read the model's architecture ({error})") from None
+    return architectures[0]
+
+
+def run_prompts(cfg: SDZeroConfig, source: ModelSource, tokenizer, **kwargs) -> RunPrompts:
+    """The run's prompts and P_r phrases; ``data.p_r_preset=auto`` reads the architecture from the
+    model's config.json (never from its path)."""
+    architecture = config_architecture(source.hf_files_dir) if cfg.data.p_r_preset == "auto" else None
+    try:
+        return RunPrompts.from_config(cfg, tokenizer, architecture, **kwargs)
+    except ValueError as error:
+        raise ConfigError(f"{source.hf_files_dir / 'config.json'}: {error}") from None
 
 
 def pad_id(tokenizer) -> int:

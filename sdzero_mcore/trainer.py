@@ -63,9 +63,15 @@ ForwardStep = Callable[[Any, Any], tuple[Any, LossFn]]
 
 
 
-def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float) -> float:
-    """Linear warmup to 1, then constant or cosine down to ``min_ratio`` at ``total_steps``."""
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str, min_ratio: float,
+                  warmup_start_factor: Optional[float] = None) -> float:
+    """Linear warmup to 1, then constant or cosine down to ``min_ratio`` at ``total_steps``.
+
+    The warmup is ``(step + 1) / warmup_steps``, or with ``warmup_start_factor`` f torch's
+    ``LinearLR(start_factor=f, total_iters=warmup_steps)``: f at step 0, 1 at ``warmup_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
+        if warmup_start_factor is not None:
+            return warmup_start_factor + (1.0 - warmup_start_factor) * step / warmup_steps
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
@@ -160,10 +166,11 @@ def per_token_ddp(model) -> DistributedDataParallel:
     return ddp
 
 
-def forward_backward(ddp: DistributedDataParallel, micro_batches: Sequence[Any], forward_step: ForwardStep) -> dict:
+def forward_backward(ddp: DistributedDataParallel, micro_batches: Sequence[Any], forward_step: ForwardStep,
+                     *, forward_only: bool = False) -> dict:
     """Forward and backward of this rank's micro-batches through megatron-core's schedule, gradients
-    reduced and token-normalised in ``main_grad``. Returns the logs summed over the global batch,
-    with ``loss`` (the global token mean) and ``num_tokens``."""
+    reduced and token-normalised in ``main_grad`` (``forward_only``: no backward, for validation).
+    Returns the logs summed over the global batch, with ``loss`` (the global token mean) and ``num_tokens``."""
     if not micro_batches:
         raise ValueError("every rank needs at least one micro-batch (one with no loss tokens keeps a rank "
                          "without data in step)")
@@ -179,6 +186,7 @@ def forward_backward(ddp: DistributedDataParallel, micro_batches: Sequence[Any],
         num_microbatches=len(micro_batches),
         seq_length=0,  # unused without pipelining
         micro_batch_size=0,
+        forward_only=forward_only,
     )
     totals = _reduce_logs(logs)
     loss_sum = totals.pop("loss_sum")
@@ -237,7 +245,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda step: lr_multiplier(
-                step, total_steps=total_steps, warmup_steps=warmup, schedule=optim_cfg.lr_schedule, min_ratio=min_ratio
+                step, total_steps=total_steps, warmup_steps=warmup, schedule=optim_cfg.lr_schedule, min_ratio=min_ratio,
+                warmup_start_factor=optim_cfg.warmup_start_factor,
             ),
         )
         self.clip_grad = optim_cfg.clip_grad
@@ -283,6 +292,16 @@ class Trainer:
         self.scheduler.step()
         self.state.step += 1
         return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: Sequence[Any], forward_step: ForwardStep) -> dict:
+        """The loss and logs of ``micro_batches`` (same contract as :meth:`train_step`) without
+        touching gradients or the optimizer: held-out validation."""
+        self.model.eval()
+        try:
+            return forward_backward(self.ddp, micro_batches, forward_step, forward_only=True)
+        finally:
+            self.model.train()
 
     def skip_step(self) -> None:
         """A step with nothing to train on (every rank alike): the step count and the schedule advance."""

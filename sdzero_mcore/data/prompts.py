@@ -34,7 +34,12 @@ if TYPE_CHECKING:
     from sdzero_mcore.config import DataConfig
 
 __all__ = [
+    "AUTO_PRESET",
     "CUSTOM_PRESET",
+    "PHASES",
+    "PromptLayout",
+    "RunPrompts",
+    "preset_for_architecture",
     "CompletionExample",
     "ControlPhrases",
     "P_R_PRESETS",
@@ -69,16 +74,26 @@ class ControlPhrases(NamedTuple):
         return self.correct if _check_reward(reward) == 1 else self.incorrect
 
 
-# The exact strings of the paper's text (docs/method.md, "Control phrases"). The authors' public
-# release (GitHub princeton-pli/Self-Distillation-Zero) uses per-model phrasings for r = 0 (Qwen:
-# "Wait, this response is wrong. Let me correct it."; OLMo: "Wrong. I need to redo all."); until
-# they are presets here, `data.p_r_preset=custom` with data.p_r_incorrect sets them.
+# The paper's text (docs/method.md, "Control phrases") and the authors' release (GitHub
+# princeton-pli/Self-Distillation-Zero), which words r = 0 per model family. The release picks
+# the family from a substring of the model path; `auto` picks it from the architecture instead.
 P_R_PRESETS: dict[str, ControlPhrases] = {
     "paper": ControlPhrases(
         correct="Let me rephrase the above solution.",
         incorrect="Wait, this response is not correct, let me start over.",
     ),
+    "qwen": ControlPhrases(
+        correct="Let me rephrase the above solution.",
+        incorrect="Wait, this response is wrong. Let me correct it.",
+    ),
+    "olmo": ControlPhrases(
+        correct="Let me rephrase the above solution.",
+        incorrect="Wrong. I need to redo all.",
+    ),
 }
+AUTO_PRESET = "auto"  # qwen or olmo from the architecture named in the model's config.json
+# architecture name prefix -> preset (Qwen2/Qwen2.5/Qwen3 and their MoE variants; OLMo 1-3)
+ARCHITECTURE_PRESETS = (("Qwen", "qwen"), ("Olmo", "olmo"))
 CUSTOM_PRESET = "custom"  # the two phrases come from the config (data.p_r_correct / data.p_r_incorrect)
 
 SEPARATOR = "\n\n"  # between the response and P_r, and between P_r and the revision
@@ -122,9 +137,22 @@ def control_phrases(
     return phrases
 
 
-def control_phrases_from_config(data: "DataConfig") -> ControlPhrases:
-    """The P_r phrases a run's ``data`` section selects (``p_r_preset``, ``p_r_correct``/``p_r_incorrect``)."""
-    return control_phrases(data.p_r_preset, correct=data.p_r_correct, incorrect=data.p_r_incorrect)
+def preset_for_architecture(architecture: Optional[str]) -> str:
+    """The release's P_r preset for a model architecture (``config.json``'s ``architectures[0]``)."""
+    for prefix, preset in ARCHITECTURE_PRESETS:
+        if architecture and architecture.startswith(prefix):
+            return preset
+    raise ValueError(
+        f"data.p_r_preset=auto knows the release's phrases for Qwen and OLMo models only; the model's architecture "
+        f"is {architecture!r}: set data.p_r_preset to paper, qwen, olmo or custom"
+    )
+
+
+def control_phrases_from_config(data: "DataConfig", architecture: Optional[str] = None) -> ControlPhrases:
+    """The P_r phrases a run's ``data`` section selects (``p_r_preset``, ``p_r_correct``/``p_r_incorrect``);
+    ``auto`` resolves through the model's ``architecture``."""
+    preset = preset_for_architecture(architecture) if data.p_r_preset == AUTO_PRESET else data.p_r_preset
+    return control_phrases(preset, correct=data.p_r_correct, incorrect=data.p_r_incorrect)
 
 
 def _check_reward(reward: Any) -> int:
@@ -382,3 +410,108 @@ def srt_examples(
         revision=CompletionExample(ids, loss_start=len(context), loss_end=len(ids)),
         generation=CompletionExample(list(ids), loss_start=prompt_length, loss_end=len(ids)),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-phase layouts (the `prompts` config section)
+
+PHASES = ("collection", "srt_generation", "srt_revision", "student", "teacher", "eval")
+# Stands for the attempt's ids while a user-turn prompt goes through the chat template: the
+# template renders text, but the attempt must stay the sampled ids, so they are spliced in here.
+_ATTEMPT_SLOT = "\x00sdzero-attempt\x00"
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """One phase's prompt: ``system``, the user turn ``prefix + question + suffix``, and where an attempt goes."""
+
+    system: Optional[str] = None
+    prefix: str = ""
+    suffix: str = ""
+    attempt: str = "assistant"  # or "user"
+
+    @classmethod
+    def from_config(cls, section: Any) -> "PromptLayout":
+        return cls(system=section.system or None, prefix=section.prefix, suffix=section.suffix, attempt=section.attempt)
+
+    def user_text(self, question: str) -> str:
+        return self.prefix + question + self.suffix
+
+
+class RunPrompts:
+    """Every context a run builds, per phase, on token ids (docs/method.md, "Prompts").
+
+    Made once per phase run from the config (:meth:`from_config`). Attempts and revisions are
+    sampled ids and are never re-tokenised; only text the trainer writes is encoded.
+    """
+
+    def __init__(self, tokenizer: Any, phrases: ControlPhrases, layouts: dict[str, PromptLayout], *,
+                 template: str = "auto", stop_token_ids: Optional[Iterable[int]] = None,
+                 teacher_keeps_end_token: bool = False) -> None:
+        missing = [phase for phase in PHASES if phase not in layouts]
+        if missing:
+            raise ValueError(f"prompt layouts missing for {missing}")
+        self.tokenizer = tokenizer
+        self.phrases = phrases
+        self.layouts = dict(layouts)
+        self.template = template
+        self.stop_ids = _stops(tokenizer, stop_token_ids)
+        self.teacher_keeps_end_token = teacher_keeps_end_token
+        eos = getattr(tokenizer, "eos_token_id", None)
+        self.end_ids = [] if eos is None else [int(eos)]
+
+    @classmethod
+    def from_config(cls, cfg: Any, tokenizer: Any, architecture: Optional[str] = None, **kwargs: Any) -> "RunPrompts":
+        layouts = {phase: PromptLayout.from_config(getattr(cfg.prompts, phase)) for phase in PHASES}
+        return cls(tokenizer, control_phrases_from_config(cfg.data, architecture), layouts,
+                   template=cfg.data.prompt_template, teacher_keeps_end_token=cfg.distill.teacher_keeps_end_token,
+                   **kwargs)
+
+    def prompt(self, phase: str, question: str) -> list[int]:
+        """The prompt x of ``phase`` for ``question``, ending with the generation prompt."""
+        layout = self.layouts[phase]
+        return prompt_ids(self.tokenizer, layout.user_text(question), template=self.template, system_prompt=layout.system)
+
+    def revision(self, phase: str, question: str, y_init_ids: Sequence[int], reward: Any,
+                 *, x_ids: Optional[Sequence[int]] = None) -> list[int]:
+        """The reviser's prompt in ``phase``'s layout; ``x_ids`` reuses an already built prompt (assistant layout)."""
+        layout = self.layouts[phase]
+        y_init = strip_trailing_stop(_as_ids("y_init_ids", y_init_ids), self.stop_ids)
+        if layout.attempt == "assistant":
+            x = list(x_ids) if x_ids is not None else self.prompt(phase, question)
+            return _as_ids("x_ids", x) + y_init + control_ids(self.tokenizer, reward, self.phrases)
+        # user turn: "{question}\n\n{y_init}\n\n{P_r}", then a fresh assistant turn
+        user = layout.user_text(question) + SEPARATOR + _ATTEMPT_SLOT + SEPARATOR + self.phrases.for_reward(reward)
+        text = prompt_text(self.tokenizer, user, template=self.template, system_prompt=layout.system)
+        if text.count(_ATTEMPT_SLOT) != 1:
+            raise ValueError(f"the {phase} prompt holds the attempt {text.count(_ATTEMPT_SLOT)} times after templating")
+        before, after = text.split(_ATTEMPT_SLOT)
+        use_chat = _uses_chat(self.tokenizer, self.template)
+        return (list(self.tokenizer.encode(before, add_special_tokens=not use_chat)) + y_init
+                + list(self.tokenizer.encode(after, add_special_tokens=False)))
+
+    def teacher(self, question: str, y_ids: Sequence[int], reward: Any,
+                *, x_ids: Optional[Sequence[int]] = None) -> TeacherContext:
+        """x + y (+ its end token when ``teacher_keeps_end_token``) + sep(P_r) + y, the second y as sampled."""
+        y = _as_ids("y_ids", y_ids)
+        x = _as_ids("x_ids", list(x_ids) if x_ids is not None else self.prompt("teacher", question))
+        first = y if self.teacher_keeps_end_token else strip_trailing_stop(y, self.stop_ids)
+        prefix = x + first + control_ids(self.tokenizer, reward, self.phrases)
+        return TeacherContext(ids=prefix + y, response_start=len(prefix), response_end=len(prefix) + len(y))
+
+    def _completion(self, ids: Sequence[int]) -> list[int]:
+        # a completion ends with exactly one end token, whether it was sampled or cut by a stop string
+        return strip_trailing_stop(_as_ids("completion", ids), self.stop_ids) + self.end_ids
+
+    def srt_generation(self, question: str, y_init_ids: Sequence[int], reward: Any, y_rev_ids: Sequence[int]) -> CompletionExample:
+        """L_generation / SRT stage 1: x -> ``y_init + "\\n\\n" + P_r + "\\n\\n" + y_rev`` + end token."""
+        x = self.prompt("srt_generation", question)
+        y_init = strip_trailing_stop(_as_ids("y_init_ids", y_init_ids), self.stop_ids)
+        ids = x + y_init + control_ids(self.tokenizer, reward, self.phrases) + self._completion(y_rev_ids)
+        return CompletionExample(ids, loss_start=len(x), loss_end=len(ids))
+
+    def srt_revision(self, question: str, y_init_ids: Sequence[int], reward: Any, y_rev_ids: Sequence[int]) -> CompletionExample:
+        """L_revision / SRT stage 2: the reviser's prompt -> ``y_rev`` + end token."""
+        context = self.revision("srt_revision", question, y_init_ids, reward)
+        ids = context + self._completion(y_rev_ids)
+        return CompletionExample(ids, loss_start=len(context), loss_end=len(ids))

@@ -24,13 +24,7 @@ from sdzero_kernels import full_kl
 from sdzero_mcore.checkpoint.source import resolve_model_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data import load_from_config
-from sdzero_mcore.data.prompts import (
-    control_phrases_from_config,
-    default_stop_ids,
-    prompt_ids,
-    revision_context,
-    teacher_context,
-)
+from sdzero_mcore.data.prompts import RunPrompts, default_stop_ids
 from sdzero_mcore.data.question_sets import heldout_questions
 from sdzero_mcore.eval.budget import read_budget
 from sdzero_mcore.eval.metrics import avg_at_k, correction_rate, keyword_stats, localization_buckets, pass_at_k_dataset
@@ -40,7 +34,7 @@ from sdzero_mcore.parallel.rank0 import barrier, is_rank0, run_on_rank0
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import SamplingParams
 from sdzero_mcore.rollout.weight_sync import serving_engine
-from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer
+from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer, run_prompts
 
 SYNTHETIC_EVAL_QUESTIONS = 200
 
@@ -56,13 +50,13 @@ def eval_questions(cfg: SDZeroConfig, dataset: Optional[str] = None) -> list:
     return questions[:count] if count else questions
 
 
-def _generate_and_score(cfg: SDZeroConfig, engine, tokenizer, questions: Sequence) -> dict:
+def _generate_and_score(cfg: SDZeroConfig, engine, run: RunPrompts, questions: Sequence) -> dict:
     """Rank 0: samples, revisions and their rewards (JSON-able, the localisation inputs included)."""
     ecfg = cfg.eval
-    stop_ids = tuple(sorted(default_stop_ids(tokenizer)))
+    stop_ids = tuple(sorted(default_stop_ids(run.tokenizer)))
     sampling = SamplingParams(temperature=ecfg.temperature, max_new_tokens=ecfg.max_new_tokens, stop_token_ids=stop_ids,
                               n=ecfg.k, seed=ecfg.seed)
-    prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
+    prompts = [run.prompt("eval", q.question) for q in questions]
     targets = [reward_target(q) for q in questions]
     k = ecfg.k
     try:
@@ -81,9 +75,8 @@ def _generate_and_score(cfg: SDZeroConfig, engine, tokenizer, questions: Sequenc
                 "revise": None,
             }
             if ecfg.revise:
-                preset = control_phrases_from_config(cfg.data)
-                contexts = [revision_context(x, c.token_ids, r, tokenizer, preset, stop_token_ids=stop_ids)
-                            for x, c, r in zip(prompts, first, first_rewards)]
+                contexts = [run.revision("eval", q.question, c.token_ids, r, x_ids=x)
+                            for q, x, c, r in zip(questions, prompts, first, first_rewards)]
                 revisions = engine.generate(contexts, replace(sampling, n=1, seed=ecfg.seed + 1))
                 revised = reward_fn.score_batch([c.text for c in revisions], targets)
                 first_pct = 100.0 * sum(first_rewards) / len(first_rewards)
@@ -104,27 +97,29 @@ def _generate_and_score(cfg: SDZeroConfig, engine, tokenizer, questions: Sequenc
 
 
 @torch.no_grad()
-def token_reverse_kl(student, reviser, attempts: Sequence[dict], tokenizer, preset) -> list[list[float]]:
-    """Per response token: KL(student(. | x, y_<t) || reviser(. | x, y, P_r, y_<t)), full vocabulary."""
+def token_reverse_kl(student, reviser, attempts: Sequence[dict], run: RunPrompts) -> list[list[float]]:
+    """Per response token: KL(student(. | x, y_<t) || reviser(. | x, y, P_r, y_<t)), full vocabulary;
+    the reviser reads the Phase 2 teacher's context around the eval prompt x."""
     per_token = []
     for attempt in attempts:
         x, y = attempt["x_ids"], attempt["y_ids"]
-        context = teacher_context(x, y, attempt["reward"], tokenizer, preset)
+        context = run.teacher("", y, attempt["reward"], x_ids=x)
         s_logits = causal_lm_logits(student, torch.tensor([x + y]))[0, len(x) - 1 : len(x) + len(y) - 1]
         t_logits = causal_lm_logits(reviser, torch.tensor([context.ids]))[0, context.response_start - 1 : context.response_end - 1]
         per_token.append(full_kl(s_logits, t_logits, kl="reverse").clamp_min(0.0).tolist())
     return per_token
 
 
-def localization(cfg: SDZeroConfig, source, reviser_source, attempts: Sequence[dict], tokenizer, out_dir: Path) -> Optional[dict]:
+def localization(cfg: SDZeroConfig, source, reviser_source, attempts: Sequence[dict], run: RunPrompts,
+                 out_dir: Path) -> Optional[dict]:
     """KL buckets for r = 0 / r = 1 written as CSV, PNG, HTML (rank 0); every rank runs the models."""
     attempts = [a for a in attempts if a["y_ids"]][: cfg.eval.localization_responses]
     if not attempts:
         return None
-    preset = control_phrases_from_config(cfg.data)
+    tokenizer = run.tokenizer
     student = build_model(cfg, source).eval()
     reviser = student if reviser_source is None else build_model(cfg, reviser_source).eval()
-    kls = token_reverse_kl(student, reviser, attempts, tokenizer, preset)
+    kls = token_reverse_kl(student, reviser, attempts, run)
     buckets = {r: localization_buckets([kl for kl, a in zip(kls, attempts) if a["reward"] == r])
                for r in (0, 1) if any(a["reward"] == r for a in attempts)}
     if is_rank0():
@@ -137,6 +132,8 @@ def localization(cfg: SDZeroConfig, source, reviser_source, attempts: Sequence[d
                       f"per-token reverse KL, response {shown} (r = {attempts[shown]['reward']})")
     return {"responses": {f"r{r}": b["responses"] for r, b in buckets.items()},
             "mean_kl_top_bucket": {f"r{r}": b["mean_kl"][0] for r, b in buckets.items()},
+            # Section 4.1's measure: the share of a response's KL held by its top 5% of tokens
+            "kl_share_top_bucket": {f"r{r}": b["kl_share"][0] for r, b in buckets.items()},
             "files": ["localization.csv", "localization.png", "localization.html"]}
 
 
@@ -151,14 +148,15 @@ def run_eval(cfg: SDZeroConfig, checkpoint: str, out_dir: str | Path, *, name: O
     if not questions:
         raise ConfigError("eval: no questions to evaluate")
     tokenizer = load_tokenizer(source)
+    run = run_prompts(cfg, source, tokenizer)
     engine = serving_engine(cfg, source, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result = run_on_rank0(lambda: _generate_and_score(cfg, engine, tokenizer, questions), out_dir)
+    result = run_on_rank0(lambda: _generate_and_score(cfg, engine, run, questions), out_dir)
     attempts = result.pop("_first_attempts")
     result = {"name": name or out_dir.name, "checkpoint": str(source.path),
               "dataset": dataset or cfg.data.dataset, **result, "budget": budget}
     if cfg.eval.localization_responses > 0:
-        result["localization"] = localization(cfg, source, reviser_source, attempts, tokenizer, out_dir)
+        result["localization"] = localization(cfg, source, reviser_source, attempts, run, out_dir)
     if is_rank0():
         write_run(out_dir / "eval.json", result)
     barrier()

@@ -5,6 +5,11 @@ An example holds one token sequence and, per loss term, the range of tokens the 
 each is a token mean over its own global count; the stage counts every term's tokens over the
 global batch once per step, and weights the terms so that megatron's single per-token
 normalisation gives their sum.
+
+With ``validation_fraction`` on the phase's section, that fraction of the examples (seeded) is
+held out and its per-term NLL is measured (forward only) before training and at every epoch end,
+logged as ``val_loss`` (the terms' token means summed, the training loss's definition) and
+``val_loss_<term>``: a fine-tuning run that overfits shows it as a rising validation loss.
 """
 
 from __future__ import annotations
@@ -74,6 +79,46 @@ def completion_forward_step(terms: Sequence[str], reference: str, weights: dict[
     return forward_step
 
 
+def split_heldout(examples: Sequence, fraction: float, seed: int) -> tuple[list, list]:
+    """(training examples, held-out examples): ``fraction`` of them, at least one, chosen by ``seed``."""
+    if not fraction:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(f"heldout:{seed}").shuffle(order)
+    count = max(1, round(fraction * len(examples)))
+    if count >= len(examples):
+        raise ValueError(f"validation_fraction {fraction} of {len(examples)} examples leaves none to train on")
+    held = set(order[:count])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def local_micro_batches(examples: Sequence, terms: Sequence[str], tcfg, pad_id: int, device) -> list[dict]:
+    """This rank's share of ``examples`` as collated, CP-local micro-batches (one empty one when it has none)."""
+    mine = data_parallel_shard(examples)
+    micro = [collate_completion(chunk, pad_id, terms) for chunk in split_micro_batches(
+        mine, tcfg.micro_batch_size, tcfg.max_tokens_per_micro_batch, lambda pair: len(getattr(pair, terms[0]).ids))]
+    micro = micro or [without_targets(collate_completion(examples[:1], pad_id, terms))]
+    return [cp_local_batch(mb["input_ids"].to(device), {k: v.to(device) for k, v in mb.items() if k != "input_ids"})
+            for mb in micro]
+
+
+def term_losses(metrics: dict, terms: Sequence[str], prefix: str = "") -> dict:
+    """Each term's token mean from the summed logs (``nan`` for a term with no tokens)."""
+    out = {}
+    for term in terms:
+        tokens = metrics[f"tokens_{term}"]
+        out[f"{prefix}loss_{term}"] = metrics[f"nll_sum_{term}"] / tokens if tokens > 0 else float("nan")
+    return out
+
+
+def validation_loss(trainer: Trainer, heldout: Sequence, terms: Sequence[str], tcfg, pad_id: int, device) -> dict:
+    """``val_loss`` (the terms' means summed) and ``val_loss_<term>`` on the held-out examples."""
+    totals = trainer.evaluate(local_micro_batches(heldout, terms, tcfg, pad_id, device),
+                              completion_forward_step(terms, terms[0], {t: 1.0 for t in terms}))
+    losses = term_losses(totals, terms, prefix="val_")
+    return {"val_loss": sum(losses.values()), **losses}
+
+
 def train_completion_stage(cfg: SDZeroConfig, source: ModelSource, examples: Sequence, terms: Sequence[str], stage: str,
                            tcfg, pad_id: int, *, max_steps: Optional[int] = None) -> Path:
     """Completion-only NLL training of ``examples`` (NamedTuples of CompletionExample per term) from
@@ -83,6 +128,7 @@ def train_completion_stage(cfg: SDZeroConfig, source: ModelSource, examples: Seq
     if cfg.checkpoint.resume and final_checkpoint(root) is not None:
         return final_checkpoint(root)  # this stage is complete
     previous = latest_checkpoint(root)
+    examples, heldout = split_heldout(examples, getattr(tcfg, "validation_fraction", 0.0), cfg.seed)
     steps_per_epoch = max(1, len(examples) // tcfg.global_batch_size)
     # each stage trains a fresh module (one DDP wrapper per module), from the previous stage's result
     model = build_model(cfg, source)
@@ -93,27 +139,28 @@ def train_completion_stage(cfg: SDZeroConfig, source: ModelSource, examples: Seq
     if cfg.checkpoint.resume and previous is not None:
         trainer.load_checkpoint(previous)
     progress = tqdm(total=total, initial=trainer.state.step, desc=stage, disable=not (cfg.logging.progress and is_rank0()))
+    before = {}
+    if heldout and trainer.state.step == 0:
+        before = {f"{k}_before": v for k, v in validation_loss(trainer, heldout, terms, tcfg, pad_id, device).items()}
     while trainer.state.step < total:
         epoch, within = divmod(trainer.state.step, steps_per_epoch)
         order = list(range(len(examples)))
         random.Random(cfg.seed * 7919 + epoch).shuffle(order)
         chosen = [examples[i] for i in order[within * tcfg.global_batch_size : (within + 1) * tcfg.global_batch_size]]
-        mine = data_parallel_shard(chosen)
-        micro = [collate_completion(chunk, pad_id, terms) for chunk in split_micro_batches(
-            mine, tcfg.micro_batch_size, tcfg.max_tokens_per_micro_batch, lambda pair: len(getattr(pair, terms[0]).ids))]
-        micro = micro or [without_targets(collate_completion(chosen[:1], pad_id, terms))]
-        local = [cp_local_batch(mb["input_ids"].to(device), {k: v.to(device) for k, v in mb.items() if k != "input_ids"})
-                 for mb in micro]
+        local = local_micro_batches(chosen, terms, tcfg, pad_id, device)
         # the batch's token count per term: one all-reduce for all terms
         counts = global_sum(torch.stack([
             torch.cat([mb[f"mask_{t}"].flatten() for mb in local]).sum() for t in terms
         ])).tolist()
         reference, weights = term_weights(dict(zip(terms, counts)))
         metrics = trainer.train_step(local, completion_forward_step(terms, reference, weights))
+        metrics.update(term_losses(metrics, terms), **before)
         for term in terms:
-            tokens = metrics[f"tokens_{term}"]
-            metrics[f"loss_{term}"] = metrics.pop(f"nll_sum_{term}") / tokens if tokens > 0 else float("nan")
+            metrics.pop(f"nll_sum_{term}")
+        before = {}
         metrics["epoch"] = epoch
+        if heldout and (trainer.state.step % steps_per_epoch == 0 or trainer.state.step == total):
+            metrics.update(validation_loss(trainer, heldout, terms, tcfg, pad_id, device))
         trainer.log(metrics, tokens=max(metrics[f"tokens_{t}"] for t in terms))
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['loss']:.4f}")

@@ -22,56 +22,50 @@ import torch
 
 from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.data.prompts import (
-    control_ids,
-    control_phrases_from_config,
-    prompt_ids,
-    revision_context,
-    solution_ids,
-    teacher_context,
-)
+from sdzero_mcore.data.prompts import RunPrompts, control_ids, solution_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses.distill import collate_distill, distill_loss, student_logits, teacher_targets
 from sdzero_mcore.models.forward import model_device
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
-from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer, pad_id, setup_parallel
+from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer, pad_id, run_prompts, setup_parallel
 from sdzero_mcore.trainer import Trainer, split_micro_batches
 
 PHASE = "distill"
 
 
-def truncate_for_teacher(x_ids: Sequence[int], y_ids: Sequence[int], reward: int, tokenizer, preset, max_teacher_tokens: int):
+def truncate_for_teacher(teacher_x: Sequence[int], y_ids: Sequence[int], reward: int, prompts: RunPrompts,
+                         max_teacher_tokens: int):
     """The longest prefix of ``y`` whose teacher context fits ``max_teacher_tokens`` (None if none does)."""
     length = len(y_ids)
     while length > 0:
-        context = teacher_context(x_ids, y_ids[:length], reward, tokenizer, preset)
+        context = prompts.teacher("", y_ids[:length], reward, x_ids=teacher_x)
         if len(context.ids) <= max_teacher_tokens:
             return context, list(y_ids[:length])
         length = min(length - 1, (max_teacher_tokens - (len(context.ids) - 2 * length)) // 2)
     return None, []
 
 
-def check_teacher_budget(prompts: Sequence[Sequence[int]], tokenizer, preset, max_teacher_tokens: int,
+def check_teacher_budget(prefixes: Sequence[Sequence[int]], prompts: RunPrompts, max_teacher_tokens: int,
                          *, with_separator: bool = True) -> None:
-    """Fail before any work when a prompt leaves no room for even one response token.
+    """Fail before any work when a teacher prompt leaves no room for even one response token.
 
-    ``prompts`` are the student prompts (SD-Zero: the teacher adds P_r and the response twice) or,
-    with ``with_separator=False``, complete teacher prefixes (SDFT: the response follows once)."""
-    separator = max(len(control_ids(tokenizer, r, preset)) for r in (0, 1)) if with_separator else 0
+    ``prefixes`` are the teacher prompts (SD-Zero: the teacher adds the response, P_r and the response
+    again) or, with ``with_separator=False``, complete teacher prefixes (SDFT: the response follows once)."""
+    separator = max(len(control_ids(prompts.tokenizer, r, prompts.phrases)) for r in (0, 1)) if with_separator else 0
     response = 2 if with_separator else 1
-    worst = max(range(len(prompts)), key=lambda i: len(prompts[i]))
-    needed = len(prompts[worst]) + separator + response
+    worst = max(range(len(prefixes)), key=lambda i: len(prefixes[i]))
+    needed = len(prefixes[worst]) + separator + response
     if needed > max_teacher_tokens:
         what = "prompt" if with_separator else "teacher prefix (prompt + gold solution + P_r)"
         raise ConfigError(
             f"distill.max_teacher_tokens ({max_teacher_tokens}) is smaller than the teacher context of phase-2 "
-            f"question {worst}: {len(prompts[worst])} {what} tokens + {separator} P_r tokens + {response} response tokens"
+            f"question {worst}: {len(prefixes[worst])} {what} tokens + {separator} P_r tokens + {response} response tokens"
         )
 
 
-def gold_solution_prefixes(questions: Sequence, prompts: Sequence[Sequence[int]], tokenizer, preset) -> list[list[int]]:
+def gold_solution_prefixes(questions: Sequence, teacher_prompts: Sequence[Sequence[int]], prompts: RunPrompts) -> list[list[int]]:
     """SDFT's teacher prefixes: x + the gold solution + P_r(correct); every question needs a solution."""
     missing = [q.id for q in questions if not q.solution]
     if missing:
@@ -79,7 +73,8 @@ def gold_solution_prefixes(questions: Sequence, prompts: Sequence[Sequence[int]]
             f"distill.teacher_context=gold_solution needs a solution for every phase-2 question; {len(missing)} have none "
             f"(first: {missing[0]}); set data.solution_field or use a synthetic task"
         )
-    return [revision_context(x, solution_ids(tokenizer, q.solution), 1, tokenizer, preset) for q, x in zip(questions, prompts)]
+    return [prompts.revision("teacher", q.question, solution_ids(prompts.tokenizer, q.solution), 1, x_ids=x)
+            for q, x in zip(questions, teacher_prompts)]
 
 
 @torch.no_grad()
@@ -93,7 +88,8 @@ def weights_checksum(model) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def teacher_sample(rollout: Sample, gold_prefixes: Optional[list], tokenizer, preset, max_teacher_tokens: int) -> Optional[Sample]:
+def teacher_sample(rollout: Sample, teacher_prompts: Sequence[Sequence[int]], gold_prefixes: Optional[list],
+                   prompts: RunPrompts, max_teacher_tokens: int) -> Optional[Sample]:
     """``rollout`` with what the teacher reads before y: x + y + sep + P_r + sep (SDFT: the gold
     prefix), y cut so that the teacher context fits; None when nothing of y is left."""
     if not rollout.response_ids:
@@ -102,8 +98,8 @@ def teacher_sample(rollout: Sample, gold_prefixes: Optional[list], tokenizer, pr
         prefix = gold_prefixes[rollout.question_index]
         y = rollout.response_ids[: max_teacher_tokens - len(prefix)]
     else:
-        context, y = truncate_for_teacher(rollout.prompt_ids, rollout.response_ids, rollout.reward, tokenizer, preset,
-                                          max_teacher_tokens)
+        context, y = truncate_for_teacher(teacher_prompts[rollout.question_index], rollout.response_ids, rollout.reward,
+                                          prompts, max_teacher_tokens)
         prefix = context.ids[: context.response_start] if context is not None else None
     return rollout.with_teacher(prefix, y) if prefix is not None and y else None
 
@@ -149,8 +145,8 @@ def distill_forward_step(dcfg):
     return forward_step
 
 
-def distill_step(loop: OnPolicyLoop, teacher, step: int, *, tokenizer, preset, dcfg,
-                 gold_prefixes: Optional[list] = None) -> dict:
+def distill_step(loop: OnPolicyLoop, teacher, step: int, *, prompts: RunPrompts, teacher_prompts: Sequence[Sequence[int]],
+                 dcfg, gold_prefixes: Optional[list] = None) -> dict:
     """One Phase 2 step, top to bottom (docs/design.md)."""
     trainer, student = loop.trainer, loop.policy
     # 1. the step's questions
@@ -158,12 +154,13 @@ def distill_step(loop: OnPolicyLoop, teacher, step: int, *, tokenizer, preset, d
     # 2-3. one response per question from the engine (the student's weights), scored, on every rank
     rollouts = loop.rollout(indices, seed=loop.cfg.rollout.seed + step, max_new_tokens=dcfg.max_response_tokens)
     # 3. the teacher's context on token ids: x + y + sep + P_r + sep (SDFT: x + gold solution + P_r)
-    samples = [s for s in (teacher_sample(r, gold_prefixes, tokenizer, preset, dcfg.max_teacher_tokens) for r in rollouts) if s]
+    samples = [s for s in (teacher_sample(r, teacher_prompts, gold_prefixes, prompts, dcfg.max_teacher_tokens)
+                           for r in rollouts) if s]
     if not samples:  # every response empty or unfittable: no data, no update (same on all ranks)
         trainer.skip_step()
         return {"skipped": True, "reason": "no trainable responses"}
     # 4. the frozen teacher's top-K log-probs at the positions of the second y
-    micro = distill_micro_batches(teacher, samples, tokenizer, dcfg)
+    micro = distill_micro_batches(teacher, samples, prompts.tokenizer, dcfg)
     # 5-6. the student's KL on x + y, backward and the optimizer step through megatron's schedule
     metrics = trainer.train_step(micro, distill_forward_step(dcfg))
     metrics["kl_per_token"] = metrics["loss"]
@@ -193,11 +190,13 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
     source = start_source(cfg, init_from, prefer_mcore=True)
     check_layout(cfg, source)
     tokenizer = load_tokenizer(source)
-    preset = control_phrases_from_config(cfg.data)
+    prompts = run_prompts(cfg, source, tokenizer)
     _, questions = phase_questions(cfg, tokenizer)
-    prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
-    gold_prefixes = gold_solution_prefixes(questions, prompts, tokenizer, preset) if dcfg.teacher_context == "gold_solution" else None
-    check_teacher_budget(gold_prefixes or prompts, tokenizer, preset, dcfg.max_teacher_tokens, with_separator=gold_prefixes is None)
+    student_prompts = [prompts.prompt("student", q.question) for q in questions]
+    teacher_prompts = [prompts.prompt("teacher", q.question) for q in questions]
+    gold_prefixes = gold_solution_prefixes(questions, teacher_prompts, prompts) if dcfg.teacher_context == "gold_solution" else None
+    check_teacher_budget(gold_prefixes or teacher_prompts, prompts, dcfg.max_teacher_tokens,
+                         with_separator=gold_prefixes is None)
     steps_per_epoch = max(1, len(questions) // dcfg.prompts_per_step)
     total_steps = dcfg.train_steps or steps_per_epoch * dcfg.epochs
     if max_steps is not None:
@@ -212,7 +211,7 @@ def run_distill(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps
         # the teacher is restored too: it is the student of the last sync, not of this step
         trainer.load_checkpoint(trainer.latest_checkpoint(), extra_models={"teacher": teacher})
     loop = OnPolicyLoop(cfg, PHASE, trainer=trainer, policy=student, source=source, tokenizer=tokenizer,
-                        questions=questions, prompts=prompts, save_models={"teacher": teacher})
-    return loop.run(lambda step: distill_step(loop, teacher, step, tokenizer=tokenizer, preset=preset, dcfg=dcfg,
-                                              gold_prefixes=gold_prefixes),
+                        questions=questions, prompts=student_prompts, save_models={"teacher": teacher})
+    return loop.run(lambda step: distill_step(loop, teacher, step, prompts=prompts, teacher_prompts=teacher_prompts,
+                                              dcfg=dcfg, gold_prefixes=gold_prefixes),
                     rollout_steps=total_steps)

@@ -21,7 +21,6 @@ from megatron.core import parallel_state
 
 from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.data.prompts import prompt_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses.masked import masked_token_sum
@@ -29,7 +28,7 @@ from sdzero_mcore.losses.policy import group_advantages, grpo_loss, vocab_parall
 from sdzero_mcore.models.forward import cp_local_batch, model_device
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
-from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer, pad_id, setup_parallel
+from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer, pad_id, run_prompts, setup_parallel
 from sdzero_mcore.trainer import Trainer, split_micro_batches
 
 PHASE = "grpo"
@@ -98,7 +97,8 @@ def run_grpo(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: O
     tokenizer = load_tokenizer(source)
     phase1, phase2 = phase_questions(cfg, tokenizer)
     questions = phase1 + phase2
-    prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
+    run = run_prompts(cfg, source, tokenizer)
+    prompts = [run.prompt("student", q.question) for q in questions]
     rollout_steps = grpo_steps(cfg, len(questions))
     updates = gcfg.updates_per_batch
     if max_steps is not None:  # optimizer steps, as for every phase: whole rollout batches of them

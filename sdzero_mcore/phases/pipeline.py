@@ -17,7 +17,7 @@ from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.phases.distill import run_distill
 from sdzero_mcore.phases.quick_eval import greedy_accuracy
 from sdzero_mcore.phases.srt_collect import SUMMARY_FILE, collect_dir, collection_complete, run_srt_collect
-from sdzero_mcore.phases.srt_train import run_srt_train, srt_stages
+from sdzero_mcore.phases.srt_train import final_stage, run_srt_train
 from sdzero_mcore.run_setup import check_layout
 
 
@@ -28,7 +28,7 @@ def train_sd_zero(cfg: SDZeroConfig, base: Path) -> dict:
     if not collection_complete(cfg):
         run_srt_collect(cfg, str(base))
     summary = json.loads((collect_dir(cfg) / SUMMARY_FILE).read_text())
-    last_stage = srt_stages(cfg.srt_train.mode)[-1][0]
+    last_stage = final_stage(cfg.srt_train.mode)
     srt = final_checkpoint(run_dir / "checkpoints" / last_stage) or run_srt_train(cfg, str(base))
     sd_zero = final_checkpoint(run_dir / "checkpoints" / "distill") or run_distill(cfg, str(srt))
     return {"srt_collect": summary, "srt_checkpoint": str(srt), "distill_checkpoint": str(sd_zero)}

@@ -9,24 +9,25 @@ from typing import Sequence
 
 from sdzero_mcore.checkpoint.source import resolve_model_source
 from sdzero_mcore.config import SDZeroConfig
-from sdzero_mcore.data.prompts import default_stop_ids, prompt_ids
+from sdzero_mcore.data.prompts import default_stop_ids
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.parallel.rank0 import run_on_rank0
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import SamplingParams
 from sdzero_mcore.rollout.weight_sync import serving_engine
-from sdzero_mcore.run_setup import load_tokenizer
+from sdzero_mcore.run_setup import load_tokenizer, run_prompts
 
 
 def greedy_accuracy(cfg: SDZeroConfig, checkpoint: str | Path, questions: Sequence, out_file: Path) -> dict:
     """Greedy accuracy of ``checkpoint`` on ``questions``, written to ``out_file`` (JSON) by rank 0."""
     source = resolve_model_source(checkpoint, "eval checkpoint")
     tokenizer = load_tokenizer(source)
+    run = run_prompts(cfg, source, tokenizer)
     engine = serving_engine(cfg, source, tokenizer)
 
     def evaluate() -> dict:
         try:
-            prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
+            prompts = [run.prompt("eval", q.question) for q in questions]
             sampling = SamplingParams(temperature=0.0, max_new_tokens=cfg.rollout.max_new_tokens,
                                       stop_token_ids=tuple(sorted(default_stop_ids(tokenizer))))
             completions = engine.generate(prompts, sampling)

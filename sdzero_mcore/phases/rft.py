@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.data.prompts import CompletionExample, default_stop_ids, prompt_ids
+from sdzero_mcore.data.prompts import CompletionExample, RunPrompts, default_stop_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.eval.budget import record_budget
 from sdzero_mcore.fileio import atomic_write_text
@@ -30,7 +30,7 @@ from sdzero_mcore.phases.completion import train_completion_stage
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import sampling_from_config
 from sdzero_mcore.rollout.weight_sync import serving_engine
-from sdzero_mcore.run_setup import check_layout, load_tokenizer, pad_id, setup_parallel
+from sdzero_mcore.run_setup import check_layout, load_tokenizer, pad_id, run_prompts, setup_parallel
 
 PHASE = "rft"
 SAMPLES_FILE = "samples.jsonl"
@@ -60,6 +60,7 @@ def sampling_hash(cfg: SDZeroConfig, source_path: Path) -> str:
     """What the samples depend on: the data, the sampling settings, the rollout engine and the model."""
     r = cfg.rft
     relevant = {"data": cfg.data.__dict__, "rollout": cfg.rollout.__dict__, "model": str(source_path),
+                "prompt": cfg.prompts.student.__dict__,
                 "rft": [r.samples_per_question, r.temperature, r.max_new_tokens, r.max_generations]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -90,11 +91,11 @@ def read_chunks(path: Path) -> dict[int, dict]:
     return chunks
 
 
-def _sample_on_rank0(cfg: SDZeroConfig, tokenizer, questions, engine, log: Path, chash: str) -> dict:
+def _sample_on_rank0(cfg: SDZeroConfig, run: RunPrompts, questions, engine, log: Path, chash: str) -> dict:
     rcfg = cfg.rft
     log.parent.mkdir(parents=True, exist_ok=True)
     done = read_chunks(log)
-    stop_ids = sorted(default_stop_ids(tokenizer))
+    stop_ids = sorted(default_stop_ids(run.tokenizer))
     sampling = replace(sampling_from_config(cfg.rollout, stop_token_ids=stop_ids), temperature=rcfg.temperature,
                        max_new_tokens=rcfg.max_new_tokens, n=rcfg.samples_per_question)
     starts = range(0, len(questions), CHUNK_QUESTIONS)
@@ -104,7 +105,7 @@ def _sample_on_rank0(cfg: SDZeroConfig, tokenizer, questions, engine, log: Path,
                 if chunk in done:
                     continue
                 batch = questions[start : start + CHUNK_QUESTIONS]
-                prompts = [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in batch]
+                prompts = [run.prompt("student", q.question) for q in batch]
                 completions = engine.generate(prompts, replace(sampling, seed=cfg.rollout.seed + chunk))
                 k = rcfg.samples_per_question
                 targets = [reward_target(q) for q in batch for _ in range(k)]
@@ -162,10 +163,11 @@ def run_rft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Op
     chash = sampling_hash(cfg, source.path)
     check_log(log, chash)  # before any work, on every rank
     if not summary_file.is_file():
+        run = run_prompts(cfg, source, tokenizer)
         engine = serving_engine(cfg, source, tokenizer)
 
         def sample() -> dict:
-            summary = _sample_on_rank0(cfg, tokenizer, questions, engine, log, chash)
+            summary = _sample_on_rank0(cfg, run, questions, engine, log, chash)
             atomic_write_text(summary_file, json.dumps(summary, indent=2) + "\n")
             return summary
 

@@ -1,9 +1,13 @@
 """Phase 1 collection (``sdzero srt-collect``): attempts, their rewards, and revisions of each.
 
-For every Phase 1 question: ``n_init`` attempts y_init ~ pi(.|x) and their rewards; then, for
-each attempt (correct ones too when ``revise_correct``), ``n_rev`` revisions
+For every Phase 1 question, in order: ``n_init`` attempts y_init ~ pi(.|x) and their rewards;
+then, for each attempt (correct ones too when ``revise_correct``), ``n_rev`` revisions
 y_rev ~ pi(.|x, y_init, P_r) and theirs. Every revision becomes one record in an append-only
-JSONL file; the verified-correct ones form D_revision, the SRT training set.
+JSONL file; the verified-correct ones form D_revision, the SRT training set. With
+``target_kept`` the scan stops once that many verified revisions are logged, and D_revision holds
+the first ``target_kept`` of them (after cleaning, when ``cleaning`` is on: the release's rules,
+each counted in the summary). Samples end at the tokenizer's end token or the first of
+``stop_strings`` (cut on ids, ``rollout.stop_strings``).
 
 Crash safety: all records of a question are appended in one write followed by a ``done`` line
 and an fsync. A rerun of the same command truncates the file after the last ``done`` line (a
@@ -25,7 +29,7 @@ from tqdm import tqdm
 
 from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import SDZeroConfig
-from sdzero_mcore.data.prompts import control_phrases_from_config, default_stop_ids, prompt_ids, revision_context
+from sdzero_mcore.data.prompts import RunPrompts, default_stop_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.eval.budget import record_budget
 from sdzero_mcore.fileio import atomic_write_text
@@ -33,18 +37,20 @@ from sdzero_mcore.parallel.rank0 import run_on_rank0
 from sdzero_mcore.phases.append_log import check_log_hash
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import sampling_from_config
+from sdzero_mcore.rollout.stop_strings import cut_at_stop_strings
 from sdzero_mcore.rollout.weight_sync import serving_engine
-from sdzero_mcore.run_setup import load_tokenizer
+from sdzero_mcore.run_setup import load_tokenizer, run_prompts
 
 PHASE = "srt_collect"
 RECORDS_FILE = "srt_records.jsonl"
 REVISION_FILE = "d_revision.jsonl"
 SUMMARY_FILE = "summary.json"
-COMPLETE_FILE = "complete.json"  # every question done (or target_count reached)
+COMPLETE_FILE = "complete.json"  # every question done (or target_kept reached)
 
 
 def config_hash(cfg: SDZeroConfig) -> str:
-    relevant = {"data": cfg.data.__dict__, "collect": cfg.srt_collect.__dict__, "rollout": cfg.rollout.__dict__}
+    relevant = {"data": cfg.data.__dict__, "collect": cfg.srt_collect.__dict__, "rollout": cfg.rollout.__dict__,
+                "prompt": cfg.prompts.collection.__dict__}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -85,19 +91,19 @@ def run_srt_collect(cfg: SDZeroConfig, init_from: Optional[str] = None) -> Path:
     """Collect (or finish collecting) Phase 1 data; returns the D_revision file."""
     source = start_source(cfg, init_from)
     tokenizer = load_tokenizer(source)
-    preset = control_phrases_from_config(cfg.data)
+    prompts = run_prompts(cfg, source, tokenizer)
     questions, _ = phase_questions(cfg, tokenizer)
     out = collect_dir(cfg)
     check_log_config(out / RECORDS_FILE, config_hash(cfg))  # before any work, on every rank
     engine = serving_engine(cfg, source, tokenizer)  # every rank joins a megatron weight stream
     # rank 0 generates and writes; the others wait for it
     path = run_on_rank0(
-        lambda: str(_collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out)), out
+        lambda: str(_collect_on_rank0(cfg, source, tokenizer, prompts, questions, engine, out)), out
     )
     return Path(path)
 
 
-def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Path) -> Path:
+def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, engine, out: Path) -> Path:
     ccfg = cfg.srt_collect
     out.mkdir(parents=True, exist_ok=True)
     log = out / RECORDS_FILE
@@ -108,25 +114,31 @@ def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Pa
     base = replace(
         sampling_from_config(cfg.rollout, stop_token_ids=stop_ids),
         temperature=ccfg.temperature,
+        top_p=ccfg.top_p,
         max_new_tokens=ccfg.max_new_tokens,
     )
+
+    def sample(context: list[int], n: int, seed: int):
+        return [cut_at_stop_strings(c, tokenizer, ccfg.stop_strings)
+                for c in engine.generate([context], replace(base, n=n, seed=seed))]
+
     kept = _count_kept(log)
     pending = [q for q in questions if q.id not in done]
     try:
         for question in tqdm(pending, desc="srt-collect", disable=not cfg.logging.progress):
-            if ccfg.target_count is not None and kept >= ccfg.target_count:
+            if ccfg.target_kept is not None and kept >= ccfg.target_kept:
                 break
             seed = question_seed(cfg.rollout.seed, question.id)
-            x = prompt_ids(tokenizer, question.question, template=cfg.data.prompt_template)
-            attempts = engine.generate([x], replace(base, n=ccfg.n_init, seed=seed))
+            x = prompts.prompt("collection", question.question)
+            attempts = sample(x, ccfg.n_init, seed)
             target = reward_target(question)
             init_rewards = reward_fn.score_batch([a.text for a in attempts], [target] * len(attempts))
             lines = []
             for a_index, (attempt, r_init) in enumerate(zip(attempts, init_rewards)):
                 if r_init.reward == 1 and not ccfg.revise_correct:
                     continue
-                context = revision_context(x, attempt.token_ids, r_init.reward, tokenizer, preset, stop_token_ids=stop_ids)
-                revisions = engine.generate([context], replace(base, n=ccfg.n_rev, seed=seed + 1 + a_index))
+                context = prompts.revision("collection", question.question, attempt.token_ids, r_init.reward, x_ids=x)
+                revisions = sample(context, ccfg.n_rev, seed + 1 + a_index)
                 rev_rewards = reward_fn.score_batch([r.text for r in revisions], [target] * len(revisions))
                 for r_index, (revision, r_rev) in enumerate(zip(revisions, rev_rewards)):
                     lines.append({
@@ -134,7 +146,7 @@ def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Pa
                         "question_id": question.id, "attempt_id": a_index, "revision_id": r_index,
                         "x": question.question, "x_ids": x,
                         "y_init_ids": attempt.token_ids, "y_init": attempt.text, "r_init": r_init.reward,
-                        "p_r": preset.for_reward(r_init.reward),
+                        "p_r": prompts.phrases.for_reward(r_init.reward),
                         "y_rev_ids": revision.token_ids, "y_rev": revision.text, "r_rev": r_rev.reward,
                         "init_tokens": len(attempt.token_ids), "rev_tokens": len(revision.token_ids),
                         "model": str(source.path), "config_hash": chash,
@@ -145,9 +157,9 @@ def _collect_on_rank0(cfg, source, tokenizer, preset, questions, engine, out: Pa
                 "attempts": [{"r": r.reward, "tokens": len(a.token_ids)} for a, r in zip(attempts, init_rewards)],
             })
             _append(log, lines)
-        # the loop ends when every question is done or target_count is reached: either completes it,
+        # the loop ends when every question is done or target_kept is reached: either completes it,
         # and the marker comes last (D_revision, the summary and the budget exist when it does)
-        d_revision = write_outputs(out)
+        d_revision = write_outputs(out, target_kept=ccfg.target_kept)
         atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash, "kept": kept}) + "\n")
     finally:
         reward_fn.close()
@@ -186,12 +198,13 @@ def _count_kept(path: Path) -> int:
     return sum(1 for r in _records(path) if r["type"] == "revision" and r["r_rev"] == 1)
 
 
-def write_outputs(out: Path) -> Path:
-    """D_revision (the verified-correct revisions) and the summary, rebuilt from the log."""
+def write_outputs(out: Path, *, target_kept: Optional[int] = None) -> Path:
+    """D_revision (the first ``target_kept`` verified-correct revisions, in log order) and the
+    summary, rebuilt from the log."""
     revisions, attempts = [], []
     for record in _records(out / RECORDS_FILE):
         (revisions if record["type"] == "revision" else attempts).append(record)
-    kept = [r for r in revisions if r["r_rev"] == 1]
+    kept = [r for r in revisions if r["r_rev"] == 1][:target_kept]
     atomic_write_text(out / REVISION_FILE, "".join(json.dumps(r) + "\n" for r in kept))
     init = [a for done in attempts for a in done["attempts"]]
 

@@ -5,8 +5,10 @@ Both tasks are small enough for a tiny character-level model trained from scratc
   The generated answer is a left-to-right chain such as (3+5)*7, and the solution shows one line
   per step, so the model can learn the format and simple cases before search.
 - arith: two- and three-digit addition / subtraction with a column-by-column worked solution.
-- add: the sum of two numbers below 100, answered in one line; the embedded demo's task, small
-  enough that a model trained from scratch for a few minutes on 2 CPU cores solves part of it.
+- add: the sum of two numbers below 100 in two column steps (ones, then tens with the carry),
+  the embedded demo's task: small enough that a model trained from scratch for a few minutes on
+  2 CPU cores learns it, and stepwise, so that an error sits in one step that re-reading finds
+  (:func:`flawed_add_solution`: one step's sum is off and the rest follows from it consistently).
 
 Every solution ends with \\boxed{<answer>}; the verifiers read the last \\boxed{}.
 Reasons: "correct", "wrong", "no_answer", "invalid_expression" (countdown: not a plain arithmetic
@@ -24,7 +26,7 @@ import random
 import re
 from collections import Counter
 from fractions import Fraction
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from sdzero_mcore.rewards.base import RewardFn, RewardResult
 from sdzero_mcore.rewards.extraction import last_boxed
@@ -131,10 +133,41 @@ def _arith_row(rng: random.Random) -> dict:
     return {"task": "arith", "question": question, "answer": str(result), "solution": solution}
 
 
+def add_steps(a: int, b: int, flaw: Optional[tuple[int, int]] = None) -> str:
+    """The worked column sum of a + b: ``ones`` then ``tens`` (with the carry) then the box.
+
+    ``flaw`` = (step, delta) writes step 0 (ones) or 1 (tens) with its sum off by ``delta``, and
+    derives everything after it from the wrong sum, as a careless solver would: the one false
+    equation is the error, the rest of the solution is consistent with it."""
+    ones = a % 10 + b % 10 + (flaw[1] if flaw and flaw[0] == 0 else 0)
+    carry = ones // 10
+    tens_terms = f"{a // 10}+{b // 10}" + (f"+{carry}" if carry else "")
+    tens = a // 10 + b // 10 + carry + (flaw[1] if flaw and flaw[0] == 1 else 0)
+    answer = tens * 10 + ones % 10
+    return f"{a % 10}+{b % 10}={ones}\n{tens_terms}={tens}\n\\boxed{{{answer}}}"
+
+
+_ADD_QUESTION = re.compile(r"What is (\d+)\+(\d+)\?")
+
+
+def flawed_add_solution(question: str, rng: random.Random) -> str:
+    """A worked solution of an ``add`` question with one wrong step (sum off by 1 or 2) and a wrong answer."""
+    match = _ADD_QUESTION.match(question)
+    if match is None:
+        raise ValueError(f"not an add question: {question!r}")
+    a, b = int(match.group(1)), int(match.group(2))
+    while True:
+        step = rng.randrange(2)
+        delta = rng.choice((-2, -1, 1, 2))
+        column = (a % 10 + b % 10) if step == 0 else (a // 10 + b // 10)
+        if column + delta >= 0:  # a negative column sum is not a slip anyone makes
+            return add_steps(a, b, (step, delta))
+
+
 def _add_row(rng: random.Random) -> dict:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
     question = f"What is {a}+{b}? Put the answer in \\boxed{{}}."
-    return {"task": "add", "question": question, "answer": str(a + b), "solution": f"{a}+{b}={a + b}\n\\boxed{{{a + b}}}"}
+    return {"task": "add", "question": question, "answer": str(a + b), "solution": add_steps(a, b)}
 
 
 _ROW_MAKERS = {"countdown": _countdown_row, "arith": _arith_row, "add": _add_row}

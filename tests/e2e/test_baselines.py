@@ -72,23 +72,24 @@ def test_grpo_collate_masks_exactly_the_response_predictions():
 
 
 def test_sdft_teacher_prefix_is_the_gold_solution_then_the_rephrase_prompt():
-    from sdzero_mcore.data.prompts import control_phrases, prompt_ids
+    from sdzero_mcore.data.prompts import RunPrompts, prompt_ids
     from sdzero_mcore.data.question_sets import phase_questions
     from sdzero_mcore.models.tiny import build_char_tokenizer
     from sdzero_mcore.phases.distill import gold_solution_prefixes
 
     cfg = load_config(TINY, ["data.phase1_questions=4", "data.phase2_questions=3"])
     _, questions = phase_questions(cfg)
-    tokenizer, preset = build_char_tokenizer(), control_phrases("paper")
+    tokenizer = build_char_tokenizer()
+    run_prompts = RunPrompts.from_config(cfg, tokenizer)
     prompts = [prompt_ids(tokenizer, q.question) for q in questions]
-    for q, x, prefix in zip(questions, prompts, gold_solution_prefixes(questions, prompts, tokenizer, preset)):
+    for q, x, prefix in zip(questions, prompts, gold_solution_prefixes(questions, prompts, run_prompts)):
         assert prefix[: len(x)] == x
         text = tokenizer.decode(prefix[len(x):])
-        assert text.startswith(" " + q.solution) and text.rstrip().endswith(preset.for_reward(1))
+        assert text.startswith(" " + q.solution) and text.rstrip().endswith(run_prompts.phrases.for_reward(1))
     from dataclasses import replace
 
     with pytest.raises(ConfigError, match="needs a solution for every phase-2 question; 1 have none"):
-        gold_solution_prefixes([replace(questions[0], solution=None)], prompts[:1], tokenizer, preset)
+        gold_solution_prefixes([replace(questions[0], solution=None)], prompts[:1], run_prompts)
 
 
 def test_budget_records_sum_and_a_missing_one_is_named(tmp_path):

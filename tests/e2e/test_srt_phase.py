@@ -91,6 +91,7 @@ def write_d_revision(path: Path, hf_dir: Path, n: int = 8) -> list[dict]:
     records = []
     for row in generate_rows("arith", n, seed=1):
         records.append({
+            "x": row["question"],
             "x_ids": prompt_ids(tokenizer, row["question"]),
             "y_init_ids": tokenizer.encode(" \\boxed{0}", add_special_tokens=False),
             "r_init": 0,
@@ -104,13 +105,13 @@ def write_d_revision(path: Path, hf_dir: Path, n: int = 8) -> list[dict]:
 def test_masks_cover_exactly_the_completions(hf_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from sdzero_mcore.data.prompts import control_phrases
+    from sdzero_mcore.data.prompts import RunPrompts
     from sdzero_mcore.phases.completion import collate_completion
     from sdzero_mcore.phases.srt_train import load_examples
 
     records = write_d_revision(tmp_path / "d.jsonl", hf_dir, n=2)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    pairs = load_examples(tmp_path / "d.jsonl", tokenizer, control_phrases("paper"), 512)
+    pairs = load_examples(tmp_path / "d.jsonl", RunPrompts.from_config(load_config(), tokenizer), 512)
     batch = collate_completion(pairs, 0, ("revision", "generation"))
     for row, record in enumerate(records):
         y_rev, x = record["y_rev_ids"], record["x_ids"]
@@ -221,7 +222,9 @@ def test_sft_examples_and_questions_are_disjoint_from_the_phases(hf_dir):
     assert not {q.id for q in questions} & ({q.id for q in phase1} | {q.id for q in phase2} | {q.id for q in heldout})
     assert not {q.id for q in heldout} & ({q.id for q in phase1} | {q.id for q in phase2})
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    (example,) = sft_examples(questions[:1], tokenizer, "auto", 512)
+    from sdzero_mcore.data.prompts import RunPrompts
+
+    (example,) = sft_examples(questions[:1], RunPrompts.from_config(load_config(), tokenizer), 512)
     ids, start, end = example.completion.ids, example.completion.loss_start, example.completion.loss_end
     assert tokenizer.decode(ids[start:end - 1]) == " " + questions[0].solution and ids[end - 1] == tokenizer.eos_token_id
     from sdzero_mcore.data.prompts import prompt_ids
@@ -245,14 +248,18 @@ def test_sft_noise_replaces_the_final_answer_of_that_fraction():
     from sdzero_mcore.rewards import generate_rows
 
     rows = generate_rows("add", 400, seed=3)
-    questions = [Question(id=str(i), question=r["question"], answer=r["answer"], tests=None, solution=r["solution"], source="add", index=i) for i, r in enumerate(rows)]
-    examples = sft_examples(questions, tokenizer, "auto", 512, noise=0.3, seed=1)
+    questions = [Question(id=str(i), question=r["question"], answer=r["answer"], tests=None, solution=r["solution"], source="add",
+                          index=i, extra={"task": "add"}) for i, r in enumerate(rows)]
+    from sdzero_mcore.data.prompts import RunPrompts
+
+    prompts = RunPrompts.from_config(load_config(), tokenizer)
+    examples = sft_examples(questions, prompts, 512, noise=0.3, seed=1)
     wrong = 0
     for q, example in zip(questions, examples):
         c = example.completion
         wrong += 1 - verify_synthetic("add", tokenizer.decode(c.ids[c.loss_start:c.loss_end - 1]), q.answer).reward
     assert 0.22 < wrong / len(examples) < 0.38, wrong
-    again = sft_examples(questions, tokenizer, "auto", 512, noise=0.3, seed=1)
+    again = sft_examples(questions, prompts, 512, noise=0.3, seed=1)
     assert [e.completion.ids for e in again] == [e.completion.ids for e in examples]  # deterministic
 
 
@@ -263,12 +270,15 @@ def test_sft_revision_format_examples_train_only_the_second_attempt():
     from sdzero_mcore.phases.sft import sft_examples
     from sdzero_mcore.rewards import generate_rows, verify_synthetic
 
+    from sdzero_mcore.data.prompts import RunPrompts
+
     tokenizer = build_char_tokenizer()
     preset = control_phrases("paper")
     rows = generate_rows("add", 300, seed=5)
     questions = [Question(id=str(i), question=r["question"], answer=r["answer"], tests=None, solution=r["solution"],
-                          source="add", index=i) for i, r in enumerate(rows)]
-    examples = sft_examples(questions, tokenizer, "auto", 512, noise=0.2, revision_fraction=0.4, preset=preset, seed=2)
+                          source="add", index=i, extra={"task": "add"}) for i, r in enumerate(rows)]
+    examples = sft_examples(questions, RunPrompts.from_config(load_config(), tokenizer), 512, noise=0.2,
+                            revision_fraction=0.4, seed=2)
     seen = {0: 0, 1: 0}
     for q, example in zip(questions, examples):
         c = example.completion
