@@ -91,6 +91,9 @@ _PROBABILITY = _Rule(lambda v: 0 < v <= 1, "(0, 1]")
 _FRACTION_OPEN = _Rule(lambda v: 0 < v < 1, "(0, 1)")
 
 
+RECIPE_NAMES = ("paper", "release")  # the keys of RECIPES (defined after the sections)
+
+
 def _checked(default: Any, rule: _Rule) -> Any:
     """A dataclass field with a default and a value rule that :meth:`_Section.validate` enforces."""
     return field(default=default, metadata={"rule": rule})
@@ -463,6 +466,9 @@ class SFTConfig(_Section):
     # fraction of examples in the reviser's format, x + y_a + P_r + y_b with the loss on y_b only: the
     # base learns what an instruct model already does (after P_r, answer again), not to revise itself
     revision_fraction: float = _checked(0.0, _FRACTION_HALF_OPEN)
+    # the recipes whose prompt layouts the examples use (one picked per example); [] = the run's own.
+    # [paper, release] gives one base that both recipes can start from, like an instruct model
+    prompt_recipes: list[str] = field(default_factory=list)
     epochs: int = _checked(1, _AT_LEAST_1)
     global_batch_size: int = _checked(32, _AT_LEAST_1)
     micro_batch_size: int = _checked(32, _AT_LEAST_1)
@@ -477,6 +483,9 @@ class SFTConfig(_Section):
 
     def _check_relations(self, prefix: str) -> None:
         _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)
+        unknown = [r for r in self.prompt_recipes if r not in RECIPE_NAMES]
+        if unknown:
+            raise ConfigError(f"{prefix}prompt_recipes: {unknown} are not recipes; allowed: {', '.join(RECIPE_NAMES)}")
 
 
 @dataclass
@@ -601,7 +610,7 @@ class SDZeroConfig(_Section):
     # paper = the paper's text; release = the authors' public code (princeton-pli/Self-Distillation-Zero).
     # It sets the defaults of every setting where they differ (RECIPES below, docs/method.md); a key
     # given in the config file or on the command line still wins.
-    recipe: str = _checked("paper", _one_of("paper", "release"))
+    recipe: str = _checked("paper", _one_of(*RECIPE_NAMES))
     # where every phase writes; checked before any work (sdzero_mcore.preflight): not empty, not a
     # file, writable
     output_dir: str = _checked(

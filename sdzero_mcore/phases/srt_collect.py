@@ -31,6 +31,7 @@ from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import SDZeroConfig
 from sdzero_mcore.data.prompts import RunPrompts, default_stop_ids
 from sdzero_mcore.data.question_sets import phase_questions
+from sdzero_mcore.data.trace_cleaning import clean_records
 from sdzero_mcore.eval.budget import record_budget
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.parallel.rank0 import run_on_rank0
@@ -122,7 +123,15 @@ def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, en
         return [cut_at_stop_strings(c, tokenizer, ccfg.stop_strings)
                 for c in engine.generate([context], replace(base, n=n, seed=seed))]
 
-    kept = _count_kept(log)
+    eos_ids = frozenset(stop_ids)
+
+    def usable(records: list[dict]) -> list[dict]:
+        """The verified revisions among ``records`` that D_revision would keep (cleaned, deduplicated)."""
+        correct = [r for r in records if r["type"] == "revision" and r["r_rev"] == 1]
+        return clean_records(correct, tokenizer, eos_ids=eos_ids).records if ccfg.cleaning else correct
+
+    # duplicates only occur within a question (x is part of the key), so counting per question is exact
+    kept = sum(len(usable(group)) for group in _records_by_question(log))
     pending = [q for q in questions if q.id not in done]
     try:
         for question in tqdm(pending, desc="srt-collect", disable=not cfg.logging.progress):
@@ -151,7 +160,7 @@ def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, en
                         "init_tokens": len(attempt.token_ids), "rev_tokens": len(revision.token_ids),
                         "model": str(source.path), "config_hash": chash,
                     })
-                    kept += r_rev.reward
+            kept += len(usable(lines))
             lines.append({
                 "type": "done", "question_id": question.id,
                 "attempts": [{"r": r.reward, "tokens": len(a.token_ids)} for a, r in zip(attempts, init_rewards)],
@@ -159,7 +168,8 @@ def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, en
             _append(log, lines)
         # the loop ends when every question is done or target_kept is reached: either completes it,
         # and the marker comes last (D_revision, the summary and the budget exist when it does)
-        d_revision = write_outputs(out, target_kept=ccfg.target_kept)
+        d_revision = write_outputs(out, target_kept=ccfg.target_kept, cleaning=ccfg.cleaning,
+                                   tokenizer=tokenizer, eos_ids=eos_ids)
         atomic_write_text(out / COMPLETE_FILE, json.dumps({"config_hash": chash, "kept": kept}) + "\n")
     finally:
         reward_fn.close()
@@ -194,17 +204,27 @@ def _records(path: Path):
             yield json.loads(line)
 
 
-def _count_kept(path: Path) -> int:
-    return sum(1 for r in _records(path) if r["type"] == "revision" and r["r_rev"] == 1)
+def _records_by_question(path: Path):
+    """The log's revision records, one list per question, in log order."""
+    group: list[dict] = []
+    for record in _records(path):
+        if record["type"] == "done":
+            yield group
+            group = []
+        else:
+            group.append(record)
 
 
-def write_outputs(out: Path, *, target_kept: Optional[int] = None) -> Path:
-    """D_revision (the first ``target_kept`` verified-correct revisions, in log order) and the
-    summary, rebuilt from the log."""
+def write_outputs(out: Path, *, target_kept: Optional[int] = None, cleaning: bool = False, tokenizer=None,
+                  eos_ids: frozenset = frozenset()) -> Path:
+    """D_revision (the first ``target_kept`` verified-correct revisions in log order, cleaned and
+    deduplicated when ``cleaning``) and the summary, rebuilt from the log."""
     revisions, attempts = [], []
     for record in _records(out / RECORDS_FILE):
         (revisions if record["type"] == "revision" else attempts).append(record)
-    kept = [r for r in revisions if r["r_rev"] == 1][:target_kept]
+    correct = [r for r in revisions if r["r_rev"] == 1]
+    cleaned = clean_records(correct, tokenizer, eos_ids=eos_ids) if cleaning else None
+    kept = (cleaned.records if cleaned else correct)[:target_kept]
     atomic_write_text(out / REVISION_FILE, "".join(json.dumps(r) + "\n" for r in kept))
     init = [a for done in attempts for a in done["attempts"]]
 
@@ -216,7 +236,12 @@ def write_outputs(out: Path, *, target_kept: Optional[int] = None) -> Path:
         "initial_accuracy": rate(init, "r"),
         "revision_accuracy_given_r_init_0": rate([r for r in revisions if r["r_init"] == 0], "r_rev"),
         "revision_accuracy_given_r_init_1": rate([r for r in revisions if r["r_init"] == 1], "r_rev"),
+        "verified_revisions": len(correct),
         "kept": len(kept),
+        "kept_corrections": sum(1 for r in kept if r["r_init"] == 0),
+        "kept_rephrasings": sum(1 for r in kept if r["r_init"] == 1),
+        "distinct_kept": len({(r["x"], r["y_init"], r["y_rev"]) for r in kept}),
+        "cleaning": cleaned.as_summary() if cleaned else None,
         "generations": len(init) + len(revisions),
         "generated_tokens": sum(a["tokens"] for a in init) + sum(r["rev_tokens"] for r in revisions),
     }

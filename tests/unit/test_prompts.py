@@ -9,7 +9,7 @@ import typing
 import pytest
 import torch
 
-from sdzero_mcore.config import DataConfig, load_config
+from sdzero_mcore.config import ConfigError, DataConfig, load_config
 from sdzero_mcore.data import prompts
 from sdzero_mcore.data.prompts import (
     P_R_PRESETS,
@@ -64,13 +64,15 @@ def test_paper_preset_exact_strings():
 def test_config_presets_match_table():
     """DataConfig.p_r_preset's allowed values must track P_R_PRESETS (config.py cannot import it)."""
     cfg = load_config()
-    allowed = {"paper", "custom"}
+    allowed = {"paper", "qwen", "olmo", "auto", "custom"}
     for name in allowed:
         overrides = [f"data.p_r_preset={name}"]
         if name == "custom":
             overrides += ["data.p_r_correct=Right.", "data.p_r_incorrect=Wrong."]
         load_config(overrides=overrides)  # accepted
-    assert set(P_R_PRESETS) | {prompts.CUSTOM_PRESET} == allowed
+    assert set(P_R_PRESETS) | {prompts.CUSTOM_PRESET, prompts.AUTO_PRESET} == allowed
+    with pytest.raises(ConfigError, match="not one of: paper, qwen, olmo, auto, custom"):
+        load_config(overrides=["data.p_r_preset=llama"])
     assert control_phrases_from_config(cfg.data) == P_R_PRESETS["paper"]
     custom = DataConfig(p_r_preset="custom", p_r_correct="Looks right.", p_r_incorrect="Try again.")
     assert control_phrases_from_config(custom) == ("Looks right.", "Try again.")
