@@ -558,15 +558,23 @@ class EvalConfig(_Section):
 
 @dataclass
 class MathConfig(_Section):
-    """The math reward's equivalence policy (sdzero_mcore.rewards.math).
+    """The math reward's equivalence policy and answer extraction (sdzero_mcore.rewards.math).
 
-    math_verify (default): math-verify's verdict, as the authors' release uses it in Phase 2, so
-    rewards match theirs; it accepts decimals rounded to its precision (1/3 vs 0.333333) and
-    ignores letter case. strict: additionally a decimal must be the exact value and letters keep
-    their case. Both accept comma and thin-space thousands separators.
+    policy: math_verify (default): math-verify's verdict, as the authors' release uses it in
+    Phase 2, so rewards match theirs; it accepts decimals rounded to its precision (1/3 vs
+    0.333333) and ignores letter case. strict: additionally a decimal must be the exact value and
+    letters keep their case. Both accept comma and thin-space thousands separators.
+
+    extraction: boxed (default): the last \\boxed{} of a response is its answer, in every phase.
+    release: as the authors' release reads answers: in Phase-1 collection the last \\boxed{},
+    else the text after "the answer is" / "final answer is", else the last number; everywhere
+    else math-verify reads the whole response against "\\boxed{gold}".
     """
 
     policy: str = _checked("math_verify", _one_of("math_verify", "strict"))
+    # boxed keeps one reading of answers across phases, so collection and training rewards agree;
+    # release reproduces the rewards behind the paper's tables, which differ between the phases.
+    extraction: str = _checked("boxed", _one_of("boxed", "release"))
 
 
 @dataclass

@@ -129,10 +129,12 @@ FIELD_PRESETS: dict[str, FieldPreset] = {
     ),
     # open-r1/codeforces style: the full statement in `prompt` (verifiable-prompts) or the bare
     # `description`; tests as {input, output} lists (`official_tests`), APPS-style JSON strings
-    # (`input_output`) or parallel lists (code_contests `public_tests`).
+    # (`input_output`) or parallel lists (code_contests `public_tests`). `examples` last: it holds
+    # only the statement's sample tests, so a dataset with official tests uses those, while
+    # open-r1/codeforces-cots, which has no others, is judged on them, as the authors' release did.
     "codeforces": FieldPreset(
         "codeforces", question=("prompt", "description", "question"),
-        tests=("official_tests", "tests", "input_output", "public_tests"), solution=("solution",),
+        tests=("official_tests", "tests", "input_output", "public_tests", "examples"), solution=("solution",),
     ),
     # question / answer / solution, as the synthetic tasks write them.
     "plain": FieldPreset("plain", question=("question",), answer=("answer",), solution=("solution",)),

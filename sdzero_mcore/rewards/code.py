@@ -1,11 +1,19 @@
-"""Code reward: run the last fenced program of a response on the problem's tests, in a sandbox.
+"""Code reward: run the final fenced program of a response on the problem's tests, in a sandbox.
+
+The program is the last closed ``` block after closed <think>...</think> blocks are removed,
+preferring a block tagged with a programming language (extraction.last_code_block), as the
+authors' release picks it. Python and C++ are run; C, Java, Go and Rust, which the release also
+ran, are recognised and scored 0 with reason "unsupported_language".
 
 A problem (the `answer` passed to score) is one of:
-- a list of tests [{"input": str, "output": str}, ...] (Codeforces style: stdin -> expected stdout),
-- a dict {"tests": [...], "checker": "tokens" | "exact" | "float"} (checker optional),
+- a list of tests [{"input": str, "output": str}, ...] (Codeforces style: stdin -> expected stdout;
+  open-r1/codeforces-cots keeps its public ones in `examples`),
+- a dict {"tests": [...], "checker": "lines" | "tokens" | "exact" | "float"} (checker optional),
 - either of those as a JSON string (datasets often store tests that way).
 
-Checkers: "tokens" (default): the outputs split on whitespace must be equal token lists.
+Checkers: "lines" (default, the release's comparison): the outputs, stripped at both ends, must
+have the same lines after trailing whitespace is removed from each.
+"tokens": the outputs split on whitespace must be equal token lists.
 "exact": equal after normalising CRLF to LF and dropping trailing newlines at the very end.
 "float": token lists of equal length; tokens that both parse as floats must agree within
 abs/rel tolerance `float_tolerance` (1e-6), other tokens must be equal.
@@ -14,7 +22,7 @@ r = 1 iff every test passes (tests run in order; the first failure decides the r
 Reasons: "correct", "wrong_answer", "runtime_error", "timeout", "memory_limit" (MemoryError or
 std::bad_alloc seen), "output_limit" (output larger than max_output_mb), "compile_error",
 "no_answer" (no closed fenced block), "unsupported_language" (a language other than Python/C++, or
-C++ without g++), "error" (the sandbox itself failed).
+C++ without g++; logged once per language), "error" (the sandbox itself failed).
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from sdzero_mcore.rewards.sandbox import MiB, Limits, RunResult, Sandbox, instal
 
 logger = logging.getLogger(__name__)
 
-CHECKERS = ("tokens", "exact", "float")
+CHECKERS = ("lines", "tokens", "exact", "float")
+DEFAULT_CHECKER = "lines"  # the authors' release compares rstripped lines
+RUN_LANGUAGES = ("python", "cpp")
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,7 @@ class CodeProblem:
     checker: str
 
 
-def parse_problem(answer: Any, default_checker: str = "tokens", where: str = "answer") -> CodeProblem:
+def parse_problem(answer: Any, default_checker: str = DEFAULT_CHECKER, where: str = "answer") -> CodeProblem:
     """Validate a problem in any accepted form (see the module docstring); ValueError/TypeError name the fault."""
     if isinstance(answer, str):
         try:
@@ -74,7 +84,15 @@ def parse_problem(answer: Any, default_checker: str = "tokens", where: str = "an
     return CodeProblem(tests=tuple(parsed), checker=checker)
 
 
+def _output_lines(text: str) -> list[str]:
+    # The release stripped whole outputs before splitting, so leading blank lines and the first
+    # line's indentation do not count either; later lines keep their leading whitespace.
+    return [line.rstrip() for line in text.strip().splitlines()]
+
+
 def outputs_match(actual: str, expected: str, checker: str, float_tolerance: float = 1e-6) -> bool:
+    if checker == "lines":
+        return _output_lines(actual) == _output_lines(expected)
     if checker == "tokens":
         return actual.split() == expected.split()
     if checker == "exact":
@@ -113,6 +131,7 @@ class CodeReward(RewardFn):
     max_disk_mb: everything a run writes (work directory, /tmp, /dev/shm) in namespaces mode, where
         it is one size-limited tmpfs; the compile step gets max(max_disk_mb, 256).
     compile_timeout_s / compile_memory_limit_mb: the same limits for g++.
+    checker: the comparison for problems that name none (see the module docstring).
     timeout_s: wall budget per sample for compile plus all tests; when it runs out, "timeout".
     num_workers: samples judged concurrently (threads, each driving its own sandboxed processes).
     isolation / run_as_uid / python_executable: passed to Sandbox (see sandbox.py).
@@ -130,7 +149,7 @@ class CodeReward(RewardFn):
         max_disk_mb: int = 64,
         compile_timeout_s: float = 30.0,
         compile_memory_limit_mb: int = 2048,
-        checker: str = "tokens",
+        checker: str = DEFAULT_CHECKER,
         float_tolerance: float = 1e-6,
         timeout_s: float = 120.0,
         num_workers: Optional[int] = None,
@@ -177,6 +196,7 @@ class CodeReward(RewardFn):
             readable_paths=[install_prefix(self.cxx)] if self.cxx else [],
         )
         self._executor: Optional[ThreadPoolExecutor] = None
+        self._unsupported_logged: set[str] = set()
 
     def score(self, response: str, answer: Any) -> RewardResult:
         check_batch([response], [answer])
@@ -198,9 +218,8 @@ class CodeReward(RewardFn):
         if block is None:
             return RewardResult(0, None, "no_answer")
         language, source = block
-        if language not in ("python", "cpp"):
-            return RewardResult(0, source, "unsupported_language")
-        if language == "cpp" and self.cxx is None:
+        if language not in RUN_LANGUAGES or (language == "cpp" and self.cxx is None):
+            self._log_unsupported(language)
             return RewardResult(0, source, "unsupported_language")
         try:
             reason = self._judge(language, source, problem)
@@ -208,6 +227,21 @@ class CodeReward(RewardFn):
             logger.error("code reward: sandbox failure: %s", exc)
             reason = "error"
         return RewardResult(1 if reason == "correct" else 0, source, reason)
+
+    def _log_unsupported(self, language: str) -> None:
+        # Once per language: a run whose model writes Java would otherwise log every sample, and
+        # a silent 0 would read as a wrong program.
+        if language in self._unsupported_logged:
+            return
+        self._unsupported_logged.add(language)
+        if language == "cpp":
+            why = "the C++ compiler (the cxx argument, g++ by default) is not on PATH"
+        else:
+            why = f"the code reward runs only {' and '.join(RUN_LANGUAGES)}"
+        logger.warning(
+            "code reward: a response's final program is %s, which is not supported: %s; such responses "
+            "score 0 with reason unsupported_language", language, why,
+        )
 
     def _judge(self, language: str, source: str, problem: CodeProblem) -> str:
         deadline = time.monotonic() + self.timeout_s

@@ -1,4 +1,5 @@
-"""Pulling the final answer out of a model response: the last \\boxed{...} and the last code fence."""
+"""Pulling the final answer out of a model response: the last \\boxed{...}, the release's fallback
+chain for Phase-1 collection, and the last code fence."""
 
 from __future__ import annotations
 
@@ -56,6 +57,36 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
+# Phrases after which the release's Phase-1 collection reads the final answer of a response
+# that has no box. "the answer is" also covers "The answer is"; the release matched these
+# phrases with their case as written, here any case counts.
+_ANSWER_PHRASE = re.compile(r"\b(?:the|final) answer is", re.IGNORECASE)
+
+# A decimal number with an optional minus sign ("-3", "2.5", ".5"); thousands commas are removed
+# from the text first, so "1,000" reads as 1000.
+_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
+
+
+def fallback_answer(text: str) -> Optional[str]:
+    """The final answer as the authors' release reads it when collecting Phase-1 data, or None.
+
+    In order: the last \\boxed{} (when the response has a box command at all, its last box is the
+    answer, even if it is malformed or empty, and nothing further is tried); else everything after
+    the last "the answer is" / "final answer is" (any case; the rest of the response, as the
+    release takes it, so the phrase should end the response); else the last number. The piece
+    is returned raw: the math reward normalises it before comparing.
+    """
+    if _BOX_COMMAND.search(text):
+        return last_boxed(text)
+    phrases = list(_ANSWER_PHRASE.finditer(text))
+    if phrases:
+        return text[phrases[-1].end():]
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    return numbers[-1] if numbers else None
+
+
+# The languages the authors' release runs, with the tags it accepts for each; the code reward
+# itself runs only python and cpp, the others are recognised so that they are reported as such.
 _LANGUAGE_ALIASES = {
     "python": "python",
     "python3": "python",
@@ -65,27 +96,53 @@ _LANGUAGE_ALIASES = {
     "c++": "cpp",
     "cc": "cpp",
     "cxx": "cpp",
+    "c": "c",
+    "java": "java",
+    "go": "go",
+    "golang": "go",
+    "rust": "rust",
+    "rs": "rust",
 }
 
 # An opening fence with an optional language tag, the body, and the closing fence. The body is
 # non-greedy so consecutive blocks stay separate.
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+#.-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
+# Reasoning a model wraps in <think>...</think> may hold drafts of the program; only closed
+# blocks are removed, as in the release (see strip_think).
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def strip_think(text: str) -> str:
+    """text without its closed <think>...</think> blocks.
+
+    An unclosed <think> (a response cut off while reasoning) is left in place, as the authors'
+    release leaves it, so a program drafted inside it can still be the one judged.
+    """
+    return _THINK_BLOCK.sub("", text)
+
 
 def last_code_block(text: str) -> Optional[tuple[str, str]]:
-    """(language, source) of the last closed ``` fenced block, or None.
+    """(language, source) of the response's final program, or None when it has no closed fence.
 
-    language is "python", "cpp", or the lower-cased tag as written for other languages. A plain
-    ``` fence is taken as C++ when the source has an #include line, else as Python (the two
-    languages the code reward runs). An unclosed final fence (a truncated response) is ignored.
+    Closed <think> blocks are dropped first. The final program is the last closed ``` block
+    tagged with a programming language the release knows (python, cpp, c, java, go, rust and
+    their aliases), so a trailing block of sample output or plain text does not hide it; a
+    response with no such tag gives its last block. language is the canonical name ("python",
+    "cpp", "c", "java", "go", "rust") or the lower-cased tag as written. A plain ``` fence is
+    taken as C++ when the source has an #include line, else as Python (the two languages the
+    code reward runs). An unclosed final fence (a truncated response) is ignored.
     """
-    blocks = _FENCE.findall(text)
+    blocks = _FENCE.findall(strip_think(text))
     if not blocks:
         return None
+    for tag, source in reversed(blocks):
+        language = _LANGUAGE_ALIASES.get(tag.strip().lower())
+        if language is not None:
+            return language, source
     tag, source = blocks[-1]
     tag = tag.strip().lower()
     if tag:
-        language = _LANGUAGE_ALIASES.get(tag, tag)
-    else:
-        language = "cpp" if re.search(r"^\s*#\s*include\b", source, re.MULTILINE) else "python"
+        return tag, source
+    language = "cpp" if re.search(r"^\s*#\s*include\b", source, re.MULTILINE) else "python"
     return language, source

@@ -1,4 +1,13 @@
-"""Math reward: the last \\boxed{} answer, checked for symbolic equivalence with math-verify.
+"""Math reward: a response's final answer, checked for symbolic equivalence with math-verify.
+
+What is compared (``MathReward(extraction=...)``, chosen by ``rewards.reward_fn_for`` from the
+config's ``math.extraction`` and the phase):
+- "boxed" (the default): the last \\boxed{} of the response against the reference answer.
+- "fallback_chain": the authors' release in Phase-1 collection: the last \\boxed{}, else the text
+  after "the answer is" / "final answer is", else the last number (extraction.fallback_answer),
+  normalised (normalise_answer); equal normalised text is correct, otherwise math-verify decides.
+- "whole_response": the authors' release in Phase 2 and evaluation: math-verify reads the whole
+  response itself (LaTeX and plain expressions) against "\\boxed{gold}".
 
 Equivalence policy (``MathReward(policy=...)``, config ``math.policy``):
 - "math_verify" (the default): math-verify's own verdict. This is what the SD-Zero authors'
@@ -15,7 +24,8 @@ Verification runs in worker processes (sdzero_mcore.rewards._pool.DeadlinePool) 
 hang or blow up on adversarial answers: each sample gets a hard timeout, a hung or crashed worker
 is killed and replaced, and the batch always returns.
 
-Reasons: "correct", "wrong", "no_answer" (no box, or an empty one), "timeout", "error" (the
+Reasons: "correct", "wrong", "no_answer" (no box or an empty one; with fallback_chain nothing
+the chain could read; with whole_response nothing math-verify could read), "timeout", "error" (the
 verification raised or its worker died), "invalid_gold" (math-verify cannot parse the reference
 answer: a data problem, reported rather than silently scored as a wrong response).
 """
@@ -33,7 +43,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from sdzero_mcore.rewards._pool import DeadlinePool
 from sdzero_mcore.rewards.base import RewardFn, RewardResult, check_batch
-from sdzero_mcore.rewards.extraction import last_boxed
+from sdzero_mcore.rewards.extraction import fallback_answer, last_boxed
 
 _UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
 
@@ -47,12 +57,55 @@ _THIN_SPACE_SEPARATOR = re.compile(r"(?<=\d)(?:\\,|\\thinspace\s*|\u2009|\u202f)
 
 POLICIES = ("math_verify", "strict")
 DEFAULT_POLICY = "math_verify"  # the authors' release (see the module docstring); math.policy sets it per run
+EXTRACTIONS = ("boxed", "fallback_chain", "whole_response")
 
 
 def _normalise(latex: str) -> str:
     for variant, canonical in _SPELLINGS:
         latex = latex.replace(variant, canonical)
     return _THIN_SPACE_SEPARATOR.sub("", latex)
+
+
+# Spelling that says nothing about the value, dropped before the fallback chain's answers are
+# compared: the release normalised its Phase-1 answers in this spirit (its own, longer list also
+# removes unit words and reads number words; those are left to math-verify here).
+_DROPPED_SPELLINGS = (r"\!", r"\(", r"\)", r"\$", "$", r"^{\circ}", r"^\circ", r"\%", "%")
+_SIZED_DELIMITER = re.compile(r"\\(?:left|right)(?![A-Za-z])")
+_FRACTION_VARIANT = re.compile(r"\\[dt]frac(?![A-Za-z])")
+_TRAILING_TEXT = re.compile(r"\\text\{[^{}]*\}$")
+_TEXT = re.compile(r"\\text\{([^{}]*)\}")
+
+
+def normalise_answer(answer: str) -> str:
+    """An extracted answer reduced to the form the fallback chain compares.
+
+    Lines are joined; dollar delimiters, degree marks, percent signs, \\left / \\right and \\!
+    dropped; \\dfrac and \\tfrac read as \\frac; a leading ":" and trailing "." / "/" dropped
+    (an answer phrase ends a sentence: "The answer is: $5$."); a trailing \\text{...} (a unit)
+    dropped when something is left, other \\text{...} unwrapped; "x = 5" read as "5" (one "=",
+    a left side of at most two characters); spaces removed.
+    """
+    text = re.sub(r"\n\s*", "", answer)
+    for spelling in _DROPPED_SPELLINGS:
+        text = text.replace(spelling, "")
+    text = _SIZED_DELIMITER.sub("", text)
+    text = _FRACTION_VARIANT.sub(r"\\frac", text)
+    text = text.strip().removeprefix(":").strip().rstrip("./").strip()
+    without_unit = _TRAILING_TEXT.sub("", text).strip()
+    if without_unit:
+        text = without_unit
+    text = _TEXT.sub(r"\1", text)
+    left, equals, right = text.partition("=")
+    if equals and "=" not in right and 0 < len(left.strip()) <= 2 and right.strip():
+        text = right
+    return text.replace(" ", "")
+
+
+def _same_text(gold: str, predicted: str, policy: str) -> bool:
+    """Equal normalised answers are equal without asking math-verify (the release's first test);
+    letter case counts only under the strict policy."""
+    gold, predicted = normalise_answer(gold), normalise_answer(predicted)
+    return gold == predicted if policy == "strict" else gold.lower() == predicted.lower()
 
 
 _LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
@@ -146,15 +199,46 @@ def _verify_in_worker(
     return "correct"
 
 
-class MathReward(RewardFn):
-    """r(y, a) = 1 iff the last \\boxed{} answer of y is equivalent to a under math-verify.
+def _verify_response_in_worker(
+    gold: str, response: str, verify_fn: Optional[Callable[[str, str], bool]], policy: str = DEFAULT_POLICY
+) -> tuple[str, Optional[str]]:
+    """Runs in a worker: (reason, the answer math-verify read) for one whole response, read the
+    way the authors' release reads it in Phase 2 (math-verify finds the answer itself)."""
+    if verify_fn is not None:
+        return ("correct" if verify_fn(gold, response) else "wrong"), None
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    policy: "math_verify" or "strict" (see the module docstring); None = the process default
-        (DEFAULT_POLICY unless the CLI set the run's math.policy). Ignored with verify_fn.
+    gold_parsed = parse(gold_for_parsing(gold), [LatexExtractionConfig()], parsing_timeout=None)
+    if not gold_parsed:
+        return "invalid_gold", None
+    predicted_parsed = parse(
+        _normalise(response), [ExprExtractionConfig(), LatexExtractionConfig()], parsing_timeout=None
+    )
+    if not predicted_parsed:
+        return "no_answer", None
+    # parse gives [value, the text it was read from]; the text is what a reader of the logs needs.
+    predicted = str(predicted_parsed[-1])
+    if not verify(gold_parsed, predicted_parsed, timeout_seconds=None):
+        return "wrong", predicted
+    if policy == "strict":
+        if _case_differs(gold, predicted):
+            return "wrong", predicted
+        gold_value, predicted_value = gold_parsed[0], predicted_parsed[0]
+        if (_has_decimal(gold_value) or _has_decimal(predicted_value)) and not _exactly_equal(gold_value, predicted_value):
+            return "wrong", predicted
+    return "correct", predicted
+
+
+class MathReward(RewardFn):
+    """r(y, a) = 1 iff the final answer of y is equivalent to a under math-verify.
+
+    extraction: "boxed", "fallback_chain" or "whole_response" (see the module docstring).
+    policy: "math_verify" or "strict" (see the module docstring). Ignored with verify_fn.
     timeout_s: hard limit per sample (verification only; extraction is linear-time in the parent).
     num_workers: verification processes, started on first use.
     verify_fn: optional replacement for math-verify, called in the worker as
-        verify_fn(gold: str, predicted: str) -> bool with the extracted box content. It must be a
+        verify_fn(gold: str, predicted: str) -> bool with the extracted answer (with
+        whole_response: the whole response; with fallback_chain: the normalised answer). It must be a
         module-level function (it is pickled into "spawn" workers). Use it for a custom equivalence
         check; the tests use it to inject verifications that hang or kill their worker.
     mp_context: "spawn" (default) or "forkserver"; never "fork", since the trainer holds threads.
@@ -171,9 +255,12 @@ class MathReward(RewardFn):
         mp_context: str = "spawn",
         startup_timeout_s: float = 120.0,
         policy: str = DEFAULT_POLICY,
+        extraction: str = "boxed",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if extraction not in EXTRACTIONS:
+            raise ValueError(f"extraction must be one of {', '.join(EXTRACTIONS)}, got {extraction!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         if num_workers is None:
@@ -193,6 +280,7 @@ class MathReward(RewardFn):
         self.timeout_s = float(timeout_s)
         self.verify_fn = verify_fn
         self.policy = policy
+        self.extraction = extraction
         self.pool = DeadlinePool(
             num_workers,
             context=mp_context,
@@ -207,24 +295,43 @@ class MathReward(RewardFn):
     def score(self, response: str, answer: Any) -> RewardResult:
         return self.score_batch([response], [answer])[0]
 
+    def _answer_of(self, response: str) -> Optional[str]:
+        """What goes to verification: the answer extracted in the parent (linear time), or with
+        whole_response the response itself, which math-verify reads in the worker."""
+        if self.extraction == "whole_response":
+            return response if response.strip() else None
+        if self.extraction == "fallback_chain":
+            raw = fallback_answer(response)
+            return None if raw is None else normalise_answer(raw)
+        return last_boxed(response)
+
     def score_batch(self, responses: Sequence[str], answers: Sequence[Any]) -> list[RewardResult]:
         check_batch(responses, answers)
         results: list[Optional[RewardResult]] = [None] * len(responses)
         task_indices: list[int] = []
         task_args: list[tuple] = []
+        whole = self.extraction == "whole_response"
         for index, (response, answer) in enumerate(zip(responses, answers)):
             gold = _gold_text(answer, index)
-            predicted = last_boxed(response)
-            if not predicted:  # None: no box; "": an empty one
-                results[index] = RewardResult(0, predicted, "no_answer")
+            predicted = self._answer_of(response)
+            if not predicted:  # None: nothing to read; "": an empty box or answer
+                results[index] = RewardResult(0, None if whole else predicted, "no_answer")
+                continue
+            if self.extraction == "fallback_chain" and self.verify_fn is None and _same_text(gold, predicted, self.policy):
+                results[index] = RewardResult(1, predicted, "correct")
                 continue
             task_indices.append(index)
             task_args.append((gold, predicted, self.verify_fn, self.policy))
 
-        outcomes = self.pool.map(_verify_in_worker, task_args, self.timeout_s)
+        worker = _verify_response_in_worker if whole else _verify_in_worker
+        outcomes = self.pool.map(worker, task_args, self.timeout_s)
         for index, (gold, predicted, *_), outcome in zip(task_indices, task_args, outcomes):
+            if whole:
+                predicted = None  # the response itself is not an extracted answer
             if outcome.status == "ok":
                 reason = outcome.value
+                if whole:
+                    reason, predicted = reason
                 results[index] = RewardResult(1 if reason == "correct" else 0, predicted, reason)
             elif outcome.status == "timeout":
                 results[index] = RewardResult(0, predicted, "timeout")

@@ -34,16 +34,31 @@ def reward_name(cfg: SDZeroConfig, questions: Sequence) -> str:
     return "code" if questions and questions[0].tests is not None else "math"
 
 
-def reward_fn_for(cfg: SDZeroConfig, questions: Sequence) -> RewardFn:
+def reward_fn_for(cfg: SDZeroConfig, questions: Sequence, *, collection: bool = False) -> RewardFn:
     """The run's reward function for ``questions``, with the rollout section's workers and timeout
-    and, for math, the run's ``math.policy``."""
+    and, for math, the run's ``math.policy`` and ``math.extraction``.
+
+    collection: True when scoring Phase-1 (Self-Revision) data collection. With
+    ``math.extraction: release`` the release read answers differently there (a fallback chain)
+    than everywhere else (math-verify on the whole response); other rewards ignore it.
+    """
     name = reward_name(cfg, questions)
     if name.startswith("synthetic:"):  # verified in-process: pure Python, bounded work
         return get_reward_fn(name)
     if name == "code":  # its timeout is a per-sample budget over all tests: keep the reward's default
         return get_reward_fn(name, num_workers=cfg.rollout.reward_workers)
     return get_reward_fn(name, timeout_s=cfg.rollout.reward_timeout_s, num_workers=cfg.rollout.reward_workers,
-                         policy=cfg.math.policy)
+                         policy=cfg.math.policy, extraction=math_extraction(cfg.math.extraction, collection=collection))
+
+
+def math_extraction(setting: str, *, collection: bool) -> str:
+    """MathReward's extraction for the config's ``math.extraction`` in a phase: "release" means the
+    fallback chain in Phase-1 collection and the whole response elsewhere."""
+    if setting == "boxed":
+        return "boxed"
+    if setting == "release":
+        return "fallback_chain" if collection else "whole_response"
+    raise ValueError(f"math.extraction must be boxed or release, got {setting!r}")
 
 
 def reward_target(question) -> object:

@@ -246,6 +246,8 @@ def test_no_omegaconf_traceback_leaks():
         ("srt_train.mode=both", "'both' is not one of: joint, sequential"),
         ("distill.tail=drop", "'drop' is not one of: renorm, bucket"),
         ("distill.optimizer.lr_schedule=linear", "'linear' is not one of: cosine, constant"),
+        ("math.extraction=last_number", "'last_number' is not one of: boxed, release"),
+        ("math.extraction=Release", "'Release' is not one of: boxed, release"),
     ],
 )
 def test_choice_violation(override, problem):
@@ -275,6 +277,11 @@ def test_choice_violation(override, problem):
 def test_range_violation(override, problem):
     key = override.split("=")[0]
     assert config_error(override) == f"{key}: {problem}"
+
+
+def test_math_extraction_default_and_release():
+    assert load_config().math.extraction == "boxed"
+    assert load_config(overrides=["math.extraction=release"]).math.extraction == "release"
 
 
 def test_warmup_steps_and_ratio_both_set():

@@ -18,7 +18,9 @@ import uuid
 import psutil
 import pytest
 
-from sdzero_mcore.rewards import CodeReward, get_reward_fn
+from sdzero_mcore.config import load_config
+from sdzero_mcore.data.loading import load_rows
+from sdzero_mcore.rewards import CodeReward, get_reward_fn, reward_fn_for, reward_target
 from sdzero_mcore.rewards.code import outputs_match, parse_problem
 from sdzero_mcore.rewards.extraction import last_code_block
 from sdzero_mcore.rewards import sandbox as sandbox_module
@@ -107,6 +109,16 @@ def machine_unharmed(reward):
 @pytest.mark.parametrize(
     "actual, expected, checker, match",
     [
+        # lines (the default, the release's comparison): trailing whitespace of each line and of
+        # the whole output is ignored, nothing else is
+        ("3   \n", "3", "lines", True),
+        ("1 2 \n3\t\n\n", "1 2\n3", "lines", True),
+        ("\n\n5\r\n", "5\n", "lines", True),  # blank lines around the output, CRLF
+        ("1\n2", "1 2", "lines", False),  # the same tokens on other lines
+        ("1\n3", "1\n2", "lines", False),
+        ("1\n2\n3", "1\n2", "lines", False),  # an extra line
+        ("a  b", "a b", "lines", False),
+        ("5\n 6", "5\n6", "lines", False),  # a later line's indentation counts
         ("3\n", "3", "tokens", True),
         ("1  2\n3\n", "1 2 3", "tokens", True),
         ("1 2", "1 2 3", "tokens", False),
@@ -129,7 +141,7 @@ def test_outputs_match(actual, expected, checker, match):
 def test_parse_problem_forms_and_errors():
     assert parse_problem(ADD_TESTS).tests == (("1 2\n", "3\n"), ("5 7\n", "12"))
     assert parse_problem({"tests": ADD_TESTS, "checker": "float"}).checker == "float"
-    assert parse_problem(json.dumps(ADD_TESTS)).checker == "tokens"
+    assert parse_problem(json.dumps(ADD_TESTS)).checker == "lines"
     with pytest.raises(ValueError, match="no tests"):
         parse_problem([])
     with pytest.raises(ValueError, match="'tests' key"):
@@ -154,6 +166,113 @@ def test_last_code_block():
     assert last_code_block("```java\nclass A {}\n```")[0] == "java"
     assert last_code_block("```python\nprint(1)\n```\n```python\nprint(2)") == ("python", "print(1)\n")  # unclosed last
     assert last_code_block("no code") is None
+    for tag, language in (("c", "c"), ("java", "java"), ("golang", "go"), ("rs", "rust"), ("python3", "python")):
+        assert last_code_block(f"```{tag}\nx\n```")[0] == language
+
+
+THINK_CASES = [
+    # closed <think> blocks are not where the program is looked for
+    ("<think>\n```python\nprint(1)\n```\n</think>\nFinal:\n```python\nprint(2)\n```", ("python", "print(2)\n")),
+    ("```python\nprint(2)\n```\n<think>second thoughts\n```python\nprint(1)\n```</think> done", ("python", "print(2)\n")),
+    ("<think>\n```python\nprint(1)\n```\n</think>\nNo code after all.", None),
+    # an unclosed <think> (cut off while reasoning) stays, as in the release
+    ("<think>\ndraft:\n```python\nprint(1)\n```\nhmm", ("python", "print(1)\n")),
+    # a trailing block of sample output does not hide the program (tagged blocks come first)
+    ("```cpp\nint main(){}\n```\nSample:\n```\n3\n```\n```text\n3\n```", ("cpp", "int main(){}\n")),
+]
+
+
+@pytest.mark.parametrize("text, expected", THINK_CASES)
+def test_last_code_block_ignores_think_blocks(text, expected):
+    assert last_code_block(text) == expected
+
+
+def test_think_blocks_are_ignored_when_judging(reward, machine_unharmed):
+    wrong = "a, b = map(int, input().split())\nprint(a - b)"
+    right = "a, b = map(int, input().split())\nprint(a + b)"
+    responses = [
+        f"<think>\n```python\n{right}\n```\n</think>\n```python\n{wrong}\n```",  # the draft was right, the answer is not
+        f"```python\n{right}\n```\n<think>\n```python\n{wrong}\n```\n</think>",  # reasoning after the answer
+        f"<think>\n```python\n{right}\n```\n</think>\nI give up.",
+    ]
+    results = reward.score_batch(responses, [ADD_TESTS] * 3)
+    assert [(r.reward, r.reason) for r in results] == [(0, "wrong_answer"), (1, "correct"), (0, "no_answer")]
+
+
+def test_release_languages_we_do_not_run_are_unsupported(caplog):
+    tags = ["c", "java", "go", "rust"]
+    responses = [f"```{tag}\nmain\n```" for tag in tags] * 2
+    with caplog.at_level("WARNING", logger="sdzero_mcore.rewards.code"), CodeReward(num_workers=1) as fresh:
+        results = fresh.score_batch(responses, [ADD_TESTS] * len(responses))
+    assert {(r.reward, r.extracted, r.reason) for r in results} == {(0, "main\n", "unsupported_language")}
+    warnings = [r.getMessage() for r in caplog.records if "not supported" in r.getMessage()]
+    assert sorted(w.split("final program is ")[1].split(",")[0] for w in warnings) == sorted(tags)  # once each
+
+
+# ---- the dataset's public `examples` (open-r1/codeforces-cots) ---------------------------------------
+
+CF_EXAMPLES = [{"input": "1 2\n", "output": "3\n"}, {"input": "10 -4\n", "output": "6\n"}]
+
+
+def _codeforces_cots_row(**fields) -> dict:
+    """A row shaped like open-r1/codeforces-cots (subset solutions): no official tests, the
+    statement's sample tests in `examples`, an R1 generation with its reasoning."""
+    row = {
+        "id": "4/A", "aliases": None, "contest_id": "4", "contest_name": "Round 4", "contest_type": "CF",
+        "contest_start": 1268395200, "contest_start_year": 2010, "index": "A", "time_limit": 1.0,
+        "memory_limit": 64, "title": "Sum", "description": "Print a + b.", "input_format": "Two integers.",
+        "output_format": "One integer.", "examples": CF_EXAMPLES, "note": None, "editorial": None,
+        "prompt": "You will be given a competitive programming problem.\n\nPrint a + b.",
+        "generation": "<think>\nEasy.\n</think>\n```python\na, b = map(int, input().split())\nprint(a + b)\n```",
+        "finish_reason": "stop", "api_metadata": {"completion_tokens": 10, "prompt_tokens": 20, "total_tokens": 30},
+        "messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}],
+    }
+    row.update(fields)
+    return row
+
+
+def _write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_codeforces_cots_examples_are_the_tests(tmp_path, reward, machine_unharmed):
+    loaded = load_rows(_write_jsonl(tmp_path / "cots.jsonl", [_codeforces_cots_row()]))
+    assert (loaded.fields.preset, loaded.fields.question, loaded.fields.tests) == ("codeforces", "prompt", "examples")
+    question = loaded[0]
+    assert question.tests == CF_EXAMPLES and question.answer is None
+    cfg = load_config(overrides=[f"data.dataset={tmp_path / 'cots.jsonl'}"])
+    code_reward = reward_fn_for(cfg, loaded.questions)
+    assert isinstance(code_reward, CodeReward) and code_reward.checker == "lines"
+    code_reward.close()
+    target = reward_target(question)
+    # the dataset's own generation, <think> and all, passes its examples; a wrong program fails one
+    assert reward.score(question.extra["generation"], target).reason == "correct"
+    assert reward.score(python("a, b = map(int, input().split())\nprint(a * b)"), target).reason == "wrong_answer"
+    # explicit preset and field name read it too; official tests, where a row has them, come first
+    official = [{"input": "2 2\n", "output": "4\n"}]
+    both = load_rows(_write_jsonl(tmp_path / "both.jsonl", [_codeforces_cots_row(official_tests=official)]),
+                     preset="codeforces")
+    assert both.fields.tests == "official_tests" and both[0].tests == official
+    named = load_rows(_write_jsonl(tmp_path / "named.jsonl", [_codeforces_cots_row()]), tests_field="examples")
+    assert named[0].tests == CF_EXAMPLES
+
+
+def test_codeforces_cots_row_without_examples_names_the_row_and_field(tmp_path):
+    path = _write_jsonl(tmp_path / "cots.jsonl", [_codeforces_cots_row(), _codeforces_cots_row(id="4/B", examples=[])])
+    with pytest.raises(ValueError, match=r"row 1 \(line 2\): field 'examples': no test cases"):
+        load_rows(path)
+
+
+def test_lines_comparison_when_judging(reward, machine_unharmed):
+    trailing = python("a, b = map(int, input().split())\nprint(a + b, end='   \\n\\n')")
+    extra_line = python("a, b = map(int, input().split())\nprint(a + b)\nprint(0)")
+    split_line = python("print(1)\nprint(2)")
+    results = reward.score_batch([trailing, extra_line], [ADD_TESTS] * 2)
+    assert [r.reason for r in results] == ["correct", "wrong_answer"]
+    one_line = [{"input": "", "output": "1 2\n"}]
+    assert reward.score(split_line, one_line).reason == "wrong_answer"  # lines: 1 and 2 on two lines differ
+    assert reward.score(split_line, {"tests": one_line, "checker": "tokens"}).reason == "correct"
 
 
 # ---- judging ------------------------------------------------------------------------------------
@@ -179,7 +298,8 @@ def test_checker_modes_from_the_problem(reward, machine_unharmed):
     assert reward.score(third, {"tests": [{"input": "", "output": "0.333333333"}], "checker": "float"}).reward == 1
     assert reward.score(third, {"tests": [{"input": "", "output": "0.333333333"}]}).reason == "wrong_answer"
     assert reward.score(python("print('a  b')"), {"tests": [{"input": "", "output": "a b"}], "checker": "exact"}).reward == 0
-    assert reward.score(python("print('a  b')"), json.dumps([{"input": "", "output": "a b"}])).reward == 1
+    assert reward.score(python("print('a  b')"), json.dumps([{"input": "", "output": "a b"}])).reward == 0  # lines
+    assert reward.score(python("print('a  b')"), json.dumps({"tests": [{"input": "", "output": "a b"}], "checker": "tokens"})).reward == 1
 
 
 def test_cpp_programs_are_judged(reward, machine_unharmed):

@@ -11,9 +11,10 @@ import time
 import psutil
 import pytest
 
-from sdzero_mcore.rewards import MathReward, RewardResult, get_reward_fn
-from sdzero_mcore.rewards.extraction import last_boxed
-from sdzero_mcore.rewards.math import gold_for_parsing
+from sdzero_mcore.config import load_config
+from sdzero_mcore.rewards import MathReward, RewardResult, get_reward_fn, reward_fn_for
+from sdzero_mcore.rewards.extraction import fallback_answer, last_boxed
+from sdzero_mcore.rewards.math import gold_for_parsing, normalise_answer
 
 
 def scripted_verify(gold: str, predicted: str) -> bool:
@@ -323,3 +324,129 @@ def test_non_finite_gold_is_rejected(bad):
     with pytest.raises(ValueError, match=r"answers\[0\] is .*finite"):
         reward.score(r"\boxed{1}", bad)
     reward.close()
+
+
+
+# ---- math.extraction: release (issue 12) ----------------------------------------------------------
+# The authors' release reads answers one way in Phase-1 collection (a fallback chain) and another
+# everywhere else (math-verify on the whole response). Rewards are built through reward_fn_for,
+# as the phases build them, so the config-to-reward wiring is what is tested.
+
+# (gold, response, reward, reason, extracted) for Phase-1 collection under math.extraction=release.
+FALLBACK_TABLE = [
+    # a box wins over everything after it, even when it is wrong or empty
+    ("1/2", r"we find \boxed{\dfrac{1}{2}}, from 7 apples", 1, "correct", r"\frac{1}{2}"),
+    ("13", r"first \boxed{12}, wait no, the answer is 13", 0, "wrong", "12"),
+    ("7", r"\boxed{} so 7", 0, "no_answer", ""),
+    # else the text after "the answer is" / "final answer is", in any case
+    ("12", "Adding them, the answer is $12$.", 1, "correct", "12"),
+    ("12", "THE ANSWER IS 12", 1, "correct", "12"),
+    ("1/2", "My final answer is: 0.5.", 1, "correct", "0.5"),  # math-verify decides 0.5 = 1/2
+    ("5", "so the answer is x = 5.", 1, "correct", "5"),
+    ("90", r"The final answer is $90^\circ$", 1, "correct", "90"),
+    ("12", "So the answer is 13.", 0, "wrong", "13"),
+    # the rest of the response is the answer, as the release takes it: prose after it spoils it
+    ("5", "the answer is 5, since 6 fails", 0, "wrong", "5,since6fails"),
+    # else the last number (thousands commas removed)
+    ("7", "There are 3 red and 4 blue, 7 in all", 1, "correct", "7"),
+    ("1250", "a total of 1,250 coins", 1, "correct", "1250"),
+    ("-5/2", "the slope comes out as -2.5", 1, "correct", "-2.5"),
+    ("7", "I get 8", 0, "wrong", "8"),
+    # else nothing
+    ("7", "I cannot solve this.", 0, "no_answer", None),
+]
+
+# (gold, response, reward, extracted) in Phase 2 under math.extraction=release: math-verify reads
+# the whole response. The first rows have no box (boxed mode scores them no_answer) and the
+# fallback chain reads them wrongly; math-verify reads them right.
+WHOLE_RESPONSE_TABLE = [
+    ("5", "the answer is 5, since 6 fails", 1, "5"),
+    ("1/2", r"So $x = \frac{1}{2}$ and we are done.", 1, r"x = \frac{1}{2}"),
+    ("4", "We get x = 4.", 1, "4"),
+    ("1/2", r"The final answer is $\frac{1}{2}$", 1, r"\frac{1}{2}"),
+    ("13", r"first \boxed{12}, wait no, the answer is 13", 0, "12"),  # math-verify prefers the box
+    ("7", "I cannot solve this.", 0, None),
+]
+
+
+def _release_config(*extra: str):
+    return load_config(overrides=["math.extraction=release", "data.dataset=gsm8k", "rollout.reward_workers=1",
+                                  "rollout.reward_timeout_s=20", *extra])
+
+
+@pytest.fixture(scope="module")
+def collection_reward():
+    with reward_fn_for(_release_config(), [], collection=True) as reward:
+        yield reward
+
+
+@pytest.fixture(scope="module")
+def phase2_reward():
+    with reward_fn_for(_release_config(), []) as reward:
+        yield reward
+
+
+def test_reward_fn_for_picks_the_extraction_per_phase():
+    # Workers start on first use, so these rewards start no process.
+    assert load_config().math.extraction == "boxed"
+    boxed = load_config(overrides=["data.dataset=gsm8k"])
+    assert reward_fn_for(boxed, []).extraction == "boxed"
+    assert reward_fn_for(boxed, [], collection=True).extraction == "boxed"
+    assert reward_fn_for(_release_config(), [], collection=True).extraction == "fallback_chain"
+    assert reward_fn_for(_release_config(), []).extraction == "whole_response"
+    strict = reward_fn_for(_release_config("math.policy=strict"), [])
+    assert (strict.extraction, strict.policy) == ("whole_response", "strict")
+    with pytest.raises(ValueError, match="extraction"):
+        MathReward(extraction="release")  # the config's word; the reward takes what it means per phase
+
+
+@pytest.mark.parametrize("index", range(len(FALLBACK_TABLE)), ids=[r[1] for r in FALLBACK_TABLE])
+def test_release_collection_fallback_table(collection_reward, index):
+    gold, response, reward, reason, extracted = FALLBACK_TABLE[index]
+    result = collection_reward.score(response, gold)
+    assert result == RewardResult(reward, extracted, reason), f"gold={gold!r} response={response!r}"
+
+
+def test_boxed_extraction_reads_no_answer_without_a_box():
+    """The same responses under the default extraction: only the boxed rows have an answer."""
+    unboxed = [row for row in FALLBACK_TABLE if "boxed" not in row[1]]
+    with reward_fn_for(load_config(overrides=["data.dataset=gsm8k"]), [], collection=True) as reward:
+        results = reward.score_batch([row[1] for row in unboxed], [row[0] for row in unboxed])
+    assert {(r.reward, r.reason, r.extracted) for r in results} == {(0, "no_answer", None)}
+
+
+def test_fallback_answer_and_normalise_answer():
+    assert fallback_answer(r"\boxed{1} and \boxed{2") is None  # a box, malformed: no fallback
+    assert fallback_answer("the answer is 4 and the final answer is 5") == " 5"  # the last phrase
+    assert fallback_answer("numbers: -3, .5") == ".5"
+    assert fallback_answer("no digits") is None
+    assert normalise_answer(r": $\left( 1, 2 \right)$.") == "(1,2)"
+    assert normalise_answer(r"5 \text{ cm}") == "5"
+    assert normalise_answer(r"\text{(B)}") == "(B)"
+    assert normalise_answer("50\\%") == "50"
+    assert normalise_answer("x = y = 3") == "x=y=3"  # more than one "=": an equation, kept
+
+
+@pytest.mark.parametrize("index", range(len(WHOLE_RESPONSE_TABLE)), ids=[r[1] for r in WHOLE_RESPONSE_TABLE])
+def test_release_phase2_reads_the_whole_response(phase2_reward, collection_reward, index):
+    gold, response, reward, extracted = WHOLE_RESPONSE_TABLE[index]
+    result = phase2_reward.score(response, gold)
+    assert (result.reward, result.extracted) == (reward, extracted), result
+    assert result.reason == ("correct" if reward else ("no_answer" if extracted is None else "wrong"))
+    if index < 2:  # the rows where the two phases' readings differ
+        assert collection_reward.score(response, gold).reward == 0
+
+
+WHOLE_RESPONSE = r"Work: 1 + 1 = 2, so \boxed{2}"
+
+
+def is_the_whole_response(gold: str, predicted: str) -> bool:
+    """verify_fn (runs in a worker): true only when it is handed the whole response."""
+    return predicted == WHOLE_RESPONSE
+
+
+def test_whole_response_reaches_math_verify_unextracted():
+    with MathReward(num_workers=1, timeout_s=20.0, verify_fn=is_the_whole_response, extraction="whole_response") as whole:
+        assert whole.score(WHOLE_RESPONSE, "2") == RewardResult(1, None, "correct")
+    with MathReward(num_workers=1, timeout_s=20.0, verify_fn=is_the_whole_response) as boxed:
+        assert boxed.score(WHOLE_RESPONSE, "2") == RewardResult(0, "2", "wrong")  # it got the box content
