@@ -110,7 +110,7 @@ def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, en
     log = out / RECORDS_FILE
     chash = config_hash(cfg)
     done = recover_log(log)
-    reward_fn = reward_fn_for(cfg, questions)
+    reward_fn = reward_fn_for(cfg, questions, collection=True)
     stop_ids = sorted(default_stop_ids(tokenizer))
     base = replace(
         sampling_from_config(cfg.rollout, stop_token_ids=stop_ids),
