@@ -47,6 +47,7 @@ __all__ = [
     "SDZeroConfig",
     "SRTCollectConfig",
     "SRTTrainConfig",
+    "ValidationConfig",
     "add_config_args",
     "config_from_args",
     "config_hash",
@@ -416,6 +417,32 @@ class SRTTrainConfig(_Section):
 
 
 @dataclass
+class ValidationConfig(_Section):
+    """Validation during an on-policy phase (``sdzero_mcore.phases.validation``): every ``interval``
+    optimizer steps and at the last, ``k`` samples per question from the rollout engine (the current
+    weights), scored with the run's reward; avg@k and pass@k are logged as ``val/*``, the step is
+    checkpointed, and the best ``keep_best`` checkpoints by ``metric`` outlive ``checkpoint.keep_last``.
+
+    The authors' release validates on AIME 2024 x 8 every 20 steps, sampled as in training
+    (temperature 1.0, top_p 1.0, prompt + response within 8192 tokens), and keeps the best 3 by mean
+    accuracy: ``interval: 20`` and ``dataset:`` an AIME 2024 file with the other defaults here.
+    """
+
+    interval: int = _checked(0, _NON_NEGATIVE)  # optimizer steps; 0 = off
+    # null = a synthetic task's held-out questions, as `sdzero eval` picks them; else a path / Hub name
+    # read with the data section's field mapping, as `sdzero eval --dataset` reads it
+    dataset: Optional[str] = None
+    questions: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)  # null = all (synthetic: 200)
+    k: int = _checked(8, _AT_LEAST_1)
+    # the release validates with its training sampling; eval.temperature (0.7) is the paper's reported protocol
+    temperature: float = _checked(1.0, _NON_NEGATIVE)
+    max_new_tokens: int = _checked(8192, _AT_LEAST_1)
+    seed: int = 0  # the same at every validation: checkpoints are compared on the same random draws
+    keep_best: int = _checked(3, _AT_LEAST_1)
+    metric: str = _checked("avg_at_k", _one_of("avg_at_k", "pass_at_k"))  # higher is better
+
+
+@dataclass
 class DistillConfig(_Section):
     """On-policy self-distillation (phase 2): the reviser teaches the generator via top-k KL."""
 
@@ -445,6 +472,7 @@ class DistillConfig(_Section):
             OptimizerConfig, lr=5e-6, lr_schedule="constant", warmup_steps=20, weight_decay=0.01, clip_grad=1.0
         )
     )
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def _check_relations(self, prefix: str) -> None:
         _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)

@@ -29,7 +29,9 @@ load at any layout).
 Checkpoints (``<run>/checkpoints/<phase>/step_NNNNNNN``) are sdzero-mcore model checkpoints
 (megatron-core dist format + ``hf/`` + ``sdzero_checkpoint.json``, written last) with the
 optimizer, scheduler, RNG and data position beside them. A step directory appears complete or
-not at all (staged, then renamed); ``latest`` names the newest complete one.
+not at all (staged, then renamed); ``latest`` names the newest complete one. Each save prunes the
+older ones down to ``checkpoint.keep_last``, except those named in ``Trainer.protected`` (the best
+ones by validation, ``phases/validation.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -260,6 +262,8 @@ class Trainer:
         )
         self._replicated = _replicated_param_names(model)
         self._last_log = time.perf_counter()
+        # checkpoint names that keep_last pruning leaves alone whatever their age (the best ones by validation)
+        self.protected: set[str] = set()
 
     # --- one optimizer step -------------------------------------------------------------------
 
@@ -321,11 +325,12 @@ class Trainer:
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
         return float(total.sqrt())
 
-    def log(self, metrics: dict, *, tokens: Optional[float] = None) -> None:
-        """Write a step's metrics, with its wall time (since the previous log: rollout and training)
-        and, given the step's trained tokens, the throughput."""
+    def log(self, metrics: dict, *, tokens: Optional[float] = None, untimed_s: float = 0.0) -> None:
+        """Write a step's metrics, with its wall time (since the previous log: rollout and training,
+        less ``untimed_s`` spent on other work such as validation) and, given the step's trained
+        tokens, the throughput."""
         now = time.perf_counter()
-        elapsed = now - self._last_log
+        elapsed = now - self._last_log - untimed_s
         self._last_log = now
         extra = {"step_time_s": elapsed}
         if tokens is not None and elapsed > 0:
@@ -396,10 +401,7 @@ class Trainer:
         return target
 
     def _prune(self, keep: int, protect: Path) -> None:
-        steps = sorted(p for p in self.checkpoint_root.glob("step_*") if p.is_dir())
-        for old in steps[:-keep]:
-            if old != protect:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(self.checkpoint_root, keep, {protect.name, *self.protected})
 
     def latest_checkpoint(self) -> Optional[Path]:
         return latest_checkpoint(self.checkpoint_root)
@@ -432,6 +434,17 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def prune_checkpoints(root: Path, keep_last: int, protect: Iterable[str] = ()) -> list[Path]:
+    """Delete the step checkpoints under ``root`` except the newest ``keep_last`` and those named in
+    ``protect``; returns what was deleted."""
+    protect = set(protect)
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    doomed = [p for p in steps[: max(0, len(steps) - keep_last)] if p.name not in protect]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
 
 
 def _replicated_param_names(model) -> set[str]:

@@ -4,8 +4,9 @@ Each step: the step's questions, a rollout from the engine holding the policy's 
 (generation and scoring on global rank 0, the scored samples handed to every rank), the phase's
 own training on them, and the new weights back into the engine. The loop owns what is the same
 for all of them: the engine and the reward workers, the generation counters (resumed with the
-trainer's state), progress, metrics, checkpoints, the budget record before the final checkpoint,
-and releasing everything at the end, also on failure.
+trainer's state), progress, metrics, checkpoints, validation with best-k checkpoint retention when
+the phase's ``validation`` section sets an interval (``phases/validation.py``), the budget record
+before the final checkpoint, and releasing everything at the end, also on failure.
 
     loop = OnPolicyLoop(cfg, PHASE, trainer=trainer, policy=model, source=source, tokenizer=tokenizer,
                         questions=questions, prompts=prompts)
@@ -15,6 +16,7 @@ and releasing everything at the end, also on failure.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -22,11 +24,12 @@ from typing import Callable, Optional, Sequence
 from tqdm import tqdm
 
 from sdzero_mcore.checkpoint.source import ModelSource
-from sdzero_mcore.config import SDZeroConfig
+from sdzero_mcore.config import SDZeroConfig, ValidationConfig
 from sdzero_mcore.data.prompts import default_stop_ids
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.eval.budget import record_budget
 from sdzero_mcore.parallel.rank0 import broadcast_object, is_rank0
+from sdzero_mcore.phases.validation import Validator
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import sampling_from_config
 from sdzero_mcore.rollout.weight_sync import sync_engine, training_engine
@@ -64,7 +67,10 @@ class OnPolicyLoop:
     """Rollout engine, rewards, counters and the step loop of an on-policy phase (module docstring)."""
 
     def __init__(self, cfg: SDZeroConfig, phase: str, *, trainer: Trainer, policy, source: ModelSource, tokenizer,
-                 questions: Sequence, prompts: Sequence[list[int]], save_models: Optional[dict] = None):
+                 questions: Sequence, prompts: Sequence[list[int]], save_models: Optional[dict] = None,
+                 validation: Optional[ValidationConfig] = None):
+        """``validation``: the phase's validation section; Phase 2 ("distill", also SDFT and the
+        Phase-2-only ablation) reads ``distill.validation`` when none is given."""
         self.cfg = cfg
         self.phase = phase
         self.trainer = trainer
@@ -74,11 +80,18 @@ class OnPolicyLoop:
         self.save_models = save_models
         self.stop_ids = sorted(default_stop_ids(tokenizer))
         self.counters = trainer.state.data.setdefault("counters", {"generations": 0, "generated_tokens": 0})
+        if validation is None and phase == "distill":
+            validation = cfg.distill.validation
         self.reward_fn = reward_fn_for(cfg, questions) if is_rank0() else None
+        self.validator = self.engine = None
         try:
+            if validation is not None and validation.interval > 0:  # before the engine: data errors fail fast
+                self.validator = Validator(cfg, validation, key=f"{phase}.validation", trainer=trainer,
+                                           tokenizer=tokenizer, stop_ids=self.stop_ids, training_questions=questions,
+                                           reward_fn=self.reward_fn)
             self.engine = training_engine(cfg, source, tokenizer, policy)  # rank 0's; every rank streams weights
         except BaseException:
-            release(self.reward_fn)
+            release(self.validator, self.reward_fn)
             raise
 
     def questions_for(self, step: int, per_step: int) -> tuple[int, list[int], bool]:
@@ -112,21 +125,45 @@ class OnPolicyLoop:
     def run(self, step_fn: Callable[[int], dict], *, rollout_steps: int, updates_per_rollout: int = 1) -> Path:
         """Call ``step_fn(rollout_step)`` until ``rollout_steps`` are done (each makes
         ``updates_per_rollout`` optimizer steps); returns the final checkpoint."""
-        cfg, trainer = self.cfg, self.trainer
+        cfg, trainer, validator = self.cfg, self.trainer, self.validator
+        total = rollout_steps * updates_per_rollout
         progress = tqdm(total=rollout_steps, initial=trainer.state.step // updates_per_rollout, desc=self.phase,
                         disable=not (cfg.logging.progress and is_rank0()))
+        final_validation = None
         try:
-            while trainer.state.step < rollout_steps * updates_per_rollout:
-                metrics = step_fn(trainer.state.step // updates_per_rollout)
+            while trainer.state.step < total:
+                before = trainer.state.step
+                metrics = step_fn(before // updates_per_rollout)
                 metrics.update(self.counters)
-                trainer.log(metrics, tokens=metrics.get("response_tokens"))
+                last = trainer.state.step >= total
+                # after step_fn: its weight sync has put this step's weights into the engine
+                validation, validation_s = None, 0.0
+                if validator is not None and validator.due(before, trainer.state.step, last):
+                    start = time.perf_counter()
+                    validation = validator.validate(self.engine)
+                    validation_s = time.perf_counter() - start
+                    metrics.update(validation)
+                    metrics["val/time_s"] = validation_s
+                    if not progress.disable:
+                        progress.write(f"{self.phase} step {trainer.state.step}: "
+                                       + ", ".join(f"{k} {v:.4g}" for k, v in validation.items()))
+                # the step's time and throughput are the training step's: validation is timed apart
+                trainer.log(metrics, tokens=metrics.get("response_tokens"), untimed_s=validation_s)
                 progress.update(1)
                 progress.set_postfix({k: f"{metrics[k]:.4f}" for k in ("kl_per_token", "reward_rate") if k in metrics})
                 done = trainer.state.step // updates_per_rollout
-                if cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0:
+                if validation is not None and last:
+                    final_validation = validation  # ranked with the final checkpoint: one save, not two
+                elif validation is not None:
+                    checkpoint = trainer.save_checkpoint(extra_models=self.save_models)
+                    validator.record(trainer.state.step, checkpoint, validation)
+                elif cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0:
                     trainer.save_checkpoint(extra_models=self.save_models)
             if is_rank0():  # before the final checkpoint, which marks the phase complete
                 record_budget(cfg.output_dir, self.phase, self.counters["generations"], self.counters["generated_tokens"])
-            return trainer.save_checkpoint(final=True, extra_models=self.save_models)
+            final = trainer.save_checkpoint(final=True, extra_models=self.save_models)
+            if final_validation is not None:
+                validator.record(trainer.state.step, final, final_validation)
+            return final
         finally:
-            release(progress, trainer, self.reward_fn, self.engine)
+            release(progress, trainer, self.reward_fn, self.validator, self.engine)
