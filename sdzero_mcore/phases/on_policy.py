@@ -33,6 +33,7 @@ from sdzero_mcore.phases.validation import Validator
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import sampling_from_config
 from sdzero_mcore.rollout.weight_sync import sync_engine, training_engine
+from sdzero_mcore.run_setup import run_prompts
 from sdzero_mcore.trainer import Trainer
 
 
@@ -87,7 +88,7 @@ class OnPolicyLoop:
         try:
             if validation is not None and validation.interval > 0:  # before the engine: data errors fail fast
                 self.validator = Validator(cfg, validation, key=f"{phase}.validation", trainer=trainer,
-                                           tokenizer=tokenizer, stop_ids=self.stop_ids, training_questions=questions,
+                                           prompts=run_prompts(cfg, source, tokenizer), stop_ids=self.stop_ids, training_questions=questions,
                                            reward_fn=self.reward_fn)
             self.engine = training_engine(cfg, source, tokenizer, policy)  # rank 0's; every rank streams weights
         except BaseException:

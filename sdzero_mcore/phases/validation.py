@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from sdzero_mcore.config import ConfigError, SDZeroConfig, ValidationConfig
-from sdzero_mcore.data.prompts import prompt_ids
+from sdzero_mcore.data.prompts import RunPrompts
 from sdzero_mcore.eval.evaluate import eval_questions
 from sdzero_mcore.eval.metrics import avg_at_k, pass_at_k_dataset
 from sdzero_mcore.fileio import atomic_write_text
@@ -51,9 +51,9 @@ def validation_questions(cfg: SDZeroConfig, vcfg: ValidationConfig, key: str) ->
     return questions
 
 
-def validation_prompts(cfg: SDZeroConfig, tokenizer, questions: Sequence) -> list[list[int]]:
-    """The prompt ids the policy is validated on, one per question."""
-    return [prompt_ids(tokenizer, q.question, template=cfg.data.prompt_template) for q in questions]
+def validation_prompts(prompts: RunPrompts, questions: Sequence) -> list[list[int]]:
+    """The prompt ids the policy is validated on, one per question: the eval layout (``prompts.eval``)."""
+    return [prompts.prompt("eval", q.question) for q in questions]
 
 
 def validation_due(interval: int, step_before: int, step_after: int, last: bool) -> bool:
@@ -115,14 +115,14 @@ class BestCheckpoints:
 class Validator:
     """Validation of an on-policy phase: due steps, metrics from the engine, best-k retention (module docstring)."""
 
-    def __init__(self, cfg: SDZeroConfig, vcfg: ValidationConfig, *, key: str, trainer: Trainer, tokenizer,
+    def __init__(self, cfg: SDZeroConfig, vcfg: ValidationConfig, *, key: str, trainer: Trainer, prompts: RunPrompts,
                  stop_ids: Sequence[int], training_questions: Sequence, reward_fn=None):
         """``reward_fn``: the phase's own (rank 0), reused when the validation questions need the same
         verifier; ``key``: the config section's dotted name, for errors."""
         self.vcfg = vcfg
         self.trainer = trainer
         self.questions = validation_questions(cfg, vcfg, key)
-        self.prompts = validation_prompts(cfg, tokenizer, self.questions)
+        self.prompts = validation_prompts(prompts, self.questions)
         self.targets = [reward_target(q) for q in self.questions]
         self.sampling = SamplingParams(temperature=vcfg.temperature, max_new_tokens=vcfg.max_new_tokens,
                                        stop_token_ids=tuple(stop_ids), n=vcfg.k, seed=vcfg.seed)

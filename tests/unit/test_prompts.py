@@ -86,7 +86,7 @@ def test_custom_and_pair_presets():
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda: control_phrases("qwen"), "unknown P_r preset 'qwen'; choose from paper, custom"),
+        (lambda: control_phrases("llama"), "unknown P_r preset 'llama'; choose from paper, qwen, olmo, custom"),
         (
             lambda: control_phrases("custom", correct="A."),
             "P_r phrase 'incorrect' must be a non-empty string, got None",
@@ -252,7 +252,7 @@ def test_tensor_inputs(tok):
         (dict(reward=0.5), "reward must be 0 or 1, got 0.5"),
         (dict(reward=2), "reward must be 0 or 1, got 2"),
         (dict(reward="1"), "reward must be 0 or 1, got '1'"),
-        (dict(preset="olmo"), "unknown P_r preset 'olmo'; choose from paper, custom"),
+        (dict(preset="llama"), "unknown P_r preset 'llama'; choose from paper, qwen, olmo, custom"),
     ],
 )
 def test_context_errors(tok, kwargs, message):
