@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Multi-node launch with torchrun: run this script on every node with the same MASTER_ADDR.
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash examples/launch_torchrun.sh run examples/qwen3_4b_openr1.yaml
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash examples/launch_torchrun.sh run examples/qwen3_4b_paper.yaml
 # The first argument is the sdzero subcommand (srt-collect, srt-train, distill, run); the rest
 # (config file, dotted overrides, --init-from) is passed through.
 set -euo pipefail

@@ -224,6 +224,10 @@ class DataConfig(_Section):
     synthetic_seed: int = 0
     phase1_questions: int = _checked(6000, _AT_LEAST_1)
     phase2_questions: int = _checked(9000, _AT_LEAST_1)
+    # Phase 2 from another dataset (the release: DeepScaleR-Preview after OpenR1-Math in Phase 1), read
+    # with the same field settings; its questions whose id Phase 1 uses are skipped. null = one split of `dataset`
+    phase2_dataset: Optional[str] = None
+    phase2_split: str = "train"
     split_seed: int = 0
     # the prompt x (as prompt_template renders it) counted with the run's tokenizer; rows over it
     # follow long_prompts: error = stop naming the row, skip = skip and count them
@@ -385,6 +389,9 @@ class SRTCollectConfig(_Section):
     # (sdzero_mcore/data/trace_cleaning.py); the summary counts what each rule removed
     cleaning: bool = False
     max_new_tokens: int = _checked(16384, _AT_LEAST_1)
+    # questions sampled together in one engine call (attempts, then the revisions of all of them);
+    # a chunk always has the same questions and seed, so a resumed collection samples the same tokens
+    questions_per_call: int = _checked(16, _AT_LEAST_1)
 
 
 @dataclass
@@ -457,6 +464,9 @@ class DistillConfig(_Section):
     tail: str = _checked("renorm", _one_of("renorm", "bucket"))
     temperature: float = _checked(1.0, _POSITIVE)
     teacher_sync_interval: int = _checked(0, _NON_NEGATIVE)  # 0 = sync the teacher at each epoch end only
+    # copy the student into the teacher at each epoch end (the paper's self-evolution); false with
+    # teacher_sync_interval 0 = a frozen teacher (the release)
+    teacher_sync_at_epoch_end: bool = True
     max_response_tokens: int = _checked(8192, _AT_LEAST_1)
     max_teacher_tokens: int = _checked(16384, _AT_LEAST_1)
     # the first y of the teacher context keeps the end token it was sampled with (the release); false
@@ -494,9 +504,6 @@ class SFTConfig(_Section):
     # fraction of examples in the reviser's format, x + y_a + P_r + y_b with the loss on y_b only: the
     # base learns what an instruct model already does (after P_r, answer again), not to revise itself
     revision_fraction: float = _checked(0.0, _FRACTION_HALF_OPEN)
-    # the recipes whose prompt layouts the examples use (one picked per example); [] = the run's own.
-    # [paper, release] gives one base that both recipes can start from, like an instruct model
-    prompt_recipes: list[str] = field(default_factory=list)
     epochs: int = _checked(1, _AT_LEAST_1)
     global_batch_size: int = _checked(32, _AT_LEAST_1)
     micro_batch_size: int = _checked(32, _AT_LEAST_1)
@@ -511,9 +518,6 @@ class SFTConfig(_Section):
 
     def _check_relations(self, prefix: str) -> None:
         _check_batch_sizes(prefix, self.global_batch_size, self.micro_batch_size)
-        unknown = [r for r in self.prompt_recipes if r not in RECIPE_NAMES]
-        if unknown:
-            raise ConfigError(f"{prefix}prompt_recipes: {unknown} are not recipes; allowed: {', '.join(RECIPE_NAMES)}")
 
 
 @dataclass
@@ -701,6 +705,7 @@ RECIPES: dict[str, dict] = {
         "srt_train": {"mode": "sequential", "stage2_size": 1000},
         "distill": {
             "kl": "mixed", "mixed_weight": 0.5, "teacher_keeps_end_token": True, "max_teacher_tokens": 32768,
+            "teacher_sync_at_epoch_end": False,
             "optimizer": {"adam_beta2": 0.999, "warmup_steps": 20, "warmup_start_factor": 0.1},
             "validation": {"interval": 20, "k": 8, "keep_best": 3},
         },

@@ -1,9 +1,9 @@
 """`sdzero demo` / `make demo`: the paper's comparisons at toy scale, on 2 CPU cores, no downloads.
 
-0. Step 0 (once, shared by every recipe and seed, as the paper post-trains one base model): a tiny
+0. Step 0, once per recipe and shared by its seeds (the paper post-trains one base model): a tiny
    Qwen3-shaped model trained from scratch on worked column sums (``synthetic:add``), 30% of them
-   with one wrong step, in both recipes' prompt layouts, is the base; it solves the task in part.
-1. Per recipe (``paper``, ``release``) and seed, from the base: SD-Zero (Phase 1 collection until
+   with one wrong step, in the recipe's prompt layouts, is the base; it solves the task in part.
+1. Per recipe (``paper``, ``release``) and seed, from that base: SD-Zero (Phase 1 collection until
    ``srt_collect.target_kept`` distinct kept tuples, SRT, Phase 2), the Phase-2-only ablation,
    SDFT, and RFT and GRPO capped at SD-Zero's generation count (matched budget).
 2. Every model evaluated on the same held-out questions (``sdzero eval``), with the seed's
@@ -38,10 +38,23 @@ MODEL_SHAPES = {
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64),
 }
+# The release recipe's layouts with short instruction texts: the character-level toy pays per
+# character and reads no English, so the release's 70-character instructions would only slow it
+# down; where each text goes (system prompt, before or after the question, the attempt in the user
+# turn for SRT stage 2) is the release's (sdzero_mcore/config.py RECIPES, docs/method.md).
+DEMO_PROMPTS = {
+    "paper": (),
+    "release": (
+        "prompts.collection.system='Solve step by step.'", 'prompts.collection.suffix="\\n\\nBox the answer."',
+        "prompts.srt_generation.system='Box the answer.'", "prompts.srt_revision.system='Box the answer.'",
+        'prompts.student.prefix="Box the answer.\\n\\n"', 'prompts.teacher.prefix="Box the answer.\\n\\n"',
+        'prompts.eval.prefix="Box the answer.\\n\\n"',
+    ),
+}
 # `--quick`: the same stages, small enough for CI (a smoke run of the whole comparison)
 QUICK_OVERRIDES = (
-    "sft.examples=1000", "sft.epochs=2", "data.phase1_questions=32", "data.phase2_questions=32",
-    "srt_collect.target_kept=24", "srt_train.stage2_size=4", "srt_train.epochs=1",
+    "sft.examples=3000", "sft.epochs=2", "data.phase1_questions=64", "data.phase2_questions=32",
+    "srt_collect.target_kept=16", "srt_train.stage2_size=4", "srt_train.epochs=1",
     "distill.prompts_per_step=8", "distill.global_batch_size=8", "distill.micro_batch_size=8", "distill.epochs=1",
     "distill.validation.interval=2", "distill.validation.questions=8", "distill.validation.k=2",
     "rft.epochs=1", "eval.k=4", "eval.questions=32", "eval.localization_responses=16",
@@ -87,8 +100,12 @@ def _stage_runner(timings: dict):
     return stage
 
 
-def train_base(root: Path, scale: str, quick: bool, base_seed: int, overrides: Sequence[str], stage) -> Path:
-    """Step 0, shared by every recipe and seed: the base model from scratch (skipped when it exists)."""
+def recipe_overrides(recipe: str) -> tuple[str, ...]:
+    return (f"recipe={recipe}", *DEMO_PROMPTS[recipe])
+
+
+def train_base(root: Path, recipe: str, scale: str, quick: bool, base_seed: int, overrides: Sequence[str], stage) -> Path:
+    """Step 0 of ``recipe``, shared by its seeds: the base model from scratch (skipped when it exists)."""
     # imported here, not at the top: the CLI imports this module to build `sdzero --help`
     from sdzero_mcore.checkpoint.source import final_checkpoint
     from sdzero_mcore.models.tiny import save_tiny_hf_model
@@ -97,8 +114,9 @@ def train_base(root: Path, scale: str, quick: bool, base_seed: int, overrides: S
     random_init = root / "random_init"
     if not (random_init / "config.json").is_file():
         save_tiny_hf_model(random_init, vocab_size=128, seed=base_seed, **MODEL_SHAPES[scale])
-    cfg = demo_config(root / "base", scale, quick, base_seed, overrides, "sft.prompt_recipes=[paper,release]")
-    return final_checkpoint(root / "base" / "checkpoints" / "sft") or stage("base", lambda: run_sft(cfg, str(random_init)))
+    cfg = demo_config(root / recipe / "base", scale, quick, base_seed, (*recipe_overrides(recipe), *overrides))
+    return (final_checkpoint(root / recipe / "base" / "checkpoints" / "sft")
+            or stage(f"{recipe} base", lambda: run_sft(cfg, str(random_init))))
 
 
 def run_arm(root: Path, base: Path, recipe: str, seed: int, *, scale: str, quick: bool, overrides: Sequence[str],
@@ -114,7 +132,7 @@ def run_arm(root: Path, base: Path, recipe: str, seed: int, *, scale: str, quick
     from sdzero_mcore.phases.rft import run_rft
 
     def config(run: str, *extra: str):
-        return demo_config(root / run, scale, quick, seed, overrides, f"recipe={recipe}", *extra)
+        return demo_config(root / run, scale, quick, seed, (*recipe_overrides(recipe), *overrides), *extra)
 
     label = f"{recipe}/seed{seed}"
 
@@ -213,19 +231,20 @@ def recipe_report(recipe: str, seeds: Sequence[int], arms: Sequence[dict], premi
         cells = [format_mean_sd(_column(arms, name, read), digits) for _, read, digits in COLUMNS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
 
-    def cell(key: str, digits: int = 1, scale: float = 1.0) -> str:
-        return format_mean_sd([None if p[key] is None else p[key] * scale for p in premises], digits)
+    def cell(key: str, digits: int = 1, scale: float = 1.0, unit: str = "") -> str:
+        text = format_mean_sd([None if p[key] is None else p[key] * scale for p in premises], digits)
+        return text if text == "-" else text + unit
 
     removed = [sum(p["cleaning_removed"].values()) for p in premises]
     lines += ["", "Premise (mean ± sd over seeds):", "",
               f"- Phase 1: questions scanned {cell('questions_scanned', 0)}, initial accuracy "
-              f"{cell('initial_accuracy', 1, 100.0)}%, kept tuples {cell('kept', 0)} (distinct {cell('distinct_kept', 0)}; "
+              f"{cell('initial_accuracy', 1, 100.0, '%')}, kept tuples {cell('kept', 0)} (distinct {cell('distinct_kept', 0)}; "
               f"corrections {cell('kept_corrections', 0)}, rephrasings {cell('kept_rephrasings', 0)}), removed by "
               f"cleaning {format_mean_sd(removed, 0)}",
-              f"- correction rate after a wrong first attempt: base {cell('correction_rate_base')}%, "
-              f"SRT {cell('correction_rate_srt')}%",
+              f"- correction rate after a wrong first attempt: base {cell('correction_rate_base', unit='%')}, "
+              f"SRT {cell('correction_rate_srt', unit='%')}",
               f"- share of a response's token KL in its top 5% of tokens (SRT as generator and reviser): r = 0 "
-              f"{cell('kl_top5_share_r0', 1, 100.0)}%, r = 1 {cell('kl_top5_share_r1', 1, 100.0)}%"]
+              f"{cell('kl_top5_share_r0', 1, 100.0, '%')}, r = 1 {cell('kl_top5_share_r1', 1, 100.0, '%')}"]
     for stage in sorted({s for p in premises for s in p["validation_losses"]}):
         per_seed = [p["validation_losses"].get(stage) for p in premises]
         shown = "; ".join("→".join(f"{v:.3f}" for v in values) for values in per_seed if values)
@@ -246,9 +265,9 @@ def run_demo(out_dir: str | Path = "runs/demo", *, scale: str = "cpu", quick: bo
     root = Path(out_dir)
     timings: dict[str, float] = {}
     stage = _stage_runner(timings)
-    base = train_base(root, scale, quick, seeds[0], overrides, stage)
     arms, premises, sections = {}, {}, []
     for recipe in recipes:
+        base = train_base(root, recipe, scale, quick, seeds[0], overrides, stage)
         for seed in seeds:
             arm_root = root / recipe / f"seed{seed}"
             arms[(recipe, seed)] = run_arm(arm_root, base, recipe, seed, scale=scale, quick=quick, overrides=overrides,

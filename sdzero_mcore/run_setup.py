@@ -17,9 +17,10 @@ from transformers import AutoTokenizer
 from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
 from sdzero_mcore.checkpoint.source import ModelSource
 from sdzero_mcore.config import ConfigError, SDZeroConfig
-from sdzero_mcore.data.prompts import RunPrompts
+from sdzero_mcore.data.prompts import RunPrompts, default_stop_ids
 from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.parallel import init_distributed, initialize_model_parallel
+from sdzero_mcore.rollout.stop_strings import stop_string_ids
 
 
 def params_dtype(cfg: SDZeroConfig) -> torch.dtype:
@@ -77,6 +78,8 @@ def run_prompts(cfg: SDZeroConfig, source: ModelSource, tokenizer, **kwargs) -> 
     """The run's prompts and P_r phrases; ``data.p_r_preset=auto`` reads the architecture from the
     model's config.json (never from its path)."""
     architecture = config_architecture(source.hf_files_dir) if cfg.data.p_r_preset == "auto" else None
+    # a Phase 1 sample may end with a special-token stop string instead of the end token: strip it too
+    kwargs.setdefault("stop_token_ids", default_stop_ids(tokenizer, stop_string_ids(tokenizer, cfg.srt_collect.stop_strings)))
     try:
         return RunPrompts.from_config(cfg, tokenizer, architecture, **kwargs)
     except ValueError as error:

@@ -16,8 +16,16 @@ SYNTHETIC_HELDOUT_RESERVED = 500  # reserved for evaluation; step 0 (sft) never 
 def phase_questions(cfg: SDZeroConfig, tokenizer=None) -> tuple[list, list]:
     """(phase 1, phase 2) questions: loaded, validated and split as the data section says; with the
     run's ``tokenizer``, prompts over ``data.max_prompt_tokens`` are an error or skipped (``data.long_prompts``)."""
-    loaded = load_from_config(cfg.data, prompt_tokenizer=tokenizer)
-    return split_phases(loaded.questions, cfg.data.phase1_questions, cfg.data.phase2_questions, cfg.data.split_seed)
+    data = cfg.data
+    loaded = load_from_config(data, prompt_tokenizer=tokenizer)
+    if data.phase2_dataset is None:
+        return split_phases(loaded.questions, data.phase1_questions, data.phase2_questions, data.split_seed)
+    phase1, _ = split_phases(loaded.questions, data.phase1_questions, 0, data.split_seed)
+    other = load_from_config(replace(data, dataset=data.phase2_dataset, split=data.phase2_split, synthetic_size=None),
+                             prompt_tokenizer=tokenizer)
+    used = {q.id for q in phase1}
+    _, phase2 = split_phases([q for q in other.questions if q.id not in used], 0, data.phase2_questions, data.split_seed)
+    return phase1, phase2
 
 
 def phase_question_ids(cfg: SDZeroConfig) -> set[str]:

@@ -175,7 +175,7 @@ def distill_step(loop: OnPolicyLoop, teacher, step: int, *, prompts: RunPrompts,
     )
     # 6. iterative self-evolution: the teacher becomes the current student
     interval = dcfg.teacher_sync_interval
-    if (interval and trainer.state.step % interval == 0) or ends_epoch:
+    if (interval and trainer.state.step % interval == 0) or (ends_epoch and dcfg.teacher_sync_at_epoch_end):
         sync_teacher(teacher, student)
         metrics["teacher_synced"] = True
     metrics["teacher_checksum"] = weights_checksum(teacher)

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
 from sdzero_mcore.checkpoint.source import start_source
-from sdzero_mcore.config import ConfigError, SDZeroConfig, load_config
+from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.prompts import CompletionExample, RunPrompts, solution_ids
 from sdzero_mcore.data.question_sets import (
     SYNTHETIC_HELDOUT_RESERVED,
@@ -74,23 +73,21 @@ def distinct_phases(prompts: RunPrompts, phases: Sequence[str]) -> list[str]:
     return out
 
 
-def sft_examples(questions, prompts: RunPrompts | Sequence[RunPrompts], max_len: int, *, noise: float = 0.0,
+def sft_examples(questions, prompts: RunPrompts, max_len: int, *, noise: float = 0.0,
                  revision_fraction: float = 0.0, seed: int = 0) -> list[SFTExample]:
     """x -> solution + EOS examples, x in one of the recipe's answer layouts; ``revision_fraction`` of
     them in the reviser's format instead: x + y_a + P_r(r_a) + y_b, loss on y_b + EOS, where y_a is
     right or wrong with equal odds, y_b restates y_a when it is right and is a fresh (possibly
-    wrong) solution when it is wrong. With several ``prompts`` (recipes), each example uses one at random."""
+    wrong) solution when it is wrong."""
     examples = []
-    options = [prompts] if isinstance(prompts, RunPrompts) else list(prompts)
-    tokenizer = options[0].tokenizer
+    tokenizer = prompts.tokenizer
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    answer_phases, revision_phases = distinct_phases(prompts, ANSWER_PHASES), distinct_phases(prompts, REVISION_PHASES)
     for q in questions:
         if not q.solution:
             continue
         rng = random.Random(f"{seed}:{q.id}")
         solution = wrong_solution(q, rng) if noise and rng.random() < noise else q.solution
-        prompts = options[rng.randrange(len(options))] if len(options) > 1 else options[0]
-        answer_phases, revision_phases = distinct_phases(prompts, ANSWER_PHASES), distinct_phases(prompts, REVISION_PHASES)
         phase = answer_phases[rng.randrange(len(answer_phases))] if len(answer_phases) > 1 else answer_phases[0]
         context = prompts.prompt(phase, q.question)
         if revision_fraction and rng.random() < revision_fraction:
@@ -119,21 +116,12 @@ def sft_questions(cfg: SDZeroConfig, count: int) -> list:
     return fresh[:count]
 
 
-def recipe_prompts_config(cfg: SDZeroConfig, recipe: str) -> SDZeroConfig:
-    """``cfg`` with another recipe's prompt layouts and P_r preset (everything else unchanged)."""
-    other = load_config(overrides=[f"recipe={recipe}"])
-    return dc_replace(cfg, recipe=recipe, prompts=other.prompts,
-                      data=dc_replace(cfg.data, p_r_preset=other.data.p_r_preset, p_r_correct=None, p_r_incorrect=None))
-
-
 def run_sft(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: Optional[int] = None) -> Path:
     scfg = cfg.sft
     source = start_source(cfg, init_from)
     check_layout(cfg, source)
     tokenizer = load_tokenizer(source)
-    recipes = [cfg.recipe] + [r for r in scfg.prompt_recipes if r != cfg.recipe] if scfg.prompt_recipes else [cfg.recipe]
-    prompts = [run_prompts(cfg if r == cfg.recipe else recipe_prompts_config(cfg, r), source, tokenizer) for r in recipes]
-    data = sft_examples(sft_questions(cfg, scfg.examples), prompts, scfg.max_seq_length,
+    data = sft_examples(sft_questions(cfg, scfg.examples), run_prompts(cfg, source, tokenizer), scfg.max_seq_length,
                         noise=scfg.noise, revision_fraction=scfg.revision_fraction, seed=cfg.seed)
     if not data:
         raise ConfigError("sdzero sft: no question with a solution fits sft.max_seq_length")

@@ -1,18 +1,20 @@
 """Phase 1 collection (``sdzero srt-collect``): attempts, their rewards, and revisions of each.
 
-For every Phase 1 question, in order: ``n_init`` attempts y_init ~ pi(.|x) and their rewards;
-then, for each attempt (correct ones too when ``revise_correct``), ``n_rev`` revisions
-y_rev ~ pi(.|x, y_init, P_r) and theirs. Every revision becomes one record in an append-only
+For the Phase 1 questions, in order, ``questions_per_call`` at a time: ``n_init`` attempts
+y_init ~ pi(.|x) and their rewards; then, for each attempt (correct ones too when
+``revise_correct``), ``n_rev`` revisions y_rev ~ pi(.|x, y_init, P_r) and theirs. Every revision becomes one record in an append-only
 JSONL file; the verified-correct ones form D_revision, the SRT training set. With
 ``target_kept`` the scan stops once that many verified revisions are logged, and D_revision holds
 the first ``target_kept`` of them (after cleaning, when ``cleaning`` is on: the release's rules,
 each counted in the summary). Samples end at the tokenizer's end token or the first of
-``stop_strings`` (cut on ids, ``rollout.stop_strings``).
+``stop_strings`` (``rollout/stop_strings.py``). Samples of a chunk's questions after the one that
+reaches the target are discarded: not logged, not counted in the budget.
 
 Crash safety: all records of a question are appended in one write followed by a ``done`` line
 and an fsync. A rerun of the same command truncates the file after the last ``done`` line (a
 kill mid-question leaves at most a partial question, which is dropped) and skips the questions
-already done; sampling is seeded per question, so the redone question gets the same samples.
+already done; a chunk of questions is always sampled whole with its own seed, so a redone
+question gets the same samples.
 Nothing is lost or duplicated. D_revision and the summary are derived from the log, atomically.
 """
 
@@ -38,7 +40,7 @@ from sdzero_mcore.parallel.rank0 import run_on_rank0
 from sdzero_mcore.phases.append_log import check_log_hash
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import sampling_from_config
-from sdzero_mcore.rollout.stop_strings import cut_at_stop_strings
+from sdzero_mcore.rollout.stop_strings import cut_at_stop_strings, stop_string_ids
 from sdzero_mcore.rollout.weight_sync import serving_engine
 from sdzero_mcore.run_setup import load_tokenizer, run_prompts
 
@@ -55,8 +57,8 @@ def config_hash(cfg: SDZeroConfig) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def question_seed(base: int, question_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{base}:{question_id}".encode()).digest()[:4], "little")
+def chunk_seed(base: int, chunk_index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{base}:chunk:{chunk_index}".encode()).digest()[:4], "little")
 
 
 def recover_log(path: Path) -> set[str]:
@@ -111,7 +113,7 @@ def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, en
     chash = config_hash(cfg)
     done = recover_log(log)
     reward_fn = reward_fn_for(cfg, questions, collection=True)
-    stop_ids = sorted(default_stop_ids(tokenizer))
+    stop_ids = sorted(default_stop_ids(tokenizer, stop_string_ids(tokenizer, ccfg.stop_strings)))
     base = replace(
         sampling_from_config(cfg.rollout, stop_token_ids=stop_ids),
         temperature=ccfg.temperature,
@@ -119,9 +121,11 @@ def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, en
         max_new_tokens=ccfg.max_new_tokens,
     )
 
-    def sample(context: list[int], n: int, seed: int):
-        return [cut_at_stop_strings(c, tokenizer, ccfg.stop_strings)
-                for c in engine.generate([context], replace(base, n=n, seed=seed))]
+    def sample(contexts: list[list[int]], n: int, seed: int) -> list[list]:
+        """``n`` samples per context in one engine call, grouped per context, cut at the stop strings."""
+        completions = engine.generate(contexts, replace(base, n=n, seed=seed)) if contexts else []
+        cut = [cut_at_stop_strings(c, tokenizer, ccfg.stop_strings) for c in completions]
+        return [cut[i * n : (i + 1) * n] for i in range(len(contexts))]
 
     eos_ids = frozenset(stop_ids)
 
@@ -132,40 +136,64 @@ def _collect_on_rank0(cfg, source, tokenizer, prompts: RunPrompts, questions, en
 
     # duplicates only occur within a question (x is part of the key), so counting per question is exact
     kept = sum(len(usable(group)) for group in _records_by_question(log))
-    pending = [q for q in questions if q.id not in done]
+    size = ccfg.questions_per_call
+    chunks = [questions[i : i + size] for i in range(0, len(questions), size)]
+    progress = tqdm(total=len(questions), initial=len(done), desc="srt-collect", disable=not cfg.logging.progress)
     try:
-        for question in tqdm(pending, desc="srt-collect", disable=not cfg.logging.progress):
+        for c_index, chunk in enumerate(chunks):
             if ccfg.target_kept is not None and kept >= ccfg.target_kept:
                 break
-            seed = question_seed(cfg.rollout.seed, question.id)
-            x = prompts.prompt("collection", question.question)
-            attempts = sample(x, ccfg.n_init, seed)
-            target = reward_target(question)
-            init_rewards = reward_fn.score_batch([a.text for a in attempts], [target] * len(attempts))
-            lines = []
-            for a_index, (attempt, r_init) in enumerate(zip(attempts, init_rewards)):
-                if r_init.reward == 1 and not ccfg.revise_correct:
+            if all(q.id in done for q in chunk):
+                continue
+            # a chunk is always sampled whole, with its own seed: a rerun after a crash regenerates a
+            # partly written chunk exactly and appends only the questions the log lacks
+            seed = chunk_seed(cfg.rollout.seed, c_index)
+            xs = [prompts.prompt("collection", q.question) for q in chunk]
+            targets = [reward_target(q) for q in chunk]
+            attempts = sample(xs, ccfg.n_init, seed)
+            scores = reward_fn.score_batch([a.text for group in attempts for a in group],
+                                           [t for t, group in zip(targets, attempts) for _ in group])
+            init_rewards = [scores[i * ccfg.n_init : (i + 1) * ccfg.n_init] for i in range(len(chunk))]
+            revised = [(qi, ai) for qi in range(len(chunk)) for ai, r in enumerate(init_rewards[qi])
+                       if r.reward == 0 or ccfg.revise_correct]
+            contexts = [prompts.revision("collection", chunk[qi].question, attempts[qi][ai].token_ids,
+                                         init_rewards[qi][ai].reward, x_ids=xs[qi]) for qi, ai in revised]
+            revisions = sample(contexts, ccfg.n_rev, seed + 1)
+            rev_scores = reward_fn.score_batch([r.text for group in revisions for r in group],
+                                               [targets[qi] for (qi, _), group in zip(revised, revisions) for _ in group])
+            rev_rewards = [rev_scores[i * ccfg.n_rev : (i + 1) * ccfg.n_rev] for i in range(len(revised))]
+            by_question: dict[int, list] = {}
+            for (qi, ai), group, rewards in zip(revised, revisions, rev_rewards):
+                by_question.setdefault(qi, []).append((ai, group, rewards))
+            for qi, question in enumerate(chunk):
+                if question.id in done:
                     continue
-                context = prompts.revision("collection", question.question, attempt.token_ids, r_init.reward, x_ids=x)
-                revisions = sample(context, ccfg.n_rev, seed + 1 + a_index)
-                rev_rewards = reward_fn.score_batch([r.text for r in revisions], [target] * len(revisions))
-                for r_index, (revision, r_rev) in enumerate(zip(revisions, rev_rewards)):
-                    lines.append({
-                        "type": "revision",
-                        "question_id": question.id, "attempt_id": a_index, "revision_id": r_index,
-                        "x": question.question, "x_ids": x,
-                        "y_init_ids": attempt.token_ids, "y_init": attempt.text, "r_init": r_init.reward,
-                        "p_r": prompts.phrases.for_reward(r_init.reward),
-                        "y_rev_ids": revision.token_ids, "y_rev": revision.text, "r_rev": r_rev.reward,
-                        "init_tokens": len(attempt.token_ids), "rev_tokens": len(revision.token_ids),
-                        "model": str(source.path), "config_hash": chash,
-                    })
-            kept += len(usable(lines))
-            lines.append({
-                "type": "done", "question_id": question.id,
-                "attempts": [{"r": r.reward, "tokens": len(a.token_ids)} for a, r in zip(attempts, init_rewards)],
-            })
-            _append(log, lines)
+                lines = []
+                for ai, group, rewards in by_question.get(qi, []):
+                    attempt, r_init = attempts[qi][ai], init_rewards[qi][ai]
+                    for r_index, (revision, r_rev) in enumerate(zip(group, rewards)):
+                        lines.append({
+                            "type": "revision",
+                            "question_id": question.id, "attempt_id": ai, "revision_id": r_index,
+                            "x": question.question, "x_ids": xs[qi],
+                            "y_init_ids": attempt.token_ids, "y_init": attempt.text, "r_init": r_init.reward,
+                            "p_r": prompts.phrases.for_reward(r_init.reward),
+                            "y_rev_ids": revision.token_ids, "y_rev": revision.text, "r_rev": r_rev.reward,
+                            "init_tokens": len(attempt.token_ids), "rev_tokens": len(revision.token_ids),
+                            "model": str(source.path), "config_hash": chash,
+                        })
+                kept += len(usable(lines))
+                lines.append({
+                    "type": "done", "question_id": question.id,
+                    "attempts": [{"r": r.reward, "tokens": len(a.token_ids)}
+                                 for a, r in zip(attempts[qi], init_rewards[qi])],
+                })
+                _append(log, lines)
+                done.add(question.id)
+                progress.update(1)
+                if ccfg.target_kept is not None and kept >= ccfg.target_kept:
+                    break  # the scan stops at the question that reaches the target
+        progress.close()
         # the loop ends when every question is done or target_kept is reached: either completes it,
         # and the marker comes last (D_revision, the summary and the budget exist when it does)
         d_revision = write_outputs(out, target_kept=ccfg.target_kept, cleaning=ccfg.cleaning,

@@ -134,7 +134,7 @@ def _arith_row(rng: random.Random) -> dict:
 
 
 def add_steps(a: int, b: int, flaw: Optional[tuple[int, int]] = None) -> str:
-    """The worked column sum of a + b: ``ones`` then ``tens`` (with the carry) then the box.
+    """The worked column sum of a + b: the sum restated, ``ones`` then ``tens`` (with the carry), the box.
 
     ``flaw`` = (step, delta) writes step 0 (ones) or 1 (tens) with its sum off by ``delta``, and
     derives everything after it from the wrong sum, as a careless solver would: the one false
@@ -144,7 +144,8 @@ def add_steps(a: int, b: int, flaw: Optional[tuple[int, int]] = None) -> str:
     tens_terms = f"{a // 10}+{b // 10}" + (f"+{carry}" if carry else "")
     tens = a // 10 + b // 10 + carry + (flaw[1] if flaw and flaw[0] == 1 else 0)
     answer = tens * 10 + ones % 10
-    return f"{a % 10}+{b % 10}={ones}\n{tens_terms}={tens}\n\\boxed{{{answer}}}"
+    # the sum restated first: copying it keeps each step's digits close to where they are used
+    return f"{a}+{b}:\n{a % 10}+{b % 10}={ones}\n{tens_terms}={tens}\n\\boxed{{{answer}}}"
 
 
 _ADD_QUESTION = re.compile(r"What is (\d+)\+(\d+)\?")
@@ -166,7 +167,8 @@ def flawed_add_solution(question: str, rng: random.Random) -> str:
 
 def _add_row(rng: random.Random) -> dict:
     a, b = rng.randint(0, 99), rng.randint(0, 99)
-    question = f"What is {a}+{b}? Put the answer in \\boxed{{}}."
+    # no instruction in the question: the run's prompts carry it (a character-level model pays per character)
+    question = f"What is {a}+{b}?"
     return {"task": "add", "question": question, "answer": str(a + b), "solution": add_steps(a, b)}
 
 

@@ -39,60 +39,94 @@ def _sdzero(*args, launcher=(sys.executable, "-m")) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = _sdzero("demo", "--quick", "--out-dir", out, "logging.progress=false")
+    result = _sdzero("demo", "--quick", "--recipe", "both", "--out-dir", out, "logging.progress=false")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return out, result.stdout
 
 
-def test_quick_demo_prints_the_full_table(demo):
+def _arm_runs(arm):
+    return {json.loads((d / "eval.json").read_text())["name"]: json.loads((d / "eval.json").read_text())
+            for d in (arm / "eval").iterdir()}
+
+
+def test_quick_demo_prints_both_recipes_tables_premise_and_claims(demo):
     out, stdout = demo
-    table = (out / "results.md").read_text()
-    assert table.splitlines()[0].startswith("# sdzero demo --quick")
-    header = next(line for line in table.splitlines() if line.startswith("| run"))
-    for column in COLUMNS:
-        assert column in header, column
-    for row in ROWS:
-        assert f"| {row} |" in table and f"| {row} |" in stdout, row
-    runs = {json.loads((d / "eval.json").read_text())["name"]: json.loads((d / "eval.json").read_text())
-            for d in (out / "eval").iterdir()}
-    assert set(runs) == set(ROWS)
-    for name, run in runs.items():
-        for value in (run["avg_at_k"], run["pass_at_k"], run["mean_response_tokens"],
-                      run["revise"]["first_accuracy"], run["revise"]["revised_accuracy"]):
-            assert math.isfinite(value), name
-        assert run["pass_at_k"] >= run["avg_at_k"] - 1e-9  # pass@k >= avg@k on the same samples
-        assert run["questions"] == 32 and run["k"] == 4
-        assert (out / "eval" / next(p.name for p in (out / "eval").iterdir()
-                                    if json.loads((p / "eval.json").read_text())["name"] == name) / "localization.png").is_file()
+    report = (out / "results.md").read_text()
+    assert report.splitlines()[0] == "# sdzero demo --quick --recipe both --seed 1234"
+    for recipe in ("paper", "release"):
+        section = report.split(f"## recipe: {recipe}")[1].split("## recipe:")[0]
+        header = next(line for line in section.splitlines() if line.startswith("| run"))
+        for column in COLUMNS:
+            assert column in header, column
+        for row in ROWS:
+            assert f"| {row} |" in section, (recipe, row)
+        for needle in ("correction rate after a wrong first attempt: base", "top 5% of tokens",
+                       "Phase 1 beats RFT (avg@k): one seed", "SRT raises the correction rate",
+                       "held-out validation loss, sd_zero/"):
+            assert needle in section, (recipe, needle)
+        runs = _arm_runs(out / recipe / "seed1234")
+        assert set(runs) == set(ROWS)
+        for name, run in runs.items():
+            for value in (run["avg_at_k"], run["pass_at_k"], run["mean_response_tokens"],
+                          run["revise"]["first_accuracy"], run["revise"]["revised_accuracy"]):
+                assert math.isfinite(value), name
+            assert run["pass_at_k"] >= run["avg_at_k"] - 1e-9  # pass@k >= avg@k on the same samples
+            assert run["questions"] == 32 and run["k"] == 4
+    assert report.split("## recipe: paper")[1].split("\n")[0] in stdout
+    # one base for both recipes: the arms start from the same checkpoint
+    assert len({_arm_runs(out / r / "seed1234")["base"]["checkpoint"] for r in ("paper", "release")}) == 1
+    assert (out / "results.json").is_file()
+
+
+def test_quick_demo_follows_each_recipe(demo):
+    out, _ = demo
+    paper, release = out / "paper" / "seed1234", out / "release" / "seed1234"
+    # the paper's SRT is one joint stage, the release's two sequential ones
+    assert (paper / "sd_zero" / "metrics" / "srt.jsonl").is_file()
+    assert (release / "sd_zero" / "metrics" / "srt_generation.jsonl").is_file()
+    assert (release / "sd_zero" / "metrics" / "srt_revision.jsonl").is_file()
+    paper_log = [json.loads(line) for line in (paper / "sd_zero" / "srt_collect" / "srt_records.jsonl").read_text().splitlines()]
+    release_log = [json.loads(line) for line in (release / "sd_zero" / "srt_collect" / "srt_records.jsonl").read_text().splitlines()]
+    assert all(r["r_init"] == 0 for r in release_log if r["type"] == "revision")  # only wrong attempts revised
+    assert all(len(r["attempts"]) == 3 for r in release_log if r["type"] == "done")
+    assert all(len(r["attempts"]) == 1 for r in paper_log if r["type"] == "done")
+    # the release validates Phase 2 on schedule; the paper does not
+    release_distill = [json.loads(line) for line in (release / "sd_zero" / "metrics" / "distill.jsonl").read_text().splitlines()]
+    paper_distill = [json.loads(line) for line in (paper / "sd_zero" / "metrics" / "distill.jsonl").read_text().splitlines()]
+    assert any("val/avg_at_k" in m for m in release_distill) and not any("val/avg_at_k" in m for m in paper_distill)
+    # SRT and RFT log a held-out validation loss before training and at the end
+    srt = [json.loads(line) for line in (paper / "sd_zero" / "metrics" / "srt.jsonl").read_text().splitlines()]
+    assert "val_loss_before" in srt[0] and "val_loss" in srt[-1]
 
 
 def test_quick_demo_budgets_add_up(demo):
     out, _ = demo
-    runs = {json.loads((d / "eval.json").read_text())["name"]: json.loads((d / "eval.json").read_text())
-            for d in (out / "eval").iterdir()}
-    collect = json.loads((out / "sd_zero" / "srt_collect" / "summary.json").read_text())
-    # Phase 1: n_init = 1 attempt and n_rev = 3 revisions per question; Phase 2: one sample per question per epoch
-    assert collect["generations"] == 32 * (1 + 3)
-    assert runs["SRT (Phase 1)"]["budget"]["generations"] == collect["generations"]
-    assert runs["SD-Zero"]["budget"]["generations"] == collect["generations"] + 32
-    assert runs["Phase 2 only"]["budget"]["generations"] == runs["SDFT"]["budget"]["generations"] == 32
-    sd_zero = runs["SD-Zero"]["budget"]["generations"]
-    assert runs["RFT"]["budget"]["generations"] == sd_zero // 4 * 4  # whole questions of 4 samples
-    assert runs["GRPO"]["budget"]["generations"] == sd_zero // 32 * 32  # whole steps of 8 prompts x 4
-    assert runs["base"]["budget"]["generations"] == 0
-    for name, run in runs.items():  # tokens: the sum of every generated response's length
-        assert run["budget"]["generated_tokens"] >= run["budget"]["generations"], name
-    metrics = [json.loads(line) for line in (out / "grpo" / "metrics" / "grpo.jsonl").read_text().splitlines()]
-    assert metrics[-1]["generations"] == runs["GRPO"]["budget"]["generations"]
-    assert sum(1 for _ in metrics) == sd_zero // 32
+    for recipe in ("paper", "release"):
+        arm = out / recipe / "seed1234"
+        runs = _arm_runs(arm)
+        collect = json.loads((arm / "sd_zero" / "srt_collect" / "summary.json").read_text())
+        log = [json.loads(line) for line in (arm / "sd_zero" / "srt_collect" / "srt_records.jsonl").read_text().splitlines()]
+        # every attempt and every revision the log holds, nothing else
+        assert collect["generations"] == sum(len(r["attempts"]) for r in log if r["type"] == "done") + \
+            sum(1 for r in log if r["type"] == "revision")
+        assert runs["SRT (Phase 1)"]["budget"]["generations"] == collect["generations"]
+        assert runs["SD-Zero"]["budget"]["generations"] == collect["generations"] + 32  # one sample per Phase 2 question
+        assert runs["Phase 2 only"]["budget"]["generations"] == runs["SDFT"]["budget"]["generations"] == 32
+        sd_zero = runs["SD-Zero"]["budget"]["generations"]
+        assert runs["RFT"]["budget"]["generations"] == min(sd_zero // 4, 64) * 4  # whole questions of 4 samples
+        assert runs["GRPO"]["budget"]["generations"] == sd_zero // 32 * 32  # whole steps of 8 prompts x 4
+        assert runs["base"]["budget"]["generations"] == 0
+        for name, run in runs.items():  # tokens: the sum of every generated response's length
+            assert run["budget"]["generated_tokens"] >= run["budget"]["generations"], name
 
 
 def test_quick_demo_resumes_without_redoing_stages(demo):
     out, _ = demo
     before = {p: p.stat().st_mtime_ns for p in out.rglob("eval.json")}
-    result = _sdzero("demo", "--quick", "--out-dir", out, "logging.progress=false")
+    result = _sdzero("demo", "--quick", "--recipe", "both", "--out-dir", out, "logging.progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "done in" not in result.stdout.replace("sd_zero done in", "")  # only the skip-check of sd_zero runs
+    redone = [line for line in result.stdout.splitlines() if "done in" in line and not line.endswith("sd_zero done in 0 s")]
+    assert all(" sd_zero done in" in line for line in redone), redone  # only the skip-check of sd_zero runs
     assert {p: p.stat().st_mtime_ns for p in out.rglob("eval.json")} == before
 
 

@@ -76,8 +76,24 @@ def test_tiny_cpu_example():
     assert cfg.logging.tensorboard is False
 
 
+def test_qwen3_release_example_is_the_release_recipe():
+    cfg = load_config(EXAMPLES / "qwen3_4b_release.yaml")
+    recipe_only = load_config(overrides=["recipe=release"])
+    assert cfg.recipe == "release"
+    assert (cfg.data.dataset, cfg.data.phase2_dataset) == ("open-r1/OpenR1-Math-220k", "agentica-org/DeepScaleR-Preview-Dataset")
+    assert cfg.distill.validation.dataset == "HuggingFaceH4/aime_2024"
+    # every method value the file writes out is the recipe's own default
+    for section in ("srt_collect", "prompts", "math"):
+        assert getattr(cfg, section) == getattr(recipe_only, section), section
+    for key in ("kl", "mixed_weight", "top_k", "tail", "teacher_keeps_end_token", "max_teacher_tokens",
+                "teacher_sync_at_epoch_end", "optimizer"):
+        assert getattr(cfg.distill, key) == getattr(recipe_only.distill, key), key
+    assert (cfg.srt_train.mode, cfg.srt_train.stage2_size) == ("sequential", 1000)
+    assert cfg.srt_train.optimizer == recipe_only.srt_train.optimizer
+
+
 def test_qwen3_example():
-    cfg = load_config(EXAMPLES / "qwen3_4b_openr1.yaml")
+    cfg = load_config(EXAMPLES / "qwen3_4b_paper.yaml")
     assert cfg.model.hf_dir == "checkpoints/Qwen3-4B-Instruct-2507"
     assert cfg.model.mcore_dir == "checkpoints/Qwen3-4B-Instruct-2507-mcore-tp4"
     assert cfg.model.dtype == "bfloat16"
@@ -349,7 +365,7 @@ def test_data_parallel_size_bad_world_size():
 
 def non_default_config() -> SDZeroConfig:
     return load_config(
-        EXAMPLES / "qwen3_4b_openr1.yaml",
+        EXAMPLES / "qwen3_4b_paper.yaml",
         ["data.eval_datasets=[gsm8k, math500]", "distill.optimizer.lr=1.5e-6", "distill.train_steps=40"],
     )
 

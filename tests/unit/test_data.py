@@ -698,3 +698,23 @@ def test_duplicate_id_with_different_content_names_both_rows(tmp_path, caplog):
     assert [q.index for q in loaded] == [0, 1, 2]
     assert loaded.skipped == {"duplicate id with different content": 1}
     assert f"{path}: skipped row 3 (line 4): id 'p-1' repeats row 0 (line 1) with a different answer" in caplog.text
+
+
+def test_phase2_from_another_dataset_skips_questions_phase1_uses(tmp_path):
+    from sdzero_mcore.data.question_sets import phase_questions
+
+    first, second = tmp_path / "openr1.jsonl", tmp_path / "deepscaler.jsonl"
+    first.write_text("".join(json.dumps({"id": f"a{i}", "question": f"q{i}?", "answer": str(i)}) + "\n" for i in range(6)))
+    # two rows share an id with phase 1's source: they must not reach phase 2
+    second.write_text("".join(json.dumps({"id": i, "question": f"r{i}?", "answer": "1"}) + "\n"
+                              for i in ["a0", "a1", "b0", "b1", "b2", "b3"]))
+    cfg = load_config(overrides=[f"data.dataset={first}", f"data.phase2_dataset={second}",
+                                 "data.phase1_questions=6", "data.phase2_questions=4"])
+    phase1, phase2 = phase_questions(cfg)
+    assert sorted(q.id for q in phase1) == [f"a{i}" for i in range(6)]
+    assert sorted(q.id for q in phase2) == ["b0", "b1", "b2", "b3"]
+    assert all(q.source == str(second) for q in phase2)
+    too_many = load_config(overrides=[f"data.dataset={first}", f"data.phase2_dataset={second}",
+                                      "data.phase1_questions=6", "data.phase2_questions=5"])
+    with pytest.raises(DataError, match="phase 2 \\(5\\) = 5 questions requested, but only 4 unique"):
+        phase_questions(too_many)
