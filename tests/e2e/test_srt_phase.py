@@ -19,7 +19,7 @@ from sdzero_mcore.phases.srt_collect import RECORDS_FILE, recover_log
 
 TINY = REPO_ROOT / "examples" / "tiny_cpu.yaml"
 COLLECT = ["data.phase1_questions=6", "data.phase2_questions=4", "srt_collect.max_new_tokens=12",
-           "srt_collect.n_init=2", "srt_collect.n_rev=2", "logging.progress=false"]
+           "srt_collect.n_init=2", "srt_collect.n_rev=2", "srt_collect.questions_per_call=2", "logging.progress=false"]
 
 
 @pytest.fixture(scope="module")
