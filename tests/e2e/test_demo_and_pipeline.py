@@ -114,8 +114,8 @@ def test_quick_demo_budgets_add_up(demo):
         assert runs["SD-Zero"]["budget"]["generations"] == collect["generations"] + 32  # one sample per Phase 2 question
         assert runs["Phase 2 only"]["budget"]["generations"] == runs["SDFT"]["budget"]["generations"] == 32
         sd_zero = runs["SD-Zero"]["budget"]["generations"]
-        # whole questions of 4 samples, at most every question of both phases (64 + 32)
-        assert runs["RFT"]["budget"]["generations"] == min(sd_zero // 4, 96) * 4
+        # whole questions of 4 samples, at most every question of both phases (256 + 32)
+        assert runs["RFT"]["budget"]["generations"] == min(sd_zero // 4, 288) * 4
         assert runs["GRPO"]["budget"]["generations"] == sd_zero // 64 * 64  # whole steps of 16 prompts x 4
         assert runs["base"]["budget"]["generations"] == 0
         for name, run in runs.items():  # tokens: the sum of every generated response's length
