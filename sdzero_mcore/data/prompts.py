@@ -347,11 +347,14 @@ def teacher_context(
     preset: Preset,
     *,
     stop_token_ids: Optional[Iterable[int]] = None,
+    keep_end_token: bool = False,
 ) -> TeacherContext:
-    """The Phase 2 teacher context for the student response ``y`` (first copy EOS-stripped, second as sampled)."""
+    """The Phase 2 teacher context for the student response ``y``: the first copy without its trailing
+    stop tokens (with them when ``keep_end_token``, the release's layout), the second as sampled."""
     x = _as_ids("x_ids", x_ids)
     y = _as_ids("y_ids", y_ids)
-    prefix = x + strip_trailing_stop(y, _stops(tokenizer, stop_token_ids)) + control_ids(tokenizer, reward, preset)
+    first = y if keep_end_token else strip_trailing_stop(y, _stops(tokenizer, stop_token_ids))
+    prefix = x + first + control_ids(tokenizer, reward, preset)
     return TeacherContext(ids=prefix + y, response_start=len(prefix), response_end=len(prefix) + len(y))
 
 
@@ -493,11 +496,9 @@ class RunPrompts:
     def teacher(self, question: str, y_ids: Sequence[int], reward: Any,
                 *, x_ids: Optional[Sequence[int]] = None) -> TeacherContext:
         """x + y (+ its end token when ``teacher_keeps_end_token``) + sep(P_r) + y, the second y as sampled."""
-        y = _as_ids("y_ids", y_ids)
-        x = _as_ids("x_ids", list(x_ids) if x_ids is not None else self.prompt("teacher", question))
-        first = y if self.teacher_keeps_end_token else strip_trailing_stop(y, self.stop_ids)
-        prefix = x + first + control_ids(self.tokenizer, reward, self.phrases)
-        return TeacherContext(ids=prefix + y, response_start=len(prefix), response_end=len(prefix) + len(y))
+        x = list(x_ids) if x_ids is not None else self.prompt("teacher", question)
+        return teacher_context(x, y_ids, reward, self.tokenizer, self.phrases, stop_token_ids=self.stop_ids,
+                               keep_end_token=self.teacher_keeps_end_token)
 
     def _completion(self, ids: Sequence[int]) -> list[int]:
         # a completion ends with exactly one end token, whether it was sampled or cut by a stop string
