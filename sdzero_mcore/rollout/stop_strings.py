@@ -19,15 +19,19 @@ from typing import Any, Sequence
 from sdzero_mcore.rollout.base import Completion
 
 
+def _special_tokens(tokenizer: Any) -> set[str]:
+    return set(getattr(tokenizer, "all_special_tokens", ())) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+
+
 def stop_string_ids(tokenizer: Any, stop_strings: Sequence[str]) -> list[int]:
     """The ids of the stop strings that are single special tokens of ``tokenizer`` (e.g. ``<|im_end|>``)."""
-    special = set(getattr(tokenizer, "all_special_tokens", ())) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    special = _special_tokens(tokenizer)
     return sorted({int(tokenizer.convert_tokens_to_ids(s)) for s in stop_strings if s in special})
 
 
 def text_stop_strings(tokenizer: Any, stop_strings: Sequence[str]) -> list[str]:
     """The stop strings matched in text: those that are not single special tokens."""
-    special = set(getattr(tokenizer, "all_special_tokens", ())) | set(getattr(tokenizer, "added_tokens_encoder", {}))
+    special = _special_tokens(tokenizer)
     return [s for s in stop_strings if s and s not in special]
 
 
