@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from sdzero_mcore.rollout.base import Completion, RolloutEngine, SamplingParams
 from sdzero_mcore.rollout.hf import HFRolloutEngine
@@ -30,12 +31,15 @@ def sampling_from_config(rollout_cfg, *, stop_token_ids: Sequence[int] = (), n: 
 
 
 def make_rollout_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtype: torch.dtype = torch.float32,
-                        device=None, load_weights: bool = False) -> RolloutEngine:
+                        device=None, load_weights: bool = False,
+                        ipc_group: Optional[dist.ProcessGroup] = None) -> RolloutEngine:
     """The engine ``rollout_cfg.backend`` names, serving the architecture in ``hf_dir``.
 
-    ``load_weights=False`` starts the hf and vllm backends without reading weights (the trainer
-    syncs them before the first generation); SGLang always loads ``hf_dir`` at start-up. ``device``
-    is the hf engine's; vLLM and SGLang place themselves.
+    ``load_weights=False`` starts the engine without reading weights (SGLang on dummy ones): the
+    trainer syncs them before the first generation, and an sdzero-mcore checkpoint's ``hf/`` folder
+    holds none. ``device`` is the hf engine's; vLLM and SGLang place themselves. ``ipc_group``: the
+    training ranks beside a colocated SGLang engine's TP ranks (``SGLangRolloutEngine``); each of
+    them builds its part of the engine with it.
     """
     if rollout_cfg.backend == "hf":
         build = HFRolloutEngine.from_pretrained if load_weights else HFRolloutEngine.from_config
@@ -48,6 +52,8 @@ def make_rollout_engine(rollout_cfg, hf_dir: str | Path, *, tokenizer=None, dtyp
             tp_size=rollout_cfg.sglang_tp_size,
             mem_fraction_static=rollout_cfg.sglang_mem_fraction_static,
             tokenizer=tokenizer,
+            ipc_group=ipc_group,
+            load_weights=load_weights,
         )
     if rollout_cfg.backend == "vllm":
         from sdzero_mcore.rollout.vllm import make_vllm_engine

@@ -73,6 +73,11 @@ class Completion:
 NamedTensors = Iterable[tuple[str, torch.Tensor]]
 
 
+def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """One seed per request: reproducible for a (seed, prompt, sample), different across samples."""
+    return (seed * 1_000_003 + prompt_index * 10_007 + sample_index) % 2**31
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     """What the trainer needs from a generation engine."""

@@ -13,9 +13,13 @@ Remote (:class:`RemoteSGLangEngine`): an SGLang server or router URL. Generation
 ``/generate``; weights by NCCL broadcast from training rank 0 after ``/init_weights_update_group``,
 announced per bucket with ``/update_weights_from_distributed``; then ``/flush_cache``.
 
+Every request (one per sample) carries its own ``sampling_seed``, from the call's seed, the prompt
+and the sample index: under SGLang's deterministic sampling, requests with the same seed sample the
+same tokens, and n samples of a prompt must differ.
+
 SGLang cannot be installed on the machines this project is developed on; this module is written
-against SGLang's documented API and checked by contract tests with a recording fake engine
-(tests/test_rollout_sglang.py), not run against SGLang itself.
+against SGLang's documented API and checked by contract tests with a recording fake engine and a
+fake server (tests/sglang_fakes.py, tests/unit/test_rollout_sglang.py), not run against SGLang itself.
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import threading
 import urllib.error
 import urllib.request
 from collections import OrderedDict
+from datetime import timedelta
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
 
-from sdzero_mcore.rollout.base import Completion, NamedTensors, SamplingParams, check_prompts
+from sdzero_mcore.rollout.base import Completion, NamedTensors, SamplingParams, check_prompts, request_seed
 
 # sglang.srt.constants: GPU_MEMORY_TYPE_WEIGHTS, GPU_MEMORY_TYPE_KV_CACHE, GPU_MEMORY_TYPE_CUDA_GRAPH
 TAG_WEIGHTS, TAG_KV_CACHE, TAG_CUDA_GRAPH = "weights", "kv_cache", "cuda_graph"
@@ -50,8 +56,8 @@ def import_sglang():
     return sglang
 
 
-def sampling_params_dict(sampling: SamplingParams) -> dict:
-    """SGLang's per-request ``sampling_params`` (one sample per request; see ``_expand``)."""
+def sampling_params_dict(sampling: SamplingParams, seed: Optional[int] = None) -> dict:
+    """SGLang's ``sampling_params`` of one request (one sample per request; see ``_expand``)."""
     params = {
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
@@ -61,9 +67,17 @@ def sampling_params_dict(sampling: SamplingParams) -> dict:
         "skip_special_tokens": False,
         "no_stop_trim": True,  # keep the stop token in output_ids: the trainer learns it too
     }
-    if sampling.seed is not None:
-        params["sampling_seed"] = sampling.seed
+    if seed is not None:
+        params["sampling_seed"] = seed
     return params
+
+
+def request_sampling_params(sampling: SamplingParams, requests: list[tuple[int, int, list[int]]]) -> list[dict]:
+    """One ``sampling_params`` per request, each with its own seed (module docstring)."""
+    return [
+        sampling_params_dict(sampling, None if sampling.seed is None else request_seed(sampling.seed, p, s))
+        for p, s, _ in requests
+    ]
 
 
 def _expand(prompts: list[list[int]], n: int) -> list[tuple[int, int, list[int]]]:
@@ -113,6 +127,9 @@ class SGLangRolloutEngine:
     from its own GPU and the payloads are gathered to the owner, so engine TP rank i reads
     tensors that already sit on its GPU. With ``ipc_group=None`` (one training process per
     engine) the owner's payload serves every engine TP rank.
+
+    ``load_weights=False`` starts the engine on dummy weights instead of reading ``model_path``'s
+    (an sdzero-mcore checkpoint's ``hf/`` folder has none): the first :meth:`update_weights` fills them.
     """
 
     def __init__(
@@ -124,6 +141,7 @@ class SGLangRolloutEngine:
         mem_fraction_static: float = 0.5,
         tokenizer=None,
         ipc_group: Optional[dist.ProcessGroup] = None,
+        load_weights: bool = True,
         engine: Any = None,
         engine_kwargs: Optional[dict] = None,
         serializer: Any = None,
@@ -140,15 +158,17 @@ class SGLangRolloutEngine:
         self.engine = engine
         if self.engine is None and self.is_owner:
             sglang = import_sglang()
-            self.engine = sglang.Engine(
+            options = dict(
                 model_path=model_path,
                 tp_size=tp_size,
                 base_gpu_id=base_gpu_id,
                 mem_fraction_static=mem_fraction_static,
                 enable_memory_saver=True,
                 skip_tokenizer_init=True,
-                **(engine_kwargs or {}),
             )
+            if not load_weights:
+                options["load_format"] = "dummy"
+            self.engine = sglang.Engine(**options, **(engine_kwargs or {}))
 
     @staticmethod
     def _weight_sync_classes():
@@ -171,7 +191,7 @@ class SGLangRolloutEngine:
         requests = _expand(check_prompts(prompt_ids), sampling.n)
         outputs = self.engine.generate(
             input_ids=[prompt for _, _, prompt in requests],
-            sampling_params=[sampling_params_dict(sampling)] * len(requests),
+            sampling_params=request_sampling_params(sampling, requests),
             return_logprob=sampling.return_logprobs,
         )
         if len(outputs) != len(requests):
@@ -245,10 +265,10 @@ class SGLangRolloutEngine:
 class RemoteSGLangEngine:
     """An SGLang server or router at ``url``. Weight sync: NCCL broadcast from training rank 0.
 
-    ``group_factory(master_address, master_port, world_size, rank)`` creates the process group
-    that joins training rank 0 (rank 0) with the server's ranks (1..); by default a standalone
-    NCCL group over a TCP store. It runs while the server joins on its side
-    (``/init_weights_update_group``), as the two must rendezvous together.
+    The weight-update group joins training rank 0 (rank 0) with the server's ranks (1..); this
+    rank builds its side (:func:`weight_update_group`) while the server joins on its side
+    (``/init_weights_update_group``), as the two must rendezvous together. ``backend`` is the
+    group's (both sides use it); ``timeout_s`` bounds each request and each collective.
     """
 
     def __init__(
@@ -257,15 +277,15 @@ class RemoteSGLangEngine:
         *,
         tokenizer=None,
         timeout_s: float = 600.0,
-        group_factory: Optional[Callable] = None,
+        backend: str = "nccl",
         group_name: str = "sdzero_weight_sync",
     ):
         self.url = url.rstrip("/")
         self.tokenizer = tokenizer
         self.timeout_s = timeout_s
-        self.group_factory = group_factory or nccl_group_over_tcp
+        self.backend = backend
         self.group_name = group_name
-        self.group = None
+        self.group: Optional[dist.ProcessGroup] = None
 
     def _post(self, path: str, body: Optional[dict] = None) -> Any:
         request = urllib.request.Request(
@@ -299,7 +319,7 @@ class RemoteSGLangEngine:
             "/generate",
             {
                 "input_ids": [prompt for _, _, prompt in requests],
-                "sampling_params": sampling_params_dict(sampling),
+                "sampling_params": request_sampling_params(sampling, requests),
                 "return_logprob": sampling.return_logprobs,
             },
         )
@@ -318,11 +338,12 @@ class RemoteSGLangEngine:
             "rank_offset": 1,
             "world_size": world_size,
             "group_name": self.group_name,
-            "backend": "nccl",
+            "backend": self.backend,
         }
 
         def join():
-            self.group = self.group_factory(master_address, master_port, world_size, 0)
+            self.group = weight_update_group(master_address, master_port, world_size, 0, self.group_name,
+                                             self.backend, timedelta(seconds=self.timeout_s))
 
         self._post_during("/init_weights_update_group", body, join)
 
@@ -342,7 +363,7 @@ class RemoteSGLangEngine:
 
             def broadcast():
                 for _, tensor in named:
-                    self.group.broadcast(tensor.contiguous(), src=0)
+                    dist.broadcast(tensor.contiguous(), src=0, group=self.group)
 
             self._post_during("/update_weights_from_distributed", body, broadcast)
         self._post("/flush_cache")
@@ -374,27 +395,35 @@ class RemoteSGLangEngine:
         """A remote server keeps its own GPUs; nothing to take back."""
 
     def shutdown(self) -> None:
-        """The server outlives the run; only our side of the weight-sync group is dropped."""
+        """The server outlives the run; the weight-update group is destroyed on both sides, so that
+        a later phase can create it again under the same name."""
+        if self.group is None:
+            return
+        dist.destroy_process_group(self.group)
         self.group = None
+        result = self._post("/destroy_weights_update_group", {"group_name": self.group_name})
+        if isinstance(result, dict) and result.get("success") is False:
+            raise RuntimeError(f"/destroy_weights_update_group failed: {result.get('message', result)}")
 
 
-class _TorchGroup:
-    """A standalone process group with a ``broadcast(tensor, src)`` method."""
+def weight_update_group(master_address: str, master_port: int, world_size: int, rank: int, group_name: str,
+                        backend: str = "nccl", timeout: timedelta = timedelta(minutes=10)) -> dist.ProcessGroup:
+    """This rank's side of a weight-update group, outside torch.distributed's default world (the
+    trainer keeps its own).
 
-    def __init__(self, group):
-        self.pg = group
-
-    def broadcast(self, tensor: torch.Tensor, src: int) -> None:
-        options = dist.BroadcastOptions()
-        options.rootRank = src
-        self.pg.broadcast([tensor], options).wait()
-
-
-def nccl_group_over_tcp(master_address: str, master_port: int, world_size: int, rank: int, backend: str = "nccl"):
-    """A process group outside torch.distributed's default world (training keeps its own)."""
-    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0)
-    if backend == "nccl":
-        group = dist.ProcessGroupNCCL(store, rank, world_size)
-    else:
-        group = dist.ProcessGroupGloo(store, rank, world_size)
-    return _TorchGroup(group)
+    Built as SGLang builds the server's side (``init_custom_process_group``): a TCP rendezvous at
+    ``master_address:master_port`` (rank 0 hosts the store), the store prefixed with the group
+    name, and torch's group helper, which prefixes it once more. The two sides exchange their
+    connection keys through that store, so keys built any other way are never found and the first
+    collective waits forever.
+    """
+    ipv6 = ":" in master_address and not master_address.startswith("[")
+    host = f"[{master_address}]" if ipv6 else master_address
+    store, rank, world_size = next(rendezvous(f"tcp://{host}:{master_port}", rank, world_size, timeout=timeout))
+    store.set_timeout(timeout)
+    group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), PrefixStore(group_name, store),
+                                         group_name=group_name, timeout=timeout)
+    # a group outside the default world has no rank map: rank i stands for itself, so that
+    # dist.broadcast(src=0, group=group) names its rank 0 and destroy_process_group finds it
+    _world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group

@@ -28,7 +28,7 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from sdzero_mcore.rollout.base import Completion, NamedTensors, SamplingParams, check_prompts
+from sdzero_mcore.rollout.base import Completion, NamedTensors, SamplingParams, check_prompts, request_seed
 
 WORKER_EXTENSION = f"{__name__}.VLLMWorkerExtension"
 # vLLM's sleep-mode memory tags (vllm.LLM.wake_up)
@@ -60,11 +60,6 @@ def hf_weight_shapes(hf_dir: str | Path) -> tuple[dict[str, tuple[int, ...]], in
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}, int(config.vocab_size)
-
-
-def request_seed(seed: int, prompt_index: int, sample_index: int) -> int:
-    """One seed per request: reproducible for a (seed, prompt, sample), different across samples."""
-    return (seed * 1_000_003 + prompt_index * 10_007 + sample_index) % 2**31
 
 
 def vllm_sampling_params(vllm, sampling: SamplingParams, seed: Optional[int]):

@@ -1,154 +1,39 @@
 """Contract tests of the sglang backend, without SGLang (it cannot be installed here).
 
-A recording fake of ``sglang.Engine`` with the real methods' signatures (wrong keyword names fail
-with TypeError) records every call, reconstructs every weight payload the way SGLang's scheduler
-does (one payload per engine TP rank, deserialized, un-flattened by its metadata) and serves
-generations from a transformers model holding the weights it received. The remote backend talks
-to a real HTTP server on localhost that joins a real (gloo) process group for the weight
-broadcast, as an SGLang server joins the NCCL one.
+The colocated engine runs against a recording fake of ``sglang.Engine`` (tests/sglang_fakes.py).
+The remote backend talks to a fake SGLang server in its own process, which joins a real (gloo)
+weight-update group the way SGLang's server joins the NCCL one.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
+import multiprocessing
 import sys
 import threading
-import types
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import urllib.request
 
 import pytest
 import torch
 from helpers import VOCAB
+from sglang_fakes import install_fake_sglang, serve_fake_sglang
 
+from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
+from sdzero_mcore.config import RolloutConfig
 from sdzero_mcore.models.tiny import save_tiny_hf_model
-from sdzero_mcore.rollout.base import SamplingParams
+from sdzero_mcore.parallel.launch import free_port
+from sdzero_mcore.rollout import make_rollout_engine
+from sdzero_mcore.rollout.base import SamplingParams, request_seed
 from sdzero_mcore.rollout.hf import HFRolloutEngine
-from sdzero_mcore.rollout.sglang import (
-    ALL_TAGS,
-    TAG_WEIGHTS,
-    RemoteSGLangEngine,
-    SGLangRolloutEngine,
-    nccl_group_over_tcp,
-)
+from sdzero_mcore.rollout.sglang import RemoteSGLangEngine, SGLangRolloutEngine
 
 PROMPTS = [[5, 17, 301, 42], [900, 12]]
-
-
-# --- fakes of SGLang's weight-sync helpers (same API as sglang.srt.utils / weight_sync.tensor_bucket) ---
-
-
-class FakeMultiprocessingSerializer:
-    """By value instead of CUDA IPC handles; same call shape: serialize(obj, output_str) / deserialize."""
-
-    @staticmethod
-    def serialize(obj, output_str: bool = False):
-        buffer = io.BytesIO()
-        torch.save(obj, buffer)
-        data = buffer.getvalue()
-        return base64.b64encode(data).decode() if output_str else data
-
-    @staticmethod
-    def deserialize(data):
-        raw = base64.b64decode(data) if isinstance(data, str) else data
-        return torch.load(io.BytesIO(raw), weights_only=False)
-
-
-class FakeFlattenedTensorBucket:
-    """One dtype's tensors flattened into one tensor, with the metadata to cut them back out."""
-
-    def __init__(self, named_tensors=None, flattened_tensor=None, metadata=None):
-        if named_tensors is not None:
-            dtypes = {t.dtype for _, t in named_tensors}
-            assert len(dtypes) == 1, f"a flattened bucket holds one dtype, got {dtypes}"
-            self.metadata, start = [], 0
-            for name, tensor in named_tensors:
-                self.metadata.append({"name": name, "shape": tuple(tensor.shape), "dtype": tensor.dtype, "start": start, "numel": tensor.numel()})
-                start += tensor.numel()
-            self.flattened = torch.cat([t.reshape(-1) for _, t in named_tensors])
-        else:
-            self.flattened, self.metadata = flattened_tensor, metadata
-
-    def get_flattened_tensor(self):
-        return self.flattened
-
-    def get_metadata(self):
-        return self.metadata
-
-    def reconstruct_tensors(self):
-        return [(m["name"], self.flattened[m["start"] : m["start"] + m["numel"]].view(m["shape"])) for m in self.metadata]
-
-
-class RecordingEngine:
-    """``sglang.Engine`` with the signatures of SGLang 0.5.x; serves from a transformers model."""
-
-    def __init__(self, **kwargs):
-        self.kwargs = kwargs
-        self.calls: list[tuple[str, dict]] = []
-        self.oracle = HFRolloutEngine.from_config(kwargs["model_path"])
-        self.released: set[str] = set()
-        self.loaded: dict[str, int] = {}  # weight name -> how many engine TP ranks loaded it
-
-    def generate(self, prompt=None, sampling_params=None, input_ids=None, image_data=None, return_logprob=False,
-                 logprob_start_len=None, top_logprobs_num=None, token_ids_logprob=None, lora_path=None,
-                 custom_logit_processor=None, return_hidden_states=False, stream=False, bootstrap_host=None,
-                 bootstrap_port=None, bootstrap_room=None, data_parallel_rank=None):
-        self.calls.append(("generate", dict(input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob)))
-        assert prompt is None and input_ids is not None and not self.released
-        assert isinstance(sampling_params, list) and len(sampling_params) == len(input_ids)
-        outputs = []
-        for ids, params in zip(input_ids, sampling_params):
-            ours = SamplingParams(temperature=params["temperature"], max_new_tokens=params["max_new_tokens"],
-                                  stop_token_ids=tuple(params["stop_token_ids"]), return_logprobs=return_logprob)
-            done = self.oracle.generate([ids], ours)[0]
-            meta = {"finish_reason": {"type": done.finish_reason}}
-            if return_logprob:
-                meta["output_token_logprobs"] = [(lp, t, None) for lp, t in zip(done.logprobs, done.token_ids)]
-            outputs.append({"text": "", "output_ids": done.token_ids, "meta_info": meta})
-        return outputs
-
-    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
-        self.calls.append(("update_weights_from_tensor", dict(load_format=load_format, flush_cache=flush_cache, n=len(named_tensors))))
-        assert TAG_WEIGHTS not in self.released, "weights must be resumed before a sync"
-        assert load_format == "flattened_bucket" and len(named_tensors) == self.kwargs["tp_size"]
-        params = dict(self.oracle.model.named_parameters())
-        for tp_rank, payload in enumerate(named_tensors):  # what scheduler tp_rank does with entry tp_rank
-            data = FakeMultiprocessingSerializer.deserialize(payload)
-            assert set(data) == {"flattened_tensor", "metadata"}
-            for name, tensor in FakeFlattenedTensorBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"]).reconstruct_tensors():
-                with torch.no_grad():
-                    params[name].copy_(tensor)
-                self.loaded.setdefault(name, 0)
-                self.loaded[name] += 1
-        return True, "Succeeded"
-
-    def flush_cache(self):
-        self.calls.append(("flush_cache", {}))
-
-    def release_memory_occupation(self, tags=None):
-        self.calls.append(("release_memory_occupation", dict(tags=tags)))
-        self.released |= set(tags or ALL_TAGS)
-
-    def resume_memory_occupation(self, tags=None):
-        self.calls.append(("resume_memory_occupation", dict(tags=tags)))
-        self.released -= set(tags or ALL_TAGS)
-
-    def shutdown(self):
-        self.calls.append(("shutdown", {}))
 
 
 @pytest.fixture
 def fake_sglang(monkeypatch):
     """Installs a fake ``sglang`` package exposing Engine and the two weight-sync helpers."""
-    modules = {name: types.ModuleType(name) for name in (
-        "sglang", "sglang.srt", "sglang.srt.utils", "sglang.srt.weight_sync", "sglang.srt.weight_sync.tensor_bucket")}
-    modules["sglang"].Engine = RecordingEngine
-    modules["sglang.srt.utils"].MultiprocessingSerializer = FakeMultiprocessingSerializer
-    modules["sglang.srt.weight_sync.tensor_bucket"].FlattenedTensorBucket = FakeFlattenedTensorBucket
-    for name, module in modules.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return modules
+    return install_fake_sglang(lambda name, module: monkeypatch.setitem(sys.modules, name, module))
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +92,7 @@ def test_colocated_generate_payload_and_results(fake_sglang, hf_model_dir, megat
     assert call["return_logprob"] is True
     assert call["sampling_params"][0] == {"temperature": 0.0, "top_p": 1.0, "top_k": 5, "max_new_tokens": 4,
                                           "stop_token_ids": [7], "skip_special_tokens": False, "no_stop_trim": True,
-                                          "sampling_seed": 11}
+                                          "sampling_seed": request_seed(11, 0, 0)}
     assert [(c.prompt_index, c.sample_index) for c in completions] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     oracle = engine.engine.oracle.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=4, stop_token_ids=(7,)))
     assert [c.token_ids for c in completions[::2]] == [c.token_ids for c in oracle]
@@ -217,85 +102,127 @@ def test_colocated_generate_payload_and_results(fake_sglang, hf_model_dir, megat
         engine.generate(PROMPTS, sampling)
 
 
-class FakeSGLangServer(BaseHTTPRequestHandler):
-    """The HTTP endpoints of an SGLang server, joining the weight-sync group as rank 1 (gloo here)."""
-
-    state: dict = {}
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, body, status=200):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self.state["calls"].append((self.path, None))
-        self._reply({}) if self.path == "/health_generate" else self._reply({"error": "no"}, 404)
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-        self.state["calls"].append((self.path, body))
-        state = self.state
-        if self.path == "/init_weights_update_group":
-            assert body["rank_offset"] == 1 and body["backend"] == "nccl"
-            state["group"] = nccl_group_over_tcp(body["master_address"], body["master_port"], body["world_size"], 1, backend="gloo")
-            return self._reply({"success": True, "message": "ok"})
-        if self.path == "/update_weights_from_distributed":
-            assert body["group_name"] == "sdzero_weight_sync" and body["flush_cache"] is False
-            params = dict(state["oracle"].model.named_parameters())
-            for name, dtype, shape in zip(body["names"], body["dtypes"], body["shapes"]):
-                tensor = torch.empty(shape, dtype=getattr(torch, dtype))
-                state["group"].broadcast(tensor, src=0)
-                with torch.no_grad():
-                    params[name].copy_(tensor)
-            return self._reply({"success": True, "message": "ok"})
-        if self.path == "/flush_cache":
-            return self._reply({})
-        if self.path == "/generate":
-            sp = body["sampling_params"]
-            outputs = []
-            for ids in body["input_ids"]:
-                done = state["oracle"].generate([ids], SamplingParams(temperature=sp["temperature"], max_new_tokens=sp["max_new_tokens"]))[0]
-                outputs.append({"text": "", "output_ids": done.token_ids, "meta_info": {"finish_reason": {"type": done.finish_reason}}})
-            return self._reply(outputs)
-        self._reply({"error": "unknown"}, 404)
+def test_every_request_gets_its_own_sampling_seed(fake_sglang, hf_model_dir, megatron_single_rank):
+    engine = SGLangRolloutEngine(str(hf_model_dir))
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=6, n=4, seed=11)
+    first = engine.generate(PROMPTS, sampling)
+    seeds = [params["sampling_seed"] for params in engine.engine.calls[-1][1]["sampling_params"]]
+    assert seeds == [request_seed(11, prompt, sample) for prompt in range(2) for sample in range(4)]
+    assert len(set(seeds)) == len(seeds)  # one per (prompt, sample)
+    # the fake samples deterministically from a request's seed, as SGLang's deterministic sampling
+    # does: with one seed per prompt its n samples would all be the same
+    for prompt in range(len(PROMPTS)):
+        assert len({tuple(c.token_ids) for c in first if c.prompt_index == prompt}) > 1
+    again = engine.generate(PROMPTS, sampling)
+    assert [params["sampling_seed"] for params in engine.engine.calls[-1][1]["sampling_params"]] == seeds
+    assert [c.token_ids for c in again] == [c.token_ids for c in first]  # a rerun (a resume) samples the same
+    engine.generate(PROMPTS, SamplingParams(temperature=1.0, max_new_tokens=6, n=4, seed=12))
+    assert not set(seeds) & {params["sampling_seed"] for params in engine.engine.calls[-1][1]["sampling_params"]}
 
 
-def test_remote_engine_weight_broadcast_and_generate(hf_model_dir, megatron_single_rank):
-    from sdzero_mcore.parallel.launch import free_port
+def test_a_checkpoint_hf_folder_without_weights_starts_on_dummy_weights(fake_sglang, hf_model_dir, tmp_path,
+                                                                         megatron_single_rank):
+    weightless = tmp_path / "ckpt" / "hf"  # what an sdzero-mcore checkpoint holds: config and tokenizer only
+    copy_non_weight_files(hf_model_dir, weightless)
+    engine = make_rollout_engine(RolloutConfig(backend="sglang"), weightless)  # as training_engine starts it
+    assert engine.engine.kwargs["load_format"] == "dummy"
+    _, buckets = megatron_buckets(hf_model_dir)
+    engine.update_weights(buckets)  # the first sync fills the dummy weights
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=4)
+    expected = HFRolloutEngine.from_pretrained(hf_model_dir).generate(PROMPTS, sampling)
+    assert [c.token_ids for c in engine.generate(PROMPTS, sampling)] == [c.token_ids for c in expected]
+    # a HF directory served as it is still loads its weights
+    served = make_rollout_engine(RolloutConfig(backend="sglang"), hf_model_dir, load_weights=True)
+    assert "load_format" not in served.engine.kwargs
+    assert [c.token_ids for c in served.generate(PROMPTS, sampling)] == [c.token_ids for c in expected]
 
-    FakeSGLangServer.state = {"calls": [], "oracle": HFRolloutEngine.from_config(hf_model_dir)}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeSGLangServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+def finish_within(seconds: float, what: str, fn) -> None:
+    """``fn()`` in a thread: a hang fails the test after ``seconds`` instead of stalling the run."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            fn()
+        except BaseException as error:  # re-raised in the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{what} did not finish in {seconds:.0f} s")
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+@pytest.fixture
+def fake_server(hf_model_dir):
+    """The URL of a fake SGLang server in its own process (as a real one is: the weight-update
+    group's name is registered once per process)."""
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    server = context.Process(target=serve_fake_sglang, args=(str(hf_model_dir), ports, 20.0), daemon=True)
+    server.start()
     try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        gloo = lambda addr, port, world, rank: nccl_group_over_tcp(addr, port, world, rank, backend="gloo")  # noqa: E731
-        engine = RemoteSGLangEngine(url, group_factory=gloo, timeout_s=60)
-        assert engine.healthy()
-        with pytest.raises(RuntimeError, match="init_weights_update_group"):
-            engine.update_weights([])
-        engine.init_weights_update_group("127.0.0.1", free_port(), server_world_size=1)
-        model, buckets = megatron_buckets(hf_model_dir)
-        engine.update_weights(buckets)
-        params = dict(FakeSGLangServer.state["oracle"].model.named_parameters())
-        for bucket in buckets:
-            for name, tensor in bucket:
-                assert torch.equal(params[name], tensor), name
-        paths = [path for path, _ in FakeSGLangServer.state["calls"]]
-        assert paths == ["/health_generate", "/init_weights_update_group"] + ["/update_weights_from_distributed"] * len(buckets) + ["/flush_cache"]
-        announced = [body for path, body in FakeSGLangServer.state["calls"] if path == "/update_weights_from_distributed"]
-        assert [n for body in announced for n in body["names"]] == [n for bucket in buckets for n, _ in bucket]
-        assert announced[0]["dtypes"][0] == "float32"
-        completions = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=3))
-        oracle = FakeSGLangServer.state["oracle"].generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=3))
-        assert [c.token_ids for c in completions] == [c.token_ids for c in oracle]
+        yield f"http://127.0.0.1:{ports.get(timeout=300)}"
     finally:
-        server.shutdown()
+        server.terminate()
+        server.join(30)
+
+
+def post_json(url: str, body: dict):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+def recorded_calls(url: str) -> list:
+    with urllib.request.urlopen(url + "/test/calls", timeout=60) as response:
+        return json.loads(response.read())
+
+
+def test_remote_engine_weight_broadcast_and_generate(hf_model_dir, fake_server, megatron_single_rank):
+    engine = RemoteSGLangEngine(fake_server, backend="gloo", timeout_s=60)
+    assert engine.healthy()
+    with pytest.raises(RuntimeError, match="init_weights_update_group"):
+        engine.update_weights([])
+    _, buckets = megatron_buckets(hf_model_dir)
+
+    def sync():
+        engine.init_weights_update_group("127.0.0.1", free_port(), server_world_size=1)
+        engine.update_weights(buckets)
+
+    # the server joins SGLang's way (store prefixed with the group name): a trainer whose keys
+    # differ waits for it forever
+    finish_within(90, "the weight sync to the fake SGLang server", sync)
+    for bucket in buckets:
+        name, tensor = bucket[0]
+        served = post_json(fake_server + "/get_weights_by_name", {"name": name, "truncate_size": 10**6})
+        assert torch.equal(torch.tensor(served), tensor), name
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=3, n=2, seed=5)
+    completions = engine.generate(PROMPTS, sampling)
+    expected = HFRolloutEngine.from_pretrained(hf_model_dir).generate(PROMPTS, sampling)  # the weights it was sent
+    assert [c.token_ids for c in completions] == [c.token_ids for c in expected]
+    engine.shutdown()
+    # both sides of the group are gone: a later phase in this process can create it again
+    assert engine.group is None
+    finish_within(90, "a second weight-update group of the same name",
+                  lambda: engine.init_weights_update_group("127.0.0.1", free_port(), server_world_size=1))
+    engine.shutdown()
+    calls = recorded_calls(fake_server)
+    paths = [path for path, _ in calls if path != "/get_weights_by_name"]
+    assert paths == (["/health_generate", "/init_weights_update_group"] + ["/update_weights_from_distributed"] * len(buckets)
+                     + ["/flush_cache", "/generate", "/destroy_weights_update_group"]
+                     + ["/init_weights_update_group", "/destroy_weights_update_group"])
+    init = calls[1][1]
+    assert init["rank_offset"] == 1 and init["world_size"] == 2 and init["backend"] == "gloo"
+    assert init["group_name"] == "sdzero_weight_sync"
+    announced = [body for path, body in calls if path == "/update_weights_from_distributed"]
+    assert [n for body in announced for n in body["names"]] == [n for bucket in buckets for n, _ in bucket]
+    assert announced[0]["dtypes"][0] == "float32" and announced[0]["flush_cache"] is False
+    seeds = [params["sampling_seed"] for path, body in calls if path == "/generate" for params in body["sampling_params"]]
+    assert len(seeds) == 4 and len(set(seeds)) == 4  # one seed per (prompt, sample)
 
 
 def test_unreachable_server_is_named():
