@@ -58,6 +58,7 @@ from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
 from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
 from sdzero_mcore.checkpoint.source import LATEST_FILE, latest_checkpoint
 from sdzero_mcore.fileio import atomic_write_text
+from sdzero_mcore.float64_reductions import float64_sum_of_squares
 
 # loss_fn(output) -> (masked loss sum, token count, additive logs)
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -237,8 +238,12 @@ class Trainer:
             {"params": [self.masters[n] for n, p in named if not _no_weight_decay(n, p)], "weight_decay": optim_cfg.weight_decay},
             {"params": [self.masters[n] for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
         ]
+        # fused on CUDA: one kernel updates every tensor in place, where foreach holds temporaries
+        # the size of the whole model's state during the step; CPU tensors take foreach
+        on_cuda = all(master.is_cuda for master in self.masters.values())
         self.optimizer = torch.optim.AdamW(
-            groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps
+            groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
+            **({"fused": True} if on_cuda else {"foreach": True}),
         )
         self._named = named
         self._params = dict(named)
@@ -320,7 +325,7 @@ class Trainer:
         for name, master in self.masters.items():
             if master.grad is None or (name in self._replicated and tp_rank != 0):
                 continue
-            total += master.grad.detach().double().pow(2).sum()
+            total += float64_sum_of_squares(master.grad)  # chunk by chunk: no float64 copy of the gradient
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
         return float(total.sqrt())
