@@ -41,7 +41,7 @@ def _build(hf_dir: Path, *, extra_state: bool, seed: int):
     attention = CoreAttentionWithExtraState if extra_state else SDPACoreAttention
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(builder, "SDPACoreAttention", attention)
-        return build_gpt_model(ModelArch.from_hf_dir(hf_dir), transformer_impl="local")
+        return build_gpt_model(ModelArch.from_hf_dir(hf_dir), transformer_impl="local", on_cpu=True)
 
 
 def _save(model, ckpt_dir: Path, hf_dir: Path, *, drop_key: str | None = None) -> Path:

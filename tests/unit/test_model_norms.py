@@ -41,7 +41,7 @@ def test_local_spec_norms_are_torch_rmsnorm_when_apex_is_importable(
     megatron_single_rank, apex_without_transformer_engine, architecture
 ):
     arch = ModelArch.from_hf_config(tiny_hf_config(architecture).to_dict())
-    model = build_gpt_model(arch, transformer_impl="local")
+    model = build_gpt_model(arch, transformer_impl="local", on_cpu=True)
     norms = _norms(model)
     expected = {"decoder.final_layernorm"} | {
         f"decoder.layers.{layer}.{name}"

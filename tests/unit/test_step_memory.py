@@ -44,7 +44,7 @@ def test_float64_sums_hold_one_chunk_at_a_time():
 def large_embedding_model(megatron_single_rank):
     arch = ModelArch.from_hf_config(tiny_hf_config("Qwen3ForCausalLM", vocab_size=LARGE_VOCAB).to_dict())
     torch.manual_seed(0)
-    model = build_gpt_model(arch, transformer_impl="local")
+    model = build_gpt_model(arch, transformer_impl="local", on_cpu=True)  # measured by the host allocator
     assert max(p.numel() for p in model.parameters()) == 2 * CHUNK_ELEMENTS
     return model
 
@@ -79,7 +79,37 @@ def test_weights_checksum_does_not_copy_a_parameter_to_float64(large_embedding_m
 
 def test_adamw_is_foreach_off_cuda(megatron_single_rank, tmp_path):
     arch = ModelArch.from_hf_config(tiny_hf_config("Qwen3ForCausalLM").to_dict())
-    trainer = Trainer(build_gpt_model(arch, transformer_impl="local"), OptimizerConfig(), total_steps=1,
+    trainer = Trainer(build_gpt_model(arch, transformer_impl="local", on_cpu=True), OptimizerConfig(), total_steps=1,
                       run_dir=tmp_path, phase="adamw", hf_files_dir=tmp_path)
     assert trainer.optimizer.defaults["foreach"] is True and not trainer.optimizer.defaults["fused"]
+    trainer.close()
+
+
+@pytest.mark.gpu
+def test_on_cuda_adamw_is_fused_and_float64_reductions_stay_chunked(megatron_single_rank, tmp_path):
+    arch = ModelArch.from_hf_config(tiny_hf_config("Qwen3ForCausalLM", vocab_size=LARGE_VOCAB).to_dict())
+    model = build_gpt_model(arch, transformer_impl="local", on_cpu=False)
+    trainer = Trainer(model, OptimizerConfig(lr=1e-3), total_steps=1, run_dir=tmp_path, phase="cuda", hf_files_dir=tmp_path)
+    assert trainer.optimizer.defaults["fused"] is True
+    for master in trainer.masters.values():
+        master.grad = torch.randn_like(master)
+
+    def transient_cuda_bytes(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        return result, torch.cuda.max_memory_allocated() - held
+
+    norm, norm_bytes = transient_cuda_bytes(trainer.grad_norm)
+    expected_norm = math.sqrt(sum(m.grad.double().pow(2).sum().item() for m in trainer.masters.values()))
+    checksum, checksum_bytes = transient_cuda_bytes(lambda: weights_checksum(model))
+    expected_checksum = sum(p.detach().double().sum().item() for p in model.parameters())
+    assert norm == pytest.approx(expected_norm, rel=1e-12) and checksum == pytest.approx(expected_checksum, rel=1e-12)
+    assert norm_bytes < 0.75 * _float64_copy_bytes(model) and checksum_bytes < 0.75 * _float64_copy_bytes(model)
+
+    before = {name: master.detach().clone() for name, master in trainer.masters.items()}
+    trainer.optimizer.step()
+    assert all(not torch.equal(before[name], master) for name, master in trainer.masters.items())
     trainer.close()

@@ -23,7 +23,7 @@ def _ce_step(model, batch):
 
 
 def _trainer(hf_dir, run_dir):
-    model = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local")
+    model = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local", on_cpu=True)
     return Trainer(model, OptimizerConfig(lr=1e-3), total_steps=2, run_dir=run_dir, phase="device", hf_files_dir=hf_dir)
 
 
