@@ -22,9 +22,10 @@ Optimizer: ``torch.optim.AdamW`` over fp32 master copies of the TP-local paramet
 parameters themselves when they are fp32), fed from DDP's fp32 ``main_grad`` buffers and copied
 back to bf16 after each step, with no weight decay on norms and biases (megatron's default).
 megatron-core's own optimizers (and its DistributedOptimizer, which shards this state over DP)
-allocate on CUDA and cannot run on the CPU machines this is developed on, so they are not used;
-the optimizer state is saved per rank and resumes at the same parallel layout (the model weights
-load at any layout).
+allocate on CUDA and cannot run on the CPU machines this is developed on, so they are not used.
+AdamW is fused on CUDA. The optimizer state is saved once per model-parallel rank (by its first
+data-parallel rank; the others hold the same state) and resumes at the same parallel layout (the
+model weights load at any layout).
 
 Checkpoints (``<run>/checkpoints/<phase>/step_NNNNNNN``) are sdzero-mcore model checkpoints
 (megatron-core dist format + ``hf/`` + ``sdzero_checkpoint.json``, written last) with the
@@ -58,6 +59,7 @@ from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
 from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
 from sdzero_mcore.checkpoint.source import LATEST_FILE, latest_checkpoint
 from sdzero_mcore.fileio import atomic_write_text
+from sdzero_mcore.float64_reductions import float64_sum_of_squares
 
 # loss_fn(output) -> (masked loss sum, token count, additive logs)
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -237,8 +239,12 @@ class Trainer:
             {"params": [self.masters[n] for n, p in named if not _no_weight_decay(n, p)], "weight_decay": optim_cfg.weight_decay},
             {"params": [self.masters[n] for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
         ]
+        # fused on CUDA: one kernel updates every tensor in place, where foreach holds temporaries
+        # the size of the whole model's state during the step; CPU tensors take foreach
+        on_cuda = all(master.is_cuda for master in self.masters.values())
         self.optimizer = torch.optim.AdamW(
-            groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps
+            groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
+            **({"fused": True} if on_cuda else {"foreach": True}),
         )
         self._named = named
         self._params = dict(named)
@@ -320,7 +326,7 @@ class Trainer:
         for name, master in self.masters.items():
             if master.grad is None or (name in self._replicated and tp_rank != 0):
                 continue
-            total += master.grad.detach().double().pow(2).sum()
+            total += float64_sum_of_squares(master.grad)  # chunk by chunk: no float64 copy of the gradient
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
         return float(total.sqrt())
@@ -362,16 +368,19 @@ class Trainer:
         models = {".": self.model, **(extra_models or {})}
         for subdir, model in models.items():
             mcore_io.save_model(model, staging / subdir)  # barrier inside, then every rank writes its shards
-        torch.save(
-            {
-                "optimizer": self.optimizer.state_dict(),
-                # fp32 masters of 16-bit weights: the checkpointed bf16 weights alone lose precision
-                "masters": {n: m.detach() for n, m in self.masters.items() if m is not self._params[n]},
-                "scheduler": self.scheduler.state_dict(),
-                "rng": _rng_state(),
-            },
-            staging / f"train_state_rank{rank:05d}.pt",
-        )
+        # The optimizer state is the same on every data-parallel (and context-parallel) rank of a
+        # model-parallel rank: the first of them writes it, once.
+        if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+            torch.save(
+                {
+                    "optimizer": self.optimizer.state_dict(),
+                    # fp32 masters of 16-bit weights: the checkpointed bf16 weights alone lose precision
+                    "masters": {n: m.detach() for n, m in self.masters.items() if m is not self._params[n]},
+                    "scheduler": self.scheduler.state_dict(),
+                },
+                staging / _optimizer_file_name(),
+            )
+        torch.save({"rng": _rng_state()}, staging / f"rng_state_rank{rank:05d}.pt")  # differs between ranks
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
@@ -419,7 +428,11 @@ class Trainer:
                 f"same layout, and this run has {world}"
             )
         rank = dist.get_rank() if dist.is_initialized() else 0
-        saved = torch.load(ckpt_dir / f"train_state_rank{rank:05d}.pt", weights_only=False)
+        # map_location: tensors written on a GPU would otherwise load onto the device that wrote them,
+        # a second copy beside the optimizer's own (load_state_dict moves the state to the parameters'
+        # device) or a crash where that device is absent.
+        saved = torch.load(ckpt_dir / _optimizer_file_name(), map_location="cpu", weights_only=False)
+        rng = torch.load(ckpt_dir / f"rng_state_rank{rank:05d}.pt", map_location="cpu", weights_only=False)["rng"]
         with torch.no_grad():
             for name, master in self.masters.items():
                 if name in saved["masters"]:
@@ -428,7 +441,7 @@ class Trainer:
                     master.copy_(self._params[name])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        _set_rng_state(saved["rng"])
+        _set_rng_state(rng)
         state = json.loads((ckpt_dir / "trainer_state.json").read_text())
         self.state = TrainState(step=state["step"], data=state["data"])
 
@@ -498,6 +511,13 @@ def split_micro_batches(items: Sequence, micro_batch_size: int, max_tokens: Opti
     if current:
         batches.append(current)
     return batches
+
+
+def _optimizer_file_name() -> str:
+    """This model-parallel rank's optimizer file (shared by its data- and context-parallel ranks)."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    return f"optimizer_tp{tp_rank:03d}_pp{pp_rank:03d}.pt"
 
 
 def _rng_state() -> dict:

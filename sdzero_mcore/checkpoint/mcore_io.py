@@ -10,6 +10,11 @@ Layout of a checkpoint directory::
 The dist checkpoint stores global tensors, so a checkpoint written at one TP size loads at any
 other; the vocabulary rows, padded to a TP-dependent multiple, load with megatron-core's
 ``allow_shape_mismatch`` handling of the embedding and output layer.
+
+Module extra state (``*._extra_state``: TransformerEngine's FP8 metadata, e.g. of its attention,
+which the local spec's attention does not have) is the one difference between the keys of a
+TransformerEngine-spec and a local-spec model, so a load tolerates extra-state keys that only one
+side has; any other key that only one side has fails the load.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from sdzero_mcore import __version__
 from sdzero_mcore.checkpoint.hf_io import CheckpointError
@@ -35,6 +41,8 @@ from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
 META_FILE = "sdzero_checkpoint.json"
 HF_FILES_DIR = "hf"
 FORMAT_VERSION = 1
+# megatron-core's key suffix for module extra state (saved as a ShardedObject, not a tensor)
+EXTRA_STATE_SUFFIX = "_extra_state"
 
 
 def holds_mcore_checkpoint(path: Path) -> bool:
@@ -115,9 +123,30 @@ def load_model(model, ckpt_dir: str | Path) -> dict:
             raise CheckpointError(
                 f"{ckpt_dir}: checkpoint architecture differs from the model in: {', '.join(differing)}"
             )
-    state_dict = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state_dict)
+    # RETURN_ALL: megatron drops the keys the checkpoint lacks from the request and returns both
+    # kinds of mismatch, so extra-state keys can be let through while every other mismatch fails.
+    state_dict, checkpoint_only, model_only = dist_checkpointing.load(
+        model.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RETURN_ALL
+    )
+    _refuse_mismatched_keys(ckpt_dir, checkpoint_only=checkpoint_only, model_only=model_only)
+    # strict=False: a module whose extra state the checkpoint lacks keeps its own (TE's fresh FP8
+    # metadata); the keys torch reports are checked the same way
+    incompatible = model.load_state_dict(state_dict, strict=False)
+    _refuse_mismatched_keys(
+        ckpt_dir, checkpoint_only=incompatible.unexpected_keys, model_only=incompatible.missing_keys
+    )
     return meta
+
+
+def _refuse_mismatched_keys(ckpt_dir, *, checkpoint_only, model_only) -> None:
+    """Raise if keys other than module extra state are in only one of the checkpoint and the model."""
+    checkpoint_only = sorted(key for key in checkpoint_only if not key.endswith(EXTRA_STATE_SUFFIX))
+    model_only = sorted(key for key in model_only if not key.endswith(EXTRA_STATE_SUFFIX))
+    if checkpoint_only or model_only:
+        raise CheckpointError(
+            f"{ckpt_dir}: checkpoint and model keys differ; in the model only: {model_only or 'none'}; "
+            f"in the checkpoint only: {checkpoint_only or 'none'}"
+        )
 
 
 @contextlib.contextmanager

@@ -18,23 +18,122 @@ import torch
 import torch.distributed as dist
 
 
-class _SumOverTP(torch.autograd.Function):
-    """All-reduce SUM whose backward is the identity (megatron's reduce_from_tensor_model_parallel_region).
+# Tokens per chunk when the caller does not choose: a [chunk, V / TP] float32 temporary of at most
+# 256 MiB (441 tokens at TP = 1 with Qwen's 151936-token vocabulary).
+LOGITS_CHUNK_ELEMENTS = 1 << 26
 
-    Every TP rank computes the same loss from the reduced value, so each shard's gradient is that
-    loss's gradient once. ``torch.distributed.nn.functional.all_reduce`` sums the gradient over the
-    ranks in backward, which would make it TP times too large here.
+
+def _masked_float_chunk(flat_logits: torch.Tensor, rows: slice, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows of the logits in float32 with padded ids at -inf; may be a view of float32 logits (not
+    to be modified in place)."""
+    chunk = flat_logits[rows].float()
+    return chunk if valid is None else chunk.masked_fill(~valid, float("-inf"))
+
+
+def _shifted_chunk(flat_logits: torch.Tensor, rows: slice, row_max: torch.Tensor, valid: Optional[torch.Tensor]):
+    """z - row max for the rows, in float32 with padded ids at -inf: a new tensor."""
+    shifted = flat_logits[rows].float() - row_max[rows].unsqueeze(-1)
+    return shifted if valid is None else shifted.masked_fill_(~valid, float("-inf"))
+
+
+# The per-chunk work is in functions so that a chunk's temporaries are freed when they return,
+# before the next chunk's exist (a loop body's locals live on into the next iteration).
+
+
+def _chunk_sums(flat_logits, rows, row_max, valid, label_columns, owned) -> torch.Tensor:
+    """[3, rows]: sum exp(shifted), sum exp(shifted) * shifted, the label's shifted logit (0 off this shard)."""
+    shifted = _shifted_chunk(flat_logits, rows, row_max, valid)
+    exp_shifted = torch.exp(shifted)  # 0 on padded ids
+    if valid is not None:
+        shifted.masked_fill_(~valid, 0.0)  # -inf * 0 would be nan in the sum below
+    label_shifted = torch.gather(shifted, -1, label_columns[rows]).squeeze(-1)
+    return torch.stack(
+        [exp_shifted.sum(dim=-1), exp_shifted.mul_(shifted).sum(dim=-1), torch.where(owned[rows], label_shifted, 0.0)]
+    )
+
+
+def _chunk_grad(flat_logits, rows, row_max, valid, label_columns, owned, log_sum_exp, mean_shifted,
+                grad_logprobs, grad_entropy) -> torch.Tensor:
+    """The gradient of the rows' logits, in float32."""
+    shifted = _shifted_chunk(flat_logits, rows, row_max, valid)
+    probs = (shifted - log_sum_exp[rows].unsqueeze(-1)).exp_()  # 0 on padded ids
+    if valid is not None:
+        shifted.masked_fill_(~valid, 0.0)
+    # d logprob / dz_j = [j = label] - p_j;  d entropy / dz_j = -p_j (z_j - E_p[z])
+    grad = shifted.sub_(mean_shifted[rows].unsqueeze(-1)).mul_(grad_entropy[rows].unsqueeze(-1))
+    grad = grad.add_(grad_logprobs[rows].unsqueeze(-1)).mul_(probs).neg_()
+    on_label = torch.where(owned[rows], grad_logprobs[rows], 0.0).unsqueeze(-1)
+    return grad.scatter_add_(-1, label_columns[rows], on_label)
+
+
+def _valid_ids(first_id: int, local_vocab: int, vocab_size: Optional[int], device) -> Optional[torch.Tensor]:
+    """Which of this shard's ids are real (not vocab padding); None when all are."""
+    if vocab_size is None or first_id + local_vocab <= vocab_size:
+        return None
+    return torch.arange(first_id, first_id + local_vocab, device=device) < vocab_size
+
+
+def _label_columns(flat_labels: torch.Tensor, first_id: int, local_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each label's column in this shard (clamped into range) and whether this shard holds it."""
+    local_ids = flat_labels - first_id
+    owned = (local_ids >= 0) & (local_ids < local_vocab)
+    return local_ids.clamp(0, local_vocab - 1).unsqueeze(-1), owned
+
+
+class _VocabParallelLogprobsEntropy(torch.autograd.Function):
+    """Forward and backward of :func:`vocab_parallel_logprobs_entropy`, ``chunk_tokens`` rows at a time.
+
+    Autograd through the plain expression keeps about four float32 [T, V / TP] tensors for the
+    backward. This keeps three float32 numbers per token (the row max, the log-sum-exp and the mean
+    shifted logit) and recomputes the softmax chunk by chunk in the backward, where each rank's
+    gradient needs only its own shard and those statistics, the same on every rank (no collective;
+    the loss is replicated over TP, so each shard's gradient is that loss's gradient once).
     """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-        return tensor
+    def forward(ctx, flat_logits, flat_labels, tp_group, first_id, vocab_size, chunk_tokens):
+        tokens, local_vocab = flat_logits.shape
+        valid = _valid_ids(first_id, local_vocab, vocab_size, flat_logits.device)
+        chunks = [slice(start, start + chunk_tokens) for start in range(0, tokens, chunk_tokens)]
+
+        # The max only shifts exp() into range and cancels out of every result. A rank whose shard
+        # is all padding has max -inf locally; the MAX over ranks is finite.
+        row_max = torch.empty(tokens, dtype=torch.float32, device=flat_logits.device)
+        for rows in chunks:
+            row_max[rows] = _masked_float_chunk(flat_logits, rows, valid).amax(dim=-1)
+        if tp_group is not None:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
+
+        label_columns, owned = _label_columns(flat_labels, first_id, local_vocab)
+        sums = torch.empty(3, tokens, dtype=torch.float32, device=flat_logits.device)
+        for rows in chunks:
+            sums[:, rows] = _chunk_sums(flat_logits, rows, row_max, valid, label_columns, owned)
+        if tp_group is not None:
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=tp_group)
+        sum_exp, sum_exp_shifted, label_shifted = sums.unbind(0)
+
+        log_sum_exp = torch.log(sum_exp)  # of the shifted logits
+        mean_shifted = sum_exp_shifted / sum_exp  # E_p[shifted logit]
+        logprobs = label_shifted - log_sum_exp
+        entropy = log_sum_exp - mean_shifted  # H = lse - E_p[logit], both shifted alike
+        ctx.save_for_backward(flat_logits, flat_labels, row_max, log_sum_exp, mean_shifted)
+        ctx.first_id, ctx.vocab_size, ctx.chunk_tokens = first_id, vocab_size, chunk_tokens
+        return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx, grad_logprobs, grad_entropy):
+        flat_logits, flat_labels, row_max, log_sum_exp, mean_shifted = ctx.saved_tensors
+        tokens, local_vocab = flat_logits.shape
+        valid = _valid_ids(ctx.first_id, local_vocab, ctx.vocab_size, flat_logits.device)
+        label_columns, owned = _label_columns(flat_labels, ctx.first_id, local_vocab)
+        grad_logprobs, grad_entropy = grad_logprobs.float(), grad_entropy.float()
+
+        grad_logits = torch.empty_like(flat_logits)
+        for start in range(0, tokens, ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            grad_logits[rows] = _chunk_grad(flat_logits, rows, row_max, valid, label_columns, owned, log_sum_exp,
+                                            mean_shifted, grad_logprobs, grad_entropy)
+        return grad_logits, None, None, None, None, None
 
 
 def vocab_parallel_logprobs_entropy(
@@ -42,6 +141,7 @@ def vocab_parallel_logprobs_entropy(
     labels: torch.Tensor,
     tp_group: Optional[dist.ProcessGroup] = None,
     vocab_size: Optional[int] = None,
+    chunk_tokens: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of ``labels`` and entropy of the full softmax, from vocab-parallel logits.
 
@@ -51,8 +151,10 @@ def vocab_parallel_logprobs_entropy(
     outside [0, vocab_size) (e.g. -100 on a masked-out position) gives a finite, meaningless
     value: mask such positions out of the loss.
 
-    Computed in float32 with one MAX and one SUM all-reduce; differentiable w.r.t. ``logits``,
-    with each rank receiving the gradient of its own shard (the loss is replicated over TP).
+    Computed in float32, ``chunk_tokens`` tokens at a time (default: as many as make a 256 MiB
+    float32 chunk), with one MAX and one SUM all-reduce whatever the chunking; differentiable w.r.t.
+    ``logits``, with each rank receiving the gradient of its own shard (the loss is replicated over
+    TP). The backward keeps three float32 numbers per token, not [T, V_local] tensors.
     Returns (logprobs, entropy), both float32 of the shape of ``labels``.
     """
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
@@ -65,38 +167,20 @@ def vocab_parallel_logprobs_entropy(
     local_vocab = logits.shape[-1]
     if vocab_size is not None and not 1 <= vocab_size <= tp_size * local_vocab:
         raise ValueError(f"vocab_size must be in [1, {tp_size * local_vocab}] (TP x V_local), got {vocab_size}")
+    if chunk_tokens is None:
+        chunk_tokens = max(1, LOGITS_CHUNK_ELEMENTS // local_vocab)
+    elif chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
 
-    logits = logits.float()
-    first_id = tp_rank * local_vocab
-    valid = None
-    if vocab_size is not None and first_id + local_vocab > vocab_size:
-        valid = torch.arange(first_id, first_id + local_vocab, device=logits.device) < vocab_size
-        logits = logits.masked_fill(~valid, float("-inf"))
-
-    # The max only shifts exp() into range and cancels out of every result: no gradient through it.
-    # A rank whose shard is all padding has max -inf locally; the MAX over ranks is finite.
-    row_max = logits.detach().amax(dim=-1)
-    if tp_size > 1:
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-    shifted = logits - row_max.unsqueeze(-1)
-    exp_shifted = torch.exp(shifted)  # 0 on padded ids
-    if valid is not None:
-        shifted = shifted.masked_fill(~valid, 0.0)  # -inf * 0 would be nan in the sum below
-
-    local_ids = labels - first_id
-    owned = (local_ids >= 0) & (local_ids < local_vocab)
-    label_shifted = torch.gather(shifted, -1, local_ids.clamp(0, local_vocab - 1).unsqueeze(-1)).squeeze(-1)
-    sums = torch.stack(
-        [exp_shifted.sum(dim=-1), (exp_shifted * shifted).sum(dim=-1), torch.where(owned, label_shifted, 0.0)]
+    logprobs, entropy = _VocabParallelLogprobsEntropy.apply(
+        logits.reshape(-1, local_vocab),
+        labels.reshape(-1),
+        tp_group if tp_size > 1 else None,
+        tp_rank * local_vocab,
+        vocab_size,
+        chunk_tokens,
     )
-    if tp_size > 1:
-        sums = _SumOverTP.apply(sums, tp_group)
-    sum_exp, sum_exp_shifted, label_shifted = sums.unbind(0)
-
-    log_sum_exp = torch.log(sum_exp)  # of the shifted logits
-    logprobs = label_shifted - log_sum_exp
-    entropy = log_sum_exp - sum_exp_shifted / sum_exp  # H = lse - E_p[logit], both shifted alike
-    return logprobs, entropy
+    return logprobs.view(labels.shape), entropy.view(labels.shape)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True) -> torch.Tensor:

@@ -3,6 +3,10 @@
 The model computes what the HF checkpoint computes: RMSNorm with the HF epsilon, SwiGLU, RoPE with
 the HF theta and Llama 3 scaling, GQA, Qwen3's per-head QK-norm, Qwen2.5's QKV bias, tied or untied
 embeddings. The vocabulary is padded as Megatron pads it and the padded ids never get probability.
+
+The norms are chosen here, not by megatron-core's import-time default: with apex importable and
+TransformerEngine absent that default for the final norm is apex's FusedLayerNorm, which refuses
+RMSNorm. The local spec uses torch's RMSNorm (megatron's WrappedTorchNorm), the TE spec TE's.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
+from megatron.core.extensions.transformer_engine import TENorm
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sdzero_mcore.models.attention import SDPACoreAttention
@@ -108,10 +115,25 @@ def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attent
     if resolve_transformer_impl(transformer_impl) == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    # The spec is built fresh by each call, so setting its submodules changes no shared state.
     if local_attention == "sdpa":
-        # The spec is built fresh by each call, so setting the submodule changes no shared state.
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = WrappedTorchNorm
+    spec.submodules.pre_mlp_layernorm = WrappedTorchNorm
+    if arch.qk_norm:
+        spec.submodules.self_attention.submodules.q_layernorm = WrappedTorchNorm
+        spec.submodules.self_attention.submodules.k_layernorm = WrappedTorchNorm
     return spec
+
+
+def block_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa"):
+    """The decoder block: :func:`layer_spec_for` for every layer (one pipeline stage) and a final
+    norm of the same implementation as the layers' norms."""
+    impl = resolve_transformer_impl(transformer_impl)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec_for(arch, impl, local_attention)] * arch.num_layers,
+        layer_norm=TENorm if impl == "transformer_engine" else WrappedTorchNorm,
+    )
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, padded_vocab_size: int) -> torch.Tensor:
@@ -179,7 +201,7 @@ def build_gpt_model(
     padded_vocab_size = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec_for(arch, impl, local_attention),
+        transformer_layer_spec=block_spec_for(arch, impl, local_attention),
         vocab_size=padded_vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         parallel_output=parallel_output,

@@ -25,6 +25,7 @@ from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.prompts import RunPrompts, control_ids, solution_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
+from sdzero_mcore.float64_reductions import float64_sum
 from sdzero_mcore.losses.distill import collate_distill, distill_loss, student_logits, teacher_targets
 from sdzero_mcore.models.forward import model_device
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
@@ -85,7 +86,7 @@ def sync_teacher(teacher, student) -> None:
 
 
 def weights_checksum(model) -> float:
-    return float(sum(p.detach().double().sum() for p in model.parameters()))
+    return float(sum(float64_sum(p) for p in model.parameters()))  # chunked: no float64 copy of a weight
 
 
 def teacher_sample(rollout: Sample, teacher_prompts: Sequence[Sequence[int]], gold_prefixes: Optional[list],

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import peak_allocated_bytes
 
 from sdzero_mcore.losses.policy import group_advantages, grpo_loss, vocab_parallel_logprobs_entropy
 from sdzero_mcore.parallel import run_local_workers
@@ -136,9 +137,9 @@ def test_grpo_loss_errors():
         grpo_loss(logprobs, OLD_LOGPROBS, ADVANTAGES, mask, ref_logprobs=OLD_LOGPROBS[:1])
 
 
-def _values_and_grad(logits: torch.Tensor, labels: torch.Tensor, tp_group, vocab_size: int):
+def _values_and_grad(logits: torch.Tensor, labels: torch.Tensor, tp_group, vocab_size: int, chunk_tokens=None):
     logits = logits.detach().clone().requires_grad_()
-    logprobs, entropy = vocab_parallel_logprobs_entropy(logits, labels, tp_group, vocab_size)
+    logprobs, entropy = vocab_parallel_logprobs_entropy(logits, labels, tp_group, vocab_size, chunk_tokens=chunk_tokens)
     # Distinct weights so that a wrong sign or scale in either output's gradient shows.
     weights = torch.linspace(-1.0, 2.0, labels.numel()).reshape(labels.shape)
     (grad,) = torch.autograd.grad((logprobs * weights).sum() + (entropy * weights.flip(0)).sum(), logits)
@@ -179,6 +180,73 @@ def test_logprobs_entropy_tp1_equals_reference():
         vocab_parallel_logprobs_entropy(logits, labels, vocab_size=TP * V_LOCAL + 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_entropy_chunked_equals_unchunked(dtype):
+    vocab_size = 11
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(B, S, TP * V_LOCAL, generator=generator) * 3).to(dtype)
+    labels = torch.randint(0, vocab_size, (B, S), generator=generator)
+    labels[1, 2] = -100  # an ignore label on a position the loss would mask out
+    whole = _values_and_grad(logits, labels, None, vocab_size, chunk_tokens=B * S)
+    for chunk_tokens in (1, 3, 7, B * S - 1, 4 * B * S):
+        chunked = _values_and_grad(logits, labels, None, vocab_size, chunk_tokens=chunk_tokens)
+        for name, got, expected in zip(("logprobs", "entropy", "grad"), chunked, whole):
+            assert got.dtype == expected.dtype
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, msg=f"{name} chunk {chunk_tokens}")
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        vocab_parallel_logprobs_entropy(logits, labels, vocab_size=vocab_size, chunk_tokens=0)
+
+
+# Enough tokens and vocabulary that a [T, V] float32 tensor (8 MiB) dwarfs everything else.
+MANY_TOKENS, WIDE_VOCAB = 4096, 512
+
+
+def _wide_logits(dtype=torch.float32):
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(1, MANY_TOKENS, WIDE_VOCAB, generator=generator).to(dtype).requires_grad_()
+    labels = torch.randint(0, WIDE_VOCAB - 10, (1, MANY_TOKENS), generator=generator)
+    return logits, labels
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_entropy_keep_no_vocab_sized_tensor_for_backward(dtype):
+    logits, labels = _wide_logits(dtype)
+    saved_bytes = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():  # logits are held anyway
+            saved_bytes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logprobs, entropy = vocab_parallel_logprobs_entropy(logits, labels, vocab_size=WIDE_VOCAB - 10, chunk_tokens=256)
+    # per-token statistics only: a few float32 values per token, not a [T, V] tensor
+    assert sum(saved_bytes) <= 16 * MANY_TOKENS * 4
+    (logprobs.sum() + entropy.sum()).backward()
+    assert logits.grad.dtype == dtype and torch.isfinite(logits.grad).all()
+
+
+def test_logprobs_entropy_chunk_size_is_honoured():
+    logits, labels = _wide_logits()
+    vocab_row_bytes = WIDE_VOCAB * 4
+
+    def forward_backward_peak(chunk_tokens: int) -> int:
+        def run():
+            logprobs, entropy = vocab_parallel_logprobs_entropy(logits, labels, chunk_tokens=chunk_tokens)
+            (logprobs.sum() + entropy.sum()).backward()
+            logits.grad = None
+
+        return peak_allocated_bytes(run)
+
+    # beyond the [T, V] gradient itself: two [chunk, V] float32 temporaries at a time, and a few
+    # float32 numbers per token
+    gradient_bytes = MANY_TOKENS * vocab_row_bytes
+    extra = {chunk_tokens: forward_backward_peak(chunk_tokens) - gradient_bytes for chunk_tokens in (64, 256, MANY_TOKENS)}
+    for chunk_tokens in (64, 256):
+        assert extra[chunk_tokens] <= 2 * chunk_tokens * vocab_row_bytes + 64 * MANY_TOKENS, chunk_tokens
+    assert extra[64] < extra[256] < extra[MANY_TOKENS]
+
+
 def _gather_vocab(local: torch.Tensor) -> torch.Tensor:
     shards = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(shards, local.contiguous())
@@ -201,11 +269,15 @@ def _tp_worker():
             logits = (torch.randn(B, S, TP * V_LOCAL, generator=generator) * 3).to(dtype)
             labels = torch.randint(0, vocab_size, (B, S), generator=generator)
             logprobs_1, entropy_1, grad_1 = _values_and_grad(logits, labels, None, vocab_size)
-            logprobs_2, entropy_2, grad_2 = _values_and_grad(logits[..., columns], labels, group, vocab_size)
-            assert grad_2.dtype == dtype
-            torch.testing.assert_close(logprobs_2, logprobs_1, rtol=0, atol=1e-5, msg=f"{dtype} {vocab_size}")
-            torch.testing.assert_close(entropy_2, entropy_1, rtol=0, atol=1e-5, msg=f"{dtype} {vocab_size}")
-            assert _rel(_gather_vocab(grad_2), grad_1) < grad_tol, (dtype, vocab_size)
+            for chunk_tokens in (None, 3):  # chunks keep the two all-reduces in step across ranks
+                logprobs_2, entropy_2, grad_2 = _values_and_grad(
+                    logits[..., columns], labels, group, vocab_size, chunk_tokens=chunk_tokens
+                )
+                case = f"{dtype} {vocab_size} chunk {chunk_tokens}"
+                assert grad_2.dtype == dtype
+                torch.testing.assert_close(logprobs_2, logprobs_1, rtol=0, atol=1e-5, msg=case)
+                torch.testing.assert_close(entropy_2, entropy_1, rtol=0, atol=1e-5, msg=case)
+                assert _rel(_gather_vocab(grad_2), grad_1) < grad_tol, case
     dist.destroy_process_group()
 
 

@@ -113,6 +113,23 @@ def test_checkpoint_is_complete_and_marked(runs):
     assert not list(ckpt.parent.glob(".*tmp*"))
 
 
+def test_optimizer_state_is_written_once_per_model_parallel_rank(runs):
+    """Data-parallel ranks hold the same optimizer state: one file per TP rank, which every DP rank
+    reads back (the resumed runs above equal the uninterrupted ones at TP=1, where DP=2)."""
+    from pathlib import Path
+
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+
+    results, _ = runs
+    for tp, data_parallel in ((1, 2), (2, 1)):
+        ckpt = Path(results[tp]["ckpt"])
+        trainer_files = [path for path in ckpt.glob("*.pt") if path.name != COMMON_STATE_FNAME]
+        holding_optimizer = [
+            path.name for path in trainer_files if "optimizer" in torch.load(path, map_location="cpu", weights_only=False)
+        ]
+        assert len(holding_optimizer) == tp, (tp, data_parallel, holding_optimizer)
+
+
 def bf16_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
     from sdzero_mcore.checkpoint.loading import build_model_from_hf
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
