@@ -176,8 +176,36 @@ class ParallelConfig(_Section):
     context_parallel_size: int = _checked(1, _AT_LEAST_1)
     # TransformerEngine's CP scheme; the local spec's SDPA attention always all-gathers K and V
     cp_comm_type: str = _checked("p2p", _one_of("p2p", "all_gather", "a2a", "a2a+p2p"))
+    # cp_comm_type=a2a+p2p only: the sizes of its two levels of CP groups, [a2a, p2p], whose product
+    # is context_parallel_size (e.g. [2, 4] for CP 8: a2a inside pairs of ranks, p2p across the pairs)
+    hierarchical_context_parallel_sizes: Optional[list[int]] = None
     backend: str = _checked("auto", _one_of("auto", "nccl", "gloo"))
+    # of the NCCL (or gloo) collectives of training
     timeout_minutes: int = _checked(30, _AT_LEAST_1)
+    # how long the other ranks wait for rank 0's rollout or validation (generation and scoring), in a
+    # gloo group of their own: a step's rollout may outlast timeout_minutes by far
+    handoff_timeout_minutes: int = _checked(24 * 60, _AT_LEAST_1)
+
+    def _check_relations(self, prefix: str) -> None:
+        sizes = self.hierarchical_context_parallel_sizes
+        uses_hierarchy = self.cp_comm_type == "a2a+p2p" and self.context_parallel_size > 1
+        key = f"{prefix}hierarchical_context_parallel_sizes"
+        if uses_hierarchy and sizes is None:
+            raise ConfigError(
+                f"{prefix}cp_comm_type: 'a2a+p2p' needs {key} (the sizes of its a2a and p2p levels, "
+                f"[a2a, p2p], multiplying to {prefix}context_parallel_size {self.context_parallel_size}); "
+                "without them TransformerEngine gets no hierarchical CP groups"
+            )
+        if sizes is None:
+            return
+        if not uses_hierarchy:
+            raise ConfigError(f"{key}: is read only with {prefix}cp_comm_type=a2a+p2p and "
+                              f"{prefix}context_parallel_size > 1; remove it or set both")
+        if len(sizes) != 2 or any(size < 1 for size in sizes):
+            raise ConfigError(f"{key}: {list(sizes)} must be two sizes >= 1, [a2a, p2p]")
+        if sizes[0] * sizes[1] != self.context_parallel_size:
+            raise ConfigError(f"{key}: {list(sizes)} must multiply to {prefix}context_parallel_size "
+                              f"({self.context_parallel_size})")
 
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` ranks; ConfigError when TP x CP does not divide it."""

@@ -90,9 +90,11 @@ def demo_config(out_dir: Path, scale: str, quick: bool, seed: int, overrides: Se
 
 
 def _stage_runner(timings: dict):
+    from sdzero_mcore.phases.pipeline import run_stage
+
     def stage(name: str, fn):
         start = time.perf_counter()
-        result = fn()
+        result = run_stage(fn)  # the demo's phases share this process: each is released after it
         timings[name] = round(time.perf_counter() - start, 1)
         print(f"sdzero demo: {name} done in {timings[name]:.0f} s", flush=True)
         return result

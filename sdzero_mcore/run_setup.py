@@ -2,16 +2,19 @@
 
 A phase resolves its :class:`~sdzero_mcore.checkpoint.source.ModelSource`, checks the layout
 against config.json before any process group exists, then calls :func:`setup_parallel` and
-:func:`build_model`.
+:func:`build_model`. A process that runs several phases (``sdzero run``, the demo) calls
+:func:`release_phase` after each.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
@@ -19,7 +22,7 @@ from sdzero_mcore.checkpoint.source import ModelSource
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.prompts import RunPrompts, default_stop_ids
 from sdzero_mcore.models.hf_config import ModelArch
-from sdzero_mcore.parallel import init_distributed, initialize_model_parallel
+from sdzero_mcore.parallel import init_distributed, initialize_model_parallel, release_model_parallel
 from sdzero_mcore.rollout.stop_strings import stop_string_ids
 
 
@@ -43,8 +46,33 @@ def setup_parallel(cfg: SDZeroConfig):
     return initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         context_parallel_size=cfg.parallel.context_parallel_size,
+        timeout_minutes=cfg.parallel.timeout_minutes,
         seed=cfg.seed,
+        hierarchical_context_parallel_sizes=cfg.parallel.hierarchical_context_parallel_sizes,
+        handoff_timeout_minutes=cfg.parallel.handoff_timeout_minutes,
     )
+
+
+def free_finished_models() -> None:
+    """Free the models, DDP wrappers and optimizer states that nothing uses any more, now, and give
+    the allocator's cached blocks back to the device.
+
+    Reference counting alone never frees a trained model: megatron's DDP wrapper and its model
+    reference each other (hooks, ``config.no_sync_func``), so they wait for Python's cyclic
+    collector, which runs whenever allocation counts say so, possibly after the next phase has
+    built its model beside them."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def release_phase() -> None:
+    """After a phase, before the next one in the same process: its models and optimizer are freed
+    (:func:`free_finished_models`) and its process groups destroyed, communicators included (the
+    next phase's :func:`setup_parallel` creates them again)."""
+    free_finished_models()
+    if dist.is_initialized():
+        release_model_parallel()
 
 
 def build_model(cfg: SDZeroConfig, source: ModelSource):

@@ -14,8 +14,10 @@ _HOME = {
     "ParallelSizes": "state",
     "destroy_distributed": "state",
     "detect_dist_env": "state",
+    "handoff_group": "state",
     "init_distributed": "state",
     "initialize_model_parallel": "state",
+    "release_model_parallel": "state",
     "set_seed": "state",
 }
 

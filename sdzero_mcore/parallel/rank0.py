@@ -1,8 +1,9 @@
 """Work that one rank does for all: rank-0 checks, hand-overs of Python objects, the DP shard of a step.
 
 Rank 0 owns the rollout engine and the reward workers; the other ranks either receive its result
-in a collective (:func:`broadcast_object`, for short waits) or poll for a file it writes
-(:func:`run_on_rank0`, for work that can outlast the process group's timeout).
+in the hand-off group (:func:`broadcast_object`: gloo, ``parallel.handoff_timeout_minutes``, so
+that a long rollout holds no NCCL collective open) or poll for a file it writes
+(:func:`run_on_rank0`, for work that may take longer still: collecting, evaluating).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from sdzero_mcore.fileio import atomic_write_text
+from sdzero_mcore.parallel.state import handoff_group
 
 
 def is_rank0() -> bool:
@@ -30,11 +32,12 @@ def barrier() -> None:
 
 
 def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank, through the hand-off group once the parallel state exists
+    (the other ranks may wait in it for the whole of rank 0's rollout)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=handoff_group())  # None: the default group
     return box[0]
 
 

@@ -1,26 +1,41 @@
 """Process groups: torch.distributed from torchrun/SLURM variables, megatron parallel_state on top.
 
 All parallel state of the trainer lives in megatron-core's ``parallel_state``; this module only
-decides how to start it (backend, rendezvous, sizes) and refuses layouts it cannot run.
+decides how to start it (backend, rendezvous, sizes) and refuses layouts it cannot run. Beside
+megatron's groups it creates one of its own, the hand-off group (:func:`handoff_group`): gloo over
+all ranks with a long timeout, in which ranks wait for rank 0's rollouts (``parallel.rank0``).
+
+A phase's groups are its own: re-initialising (the next phase of ``sdzero run``) or
+:func:`release_model_parallel` destroys them, communicators included. megatron's
+``destroy_model_parallel`` only forgets them, which would leave every phase's NCCL communicators
+(and their GPU buffers) alive until the process ends.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from torch.distributed.distributed_c10d import _world
 
 from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
 from sdzero_mcore.parallel.launch import free_port
 
 DEFAULT_MASTER_PORT = 29500
+# a rollout of a whole step (generation and scoring on rank 0) may take hours on a slow engine
+DEFAULT_HANDOFF_TIMEOUT_MINUTES = 24 * 60
+
+# the process groups the current initialize_model_parallel created (megatron's and the hand-off group)
+_PHASE_GROUPS: list[dist.ProcessGroup] = []
+_HANDOFF_GROUP: Optional[dist.ProcessGroup] = None
 
 
 @dataclass(frozen=True)
@@ -133,9 +148,15 @@ def initialize_model_parallel(
     pipeline_model_parallel_size: int = 1,
     timeout_minutes: int = 30,
     seed: int = 1234,
+    hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
+    handoff_timeout_minutes: int = DEFAULT_HANDOFF_TIMEOUT_MINUTES,
 ) -> ParallelSizes:
     """Create megatron's TP/CP/DP groups (PP is fixed at 1) over the running process group, and
-    seed the RNGs (megatron's layers fork the model-parallel RNG even with dropout off)."""
+    seed the RNGs (megatron's layers fork the model-parallel RNG even with dropout off).
+
+    ``hierarchical_context_parallel_sizes`` (their product is the CP size) also creates the
+    hierarchical CP groups that TransformerEngine's ``a2a+p2p`` scheme runs in. The hand-off group
+    gets ``handoff_timeout_minutes``. Groups of a previous call are destroyed first."""
     if pipeline_model_parallel_size != 1:
         raise ValueError(
             f"pipeline_model_parallel_size={pipeline_model_parallel_size} is not supported; allowed: 1"
@@ -145,6 +166,11 @@ def initialize_model_parallel(
             f"parallel sizes must be >= 1; got tensor_model_parallel_size={tensor_model_parallel_size}, "
             f"context_parallel_size={context_parallel_size}"
         )
+    if hierarchical_context_parallel_sizes is not None and math.prod(hierarchical_context_parallel_sizes) != context_parallel_size:
+        raise ValueError(
+            f"hierarchical_context_parallel_sizes={list(hierarchical_context_parallel_sizes)} must multiply to "
+            f"context_parallel_size={context_parallel_size}"
+        )
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * context_parallel_size
     if world % model_parallel:
@@ -152,20 +178,48 @@ def initialize_model_parallel(
             f"world size {world} is not divisible by tensor_model_parallel_size="
             f"{tensor_model_parallel_size} x context_parallel_size={context_parallel_size}"
         )
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    release_model_parallel()
+    existing = set(_world.pg_map)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=1,
         context_parallel_size=context_parallel_size,
+        hierarchical_context_parallel_sizes=(
+            list(hierarchical_context_parallel_sizes) if hierarchical_context_parallel_sizes else None
+        ),
         distributed_timeout_minutes=timeout_minutes,
     )
+    global _HANDOFF_GROUP
+    if world > 1:
+        # gloo, whatever the default backend: waiting in it holds no NCCL collective open, and its
+        # timeout, not the NCCL one, bounds how long the other ranks wait for rank 0's work
+        _HANDOFF_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=handoff_timeout_minutes))
+    _PHASE_GROUPS[:] = [group for group in _world.pg_map if group not in existing]
     set_seed(seed)
     return ParallelSizes(
         tensor=tensor_model_parallel_size,
         context=context_parallel_size,
         data=world // model_parallel,
     )
+
+
+def handoff_group() -> Optional[dist.ProcessGroup]:
+    """The gloo group with a long timeout for handing rank 0's results to the others (None
+    before :func:`initialize_model_parallel` and in a one-rank job)."""
+    return _HANDOFF_GROUP
+
+
+def release_model_parallel() -> None:
+    """Destroy the groups of the last :func:`initialize_model_parallel` (communicators included)
+    and megatron's parallel state; the default process group stays."""
+    global _HANDOFF_GROUP
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()  # forgets its groups (destroys only its gloo ones)
+    for group in _PHASE_GROUPS:
+        if group in _world.pg_map:
+            dist.destroy_process_group(group)
+    _PHASE_GROUPS.clear()
+    _HANDOFF_GROUP = None
 
 
 def set_seed(seed: int) -> None:
@@ -177,7 +231,6 @@ def set_seed(seed: int) -> None:
 
 def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group, if they exist."""
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
     if dist.is_initialized():
+        release_model_parallel()
         dist.destroy_process_group()

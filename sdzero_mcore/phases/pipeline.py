@@ -2,14 +2,16 @@
 
 Each stage is skipped when its output already exists and is complete (a collection marker, a
 ``final`` checkpoint, an eval file), so rerunning the command after a crash resumes at the
-unfinished stage; within a stage, ``checkpoint.resume`` continues from the last checkpoint.
+unfinished stage; within a stage, ``checkpoint.resume`` continues from the last checkpoint. All
+stages run in this one process: each one's models, optimizer and process groups are released
+before the next begins (``run_setup.release_phase``).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 from sdzero_mcore.checkpoint.source import final_checkpoint, start_source
 from sdzero_mcore.config import SDZeroConfig
@@ -18,7 +20,17 @@ from sdzero_mcore.phases.distill import run_distill
 from sdzero_mcore.phases.quick_eval import greedy_accuracy
 from sdzero_mcore.phases.srt_collect import SUMMARY_FILE, collect_dir, collection_complete, run_srt_collect
 from sdzero_mcore.phases.srt_train import final_stage, run_srt_train
-from sdzero_mcore.run_setup import check_layout
+from sdzero_mcore.run_setup import check_layout, release_phase
+
+T = TypeVar("T")
+
+
+def run_stage(fn: Callable[..., T], *args) -> T:
+    """``fn(*args)``, a whole phase, then its release (also when it fails: a caller may go on)."""
+    try:
+        return fn(*args)
+    finally:
+        release_phase()
 
 
 def train_sd_zero(cfg: SDZeroConfig, base: Path) -> dict:
@@ -26,11 +38,11 @@ def train_sd_zero(cfg: SDZeroConfig, base: Path) -> dict:
     Returns the collection summary and the SRT and SD-Zero checkpoints."""
     run_dir = Path(cfg.output_dir)
     if not collection_complete(cfg):
-        run_srt_collect(cfg, str(base))
+        run_stage(run_srt_collect, cfg, str(base))
     summary = json.loads((collect_dir(cfg) / SUMMARY_FILE).read_text())
     last_stage = final_stage(cfg.srt_train.mode)
-    srt = final_checkpoint(run_dir / "checkpoints" / last_stage) or run_srt_train(cfg, str(base))
-    sd_zero = final_checkpoint(run_dir / "checkpoints" / "distill") or run_distill(cfg, str(srt))
+    srt = final_checkpoint(run_dir / "checkpoints" / last_stage) or run_stage(run_srt_train, cfg, str(base))
+    sd_zero = final_checkpoint(run_dir / "checkpoints" / "distill") or run_stage(run_distill, cfg, str(srt))
     return {"srt_collect": summary, "srt_checkpoint": str(srt), "distill_checkpoint": str(sd_zero)}
 
 
@@ -48,5 +60,5 @@ def run_pipeline(cfg: SDZeroConfig, init_from: Optional[str] = None, *, eval_que
             report[f"eval_{name}"] = json.loads(out.read_text())
         else:
             out.parent.mkdir(parents=True, exist_ok=True)
-            report[f"eval_{name}"] = greedy_accuracy(cfg, checkpoint, questions, out)
+            report[f"eval_{name}"] = run_stage(greedy_accuracy, cfg, checkpoint, questions, out)
     return report

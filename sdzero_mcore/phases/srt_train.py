@@ -28,7 +28,7 @@ from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.prompts import CompletionExample, RunPrompts
 from sdzero_mcore.phases.completion import train_completion_stage
 from sdzero_mcore.phases.srt_collect import REVISION_FILE, collect_dir
-from sdzero_mcore.run_setup import check_layout, load_tokenizer, pad_id, run_prompts, setup_parallel
+from sdzero_mcore.run_setup import check_layout, free_finished_models, load_tokenizer, pad_id, run_prompts, setup_parallel
 
 PHASE = "srt"
 
@@ -120,4 +120,5 @@ def run_srt_train(cfg: SDZeroConfig, init_from: Optional[str] = None, d_revision
         final = train_completion_stage(cfg, source, stage_examples, terms, stage, tcfg, pad_id(tokenizer),
                                        max_steps=max_steps)
         source = ModelSource(final, "mcore")
+        free_finished_models()  # the stage's model and optimizer, before the next stage builds its own
     return final

@@ -1,5 +1,10 @@
 """Process-group setup: launcher detection, backend choice, megatron parallel layouts over gloo."""
 
+import datetime
+import json
+import time
+from pathlib import Path
+
 import pytest
 
 from sdzero_mcore.parallel import run_local_workers
@@ -64,3 +69,77 @@ def _layouts_worker():
 
 def test_megatron_layouts_over_gloo():
     run_local_workers(_layouts_worker, 2)
+
+
+def _hierarchical_cp_worker():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from sdzero_mcore.config import load_config
+    from sdzero_mcore.parallel import destroy_distributed
+    from sdzero_mcore.run_setup import setup_parallel
+
+    cfg = load_config(overrides=["parallel.backend=gloo", "parallel.context_parallel_size=2",
+                                 "parallel.cp_comm_type=a2a+p2p", "parallel.hierarchical_context_parallel_sizes=[2,1]"])
+    setup_parallel(cfg)
+    groups = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+    # what TE's a2a+p2p attention reads: the a2a level over both CP ranks, then the p2p level
+    assert groups is not None, "a2a+p2p without hierarchical CP groups: TE would get cp_group=None"
+    assert [dist.get_world_size(g) for g in groups] == [2, 1]
+    destroy_distributed()
+
+
+def test_hierarchical_cp_groups_are_created_for_a2a_p2p():
+    run_local_workers(_hierarchical_cp_worker, 2)
+
+
+def _handoff_worker(out_dir: str):
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    from sdzero_mcore.parallel import destroy_distributed, handoff_group, init_distributed, initialize_model_parallel
+    from sdzero_mcore.parallel.rank0 import broadcast_object
+
+    init_distributed("gloo")
+    initialize_model_parallel()
+    assert dist.get_backend(handoff_group()) == "gloo"
+    # the default group's collectives time out after 2 s (NCCL's parallel.timeout_minutes, shrunk):
+    # a rank waiting in one for a rollout that takes longer is killed
+    _set_pg_timeout(datetime.timedelta(seconds=2))
+    dist.barrier()
+    rollout = None
+    if dist.get_rank() == 0:
+        time.sleep(5)  # generating and scoring: longer than the default group's timeout
+        rollout = [{"question": 3, "response_ids": list(range(40)), "reward": 1}, {"question": 5, "response_ids": [], "reward": 0}]
+    received = broadcast_object(rollout)
+    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(received))
+    destroy_distributed()
+
+
+def test_rollout_handoff_outlasts_the_default_groups_timeout(tmp_path):
+    run_local_workers(_handoff_worker, 2, str(tmp_path))
+    received = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert received[0] == received[1] and received[1][0]["response_ids"] == list(range(40))
+
+
+def _group_release_worker():
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
+
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+    from sdzero_mcore.parallel.state import release_model_parallel
+
+    init_distributed("gloo")
+    initialize_model_parallel(tensor_model_parallel_size=2)
+    live = len(_world.pg_map)
+    # a second phase in the same process (sdzero run) builds its groups again: the first phase's
+    # communicators must be destroyed, not only forgotten by megatron
+    initialize_model_parallel(tensor_model_parallel_size=2)
+    assert len(_world.pg_map) == live, f"{len(_world.pg_map) - live} process groups leaked by re-initialising"
+    release_model_parallel()
+    assert list(_world.pg_map) == [dist.group.WORLD], "only the default group outlives the phase's groups"
+    destroy_distributed()
+
+
+def test_reinitialising_destroys_the_previous_groups():
+    run_local_workers(_group_release_worker, 2)

@@ -24,8 +24,8 @@ from sdzero_mcore.config import (
 
 EXAMPLES = REPO_ROOT / "examples"
 PARALLEL_KEYS = (
-    "backend, context_parallel_size, cp_comm_type, pipeline_model_parallel_size, tensor_model_parallel_size, "
-    "timeout_minutes"
+    "backend, context_parallel_size, cp_comm_type, handoff_timeout_minutes, hierarchical_context_parallel_sizes, "
+    "pipeline_model_parallel_size, tensor_model_parallel_size, timeout_minutes"
 )
 
 
@@ -321,6 +321,27 @@ def test_pipeline_parallel_size_must_be_one():
     message = config_error("parallel.pipeline_model_parallel_size=2")
     assert "parallel.pipeline_model_parallel_size: 2 is not supported" in message
     assert "allowed: 1" in message
+
+
+def test_hierarchical_cp_needs_its_group_sizes():
+    """TE's a2a+p2p reads two levels of CP groups; without their sizes none would exist (cp_group=None)."""
+    message = config_error("parallel.context_parallel_size=4", "parallel.cp_comm_type=a2a+p2p")
+    assert message.startswith("parallel.cp_comm_type: 'a2a+p2p' needs parallel.hierarchical_context_parallel_sizes")
+    message = config_error("parallel.context_parallel_size=4", "parallel.cp_comm_type=a2a+p2p",
+                           "parallel.hierarchical_context_parallel_sizes=[2,1]")
+    assert message == ("parallel.hierarchical_context_parallel_sizes: [2, 1] must multiply to "
+                       "parallel.context_parallel_size (4)")
+    message = config_error("parallel.context_parallel_size=4", "parallel.cp_comm_type=a2a+p2p",
+                           "parallel.hierarchical_context_parallel_sizes=[4]")
+    assert message.startswith("parallel.hierarchical_context_parallel_sizes: [4] must be two sizes")
+    message = config_error("parallel.context_parallel_size=4", "parallel.hierarchical_context_parallel_sizes=[2,2]")
+    assert message.startswith("parallel.hierarchical_context_parallel_sizes: is read only with "
+                              "parallel.cp_comm_type=a2a+p2p")
+    cfg = load_config(overrides=["parallel.context_parallel_size=4", "parallel.cp_comm_type=a2a+p2p",
+                                 "parallel.hierarchical_context_parallel_sizes=[2,2]"])
+    assert cfg.parallel.hierarchical_context_parallel_sizes == [2, 2]
+    # at CP = 1 the scheme is not used (the model gets no cp_comm_type): nothing to size
+    assert load_config(overrides=["parallel.cp_comm_type=a2a+p2p"]).parallel.context_parallel_size == 1
 
 
 def test_direct_construction_validates_relative_to_section():
