@@ -431,8 +431,13 @@ class Trainer:
         # map_location: tensors written on a GPU would otherwise load onto the device that wrote them,
         # a second copy beside the optimizer's own (load_state_dict moves the state to the parameters'
         # device) or a crash where that device is absent.
-        saved = torch.load(ckpt_dir / _optimizer_file_name(), map_location="cpu", weights_only=False)
-        rng = torch.load(ckpt_dir / f"rng_state_rank{rank:05d}.pt", map_location="cpu", weights_only=False)["rng"]
+        legacy = ckpt_dir / f"train_state_rank{rank:05d}.pt"  # one file per rank, before the optimizer file per MP rank
+        if legacy.is_file() and not (ckpt_dir / _optimizer_file_name()).is_file():
+            saved = torch.load(legacy, map_location="cpu", weights_only=False)
+            rng = saved["rng"]
+        else:
+            saved = torch.load(ckpt_dir / _optimizer_file_name(), map_location="cpu", weights_only=False)
+            rng = torch.load(ckpt_dir / f"rng_state_rank{rank:05d}.pt", map_location="cpu", weights_only=False)["rng"]
         with torch.no_grad():
             for name, master in self.masters.items():
                 if name in saved["masters"]:

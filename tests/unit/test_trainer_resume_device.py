@@ -59,3 +59,32 @@ def test_a_train_state_written_on_a_gpu_loads_on_the_host(megatron_single_rank, 
             assert torch.equal(loaded_optimizer["state"][index][key], value), (index, key)
     resumed.close()
     trainer.close()
+
+
+def test_a_checkpoint_in_the_earlier_one_file_per_rank_layout_still_resumes(megatron_single_rank, tmp_path):
+    """Checkpoints written before the optimizer file went per model-parallel rank hold optimizer,
+    masters, scheduler and RNG in one train_state_rank<N>.pt: they resume to the same state."""
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", vocab_size=VOCAB)
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, VOCAB, (2, 8), generator=generator), torch.randint(0, VOCAB, (2, 8), generator=generator))
+    trainer = _trainer(hf_dir, tmp_path / "run")
+    trainer.train_step([batch], _ce_step)
+    ckpt = trainer.save_checkpoint()
+    saved_optimizer = trainer.optimizer.state_dict()
+
+    (optimizer_file,) = ckpt.glob("optimizer_tp*_pp*.pt")
+    (rng_file,) = ckpt.glob("rng_state_rank*.pt")
+    legacy = torch.load(optimizer_file, weights_only=False) | torch.load(rng_file, weights_only=False)
+    torch.save(legacy, ckpt / "train_state_rank00000.pt")
+    optimizer_file.unlink()
+    rng_file.unlink()
+
+    resumed = _trainer(hf_dir, tmp_path / "run")
+    resumed.load_checkpoint(ckpt)
+    assert resumed.state.step == 1
+    loaded_optimizer = resumed.optimizer.state_dict()
+    for index, state in saved_optimizer["state"].items():
+        for key, value in state.items():
+            assert torch.equal(loaded_optimizer["state"][index][key], value), (index, key)
+    resumed.close()
+    trainer.close()
