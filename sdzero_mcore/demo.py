@@ -53,7 +53,7 @@ DEMO_PROMPTS = {
 }
 # `--quick`: the same stages, small enough for CI (a smoke run of the whole comparison)
 QUICK_OVERRIDES = (
-    "data.phase1_questions=256", "data.phase2_questions=32",
+    "sft.examples=3000", "sft.epochs=3", "data.phase1_questions=256", "data.phase2_questions=32",
     "srt_collect.target_kept=16", "srt_train.stage2_size=4", "srt_train.epochs=1",
     "distill.prompts_per_step=8", "distill.global_batch_size=8", "distill.micro_batch_size=8", "distill.epochs=1",
     "distill.validation.questions=8", "distill.validation.k=2",
