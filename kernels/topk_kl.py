@@ -228,9 +228,10 @@ def _row_max_sum(rows: torch.Tensor, inv_temp: float):
     return torch.cat(maxes), torch.cat(sums)
 
 
-def _softmax_scaled(rows: torch.Tensor, inv_temp: float, lse: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """coef[:, None] * softmax(rows / T) in rows' dtype: one read of rows, one write of the result."""
-    out = torch.empty_like(rows)
+def _softmax_scaled(rows: torch.Tensor, inv_temp: float, lse: torch.Tensor, coef: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    """coef[:, None] * softmax(rows / T) into ``out`` (rows' shape and dtype, unit stride along V):
+    one read of rows, one write of the result."""
     num_rows, vocab = rows.shape
     if use_triton(rows):
         if num_rows:
@@ -268,16 +269,23 @@ class _TopKKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         scale = grad_loss.float() * ctx.inv_temp  # d(student logit) = d(z) / temperature
+        num_rows, vocab = ctx.student_shape
+        # one row more than the gradient: the teacher ids another TP rank owns are written there and
+        # dropped, so that the scatter keeps a fixed shape (selecting the owned ids with a boolean
+        # mask would make it data-dependent, a host sync per call on a GPU)
+        with_spill_row = (num_rows + 1, vocab)
         if ctx.bucket:
             grad_z, local_ids, owned, student, lse, tail_coef = ctx.saved_tensors
-            grad = _softmax_scaled(student, ctx.inv_temp, lse, scale * tail_coef)
+            grad = torch.empty(with_spill_row, dtype=ctx.student_dtype, device=grad_z.device)
+            _softmax_scaled(student, ctx.inv_temp, lse, scale * tail_coef, out=grad[:num_rows])
         else:
             grad_z, local_ids, owned = ctx.saved_tensors
-            grad = torch.zeros(ctx.student_shape, dtype=ctx.student_dtype, device=grad_z.device)
-        rows = torch.arange(grad.shape[0], device=grad.device)[:, None].expand_as(local_ids)
-        values = (grad_z * scale[:, None])[owned].to(grad.dtype)
-        grad.index_put_((rows[owned], local_ids[owned]), values)  # ids are unique per row
-        return grad, None, None, None, None, None, None
+            grad = torch.zeros(with_spill_row, dtype=ctx.student_dtype, device=grad_z.device)
+        rows = torch.arange(num_rows, device=grad.device)[:, None].expand_as(local_ids)
+        rows = torch.where(owned, rows, num_rows)
+        values = (grad_z * scale[:, None]).to(grad.dtype)
+        grad.index_put_((rows, local_ids), values)  # owned ids are unique per row; only the spill row repeats
+        return grad[:num_rows], None, None, None, None, None, None
 
 
 def topk_kl(

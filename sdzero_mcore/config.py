@@ -350,6 +350,9 @@ class RolloutConfig(_Section):
     max_new_tokens: int = _checked(8192, _AT_LEAST_1)
     seed: int = 0
     weight_sync_bucket_mb: int = _checked(512, _AT_LEAST_1)
+    # colocated SGLang: the fraction of the GPU's memory its weights and KV cache may take (sized at
+    # start, with the trainer's optimizer state, masters and gradients in host memory; see
+    # offload_train_state and docs/design.md "GPU memory of a colocated engine")
     sglang_mem_fraction_static: float = _checked(0.5, _FRACTION_OPEN)
     sglang_tp_size: int = _checked(1, _AT_LEAST_1)
     sglang_url: Optional[str] = None  # a remote server/router; None = colocated in-process engine
@@ -368,6 +371,10 @@ class RolloutConfig(_Section):
     vllm_enforce_eager: Optional[bool] = None
     reward_timeout_s: float = _checked(10.0, _POSITIVE)
     reward_workers: int = _checked(4, _AT_LEAST_1)
+    # the trainer's optimizer state, fp32 master weights and gradient buffers wait in host memory
+    # while the engine generates (and while it starts); null = where the engine shares the trainer's
+    # GPUs (CUDA, any backend but a remote SGLang server)
+    offload_train_state: Optional[bool] = None
 
 
 @dataclass

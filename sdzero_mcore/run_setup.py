@@ -23,6 +23,7 @@ from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.prompts import RunPrompts, default_stop_ids
 from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.parallel import init_distributed, initialize_model_parallel, release_model_parallel
+from sdzero_mcore.rollout.colocation import release_cached_blocks
 from sdzero_mcore.rollout.stop_strings import stop_string_ids
 
 
@@ -62,8 +63,7 @@ def free_finished_models() -> None:
     collector, which runs whenever allocation counts say so, possibly after the next phase has
     built its model beside them."""
     gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_cached_blocks()
 
 
 def release_phase() -> None:

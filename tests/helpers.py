@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ARCHITECTURES = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"]
 VOCAB = 1111  # not a multiple of 128: padding differs between TP=1 (1152) and TP=2 (1280)
@@ -210,3 +211,34 @@ def perturb_like_training(model, rank: int) -> dict[str, bool]:
             noise = torch.randn(param.shape, generator=torch.Generator().manual_seed(100 * index + shard))
             param.add_(0.02 * noise)
     return sharded
+
+
+# aten ops that need a tensor's values on the host: on a GPU each one waits for the device to finish
+# all queued work. .item() / float() / bool() / tolist() of one element read it through
+# _local_scalar_dense; the others make a shape from data (boolean-mask indexing runs nonzero).
+_HOST_READ_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique_consecutive",
+                  "_unique2", "unique_dim", "repeat_interleave"}
+
+
+class _HostReadRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        boolean_index = name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] if i is not None
+        )
+        if name in _HOST_READ_OPS or boolean_index:
+            self.reads.append(str(func) + (" with a boolean index" if boolean_index else ""))
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(fn) -> list[str]:
+    """The ops of ``fn()`` (backward passes included) that read device data on the host, in order.
+
+    Run on CPU tensors, it lists what would stall the GPU's queue on a GPU: what a hot path must not do."""
+    with _HostReadRecorder() as recorder:
+        fn()
+    return recorder.reads

@@ -15,6 +15,7 @@ a reduce-scatter, so each rank receives the sum of dK and dV over every query th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -52,13 +53,20 @@ class _AllGatherSequence(torch.autograd.Function):
         return out, None
 
 
+@functools.lru_cache(maxsize=None)
+def cp_chunk_order_index(cp_size: int, device: torch.device) -> torch.Tensor:
+    """:func:`sequence_chunk_order` as an index tensor on ``device``, built once: made from a Python
+    list at each use, it would be a host-to-device copy twice per layer per forward."""
+    return torch.tensor(sequence_chunk_order(cp_size), device=device)
+
+
 def gather_sequence_over_cp(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[s_local, ...] on each CP rank -> [s_local * CP, ...] in sequence order (autograd-aware)."""
     cp_size = dist.get_world_size(group)
     gathered = _AllGatherSequence.apply(local, group)
     chunk = local.shape[0] // 2
     chunks = gathered.view(2 * cp_size, chunk, *local.shape[1:])
-    order = torch.tensor(sequence_chunk_order(cp_size), device=local.device)
+    order = cp_chunk_order_index(cp_size, local.device)
     return chunks.index_select(0, order).reshape(2 * cp_size * chunk, *local.shape[1:])
 
 

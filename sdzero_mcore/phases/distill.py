@@ -26,7 +26,7 @@ from sdzero_mcore.data.prompts import RunPrompts, control_ids, solution_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.float64_reductions import float64_sum
-from sdzero_mcore.losses.distill import collate_distill, distill_loss, student_logits, teacher_targets
+from sdzero_mcore.losses.distill import DistillLoss, collate_distill, distill_loss, student_logits, teacher_targets
 from sdzero_mcore.models.forward import model_device
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
@@ -124,6 +124,18 @@ def distill_micro_batches(teacher, samples: Sequence[Sample], tokenizer, dcfg) -
     return micro
 
 
+def kl_by_reward(loss: DistillLoss, rewards: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The KL summed over the tokens of responses of reward 0 and of reward 1, and their token
+    counts: tensors, which the trainer reads once when the step ends. Rows are chosen with
+    ``where`` (a boolean-mask index would make a shape from data: a host sync per micro-batch)."""
+    logs = {}
+    for r in (0, 1):
+        rows = (rewards == r)[:, None]
+        logs[f"kl_sum_r{r}"] = torch.where(rows, loss.per_token, 0.0).sum()
+        logs[f"tokens_r{r}"] = (loss.loss_mask & rows).sum()
+    return logs
+
+
 def distill_forward_step(dcfg):
     """The student's forward step: logits on x + y, then ``topk_kl`` summed over its response
     tokens; the logs split the KL by the reward of the response (r = 0 / r = 1)."""
@@ -134,12 +146,7 @@ def distill_forward_step(dcfg):
         def loss_fn(logits):
             loss = distill_loss(logits, targets, kl=dcfg.kl, mixed_weight=dcfg.mixed_weight, tail=dcfg.tail,
                                 temperature=dcfg.temperature)
-            logs = {}
-            for r in (0, 1):
-                rows = rewards == r
-                logs[f"kl_sum_r{r}"] = loss.per_token[rows].sum()
-                logs[f"tokens_r{r}"] = loss.loss_mask[rows].sum()
-            return loss.loss_sum, loss.num_tokens, logs
+            return loss.loss_sum, loss.num_tokens, kl_by_reward(loss, rewards)
 
         return student_logits(model, batch), loss_fn
 

@@ -32,6 +32,7 @@ from sdzero_mcore.parallel.rank0 import broadcast_object, is_rank0
 from sdzero_mcore.phases.validation import Validator
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import sampling_from_config
+from sdzero_mcore.rollout.colocation import TrainStateOffload, engine_turn, offloads_train_state, release_cached_blocks
 from sdzero_mcore.rollout.weight_sync import sync_engine, training_engine
 from sdzero_mcore.run_setup import run_prompts
 from sdzero_mcore.trainer import Trainer
@@ -85,15 +86,33 @@ class OnPolicyLoop:
             validation = cfg.distill.validation
         self.reward_fn = reward_fn_for(cfg, questions) if is_rank0() else None
         self.validator = self.engine = None
+        # where the engine shares the GPUs, the trainer's state waits in host memory while it runs
+        self.train_state_offload = TrainStateOffload(trainer) if offloads_train_state(cfg.rollout) else None
         try:
             if validation is not None and validation.interval > 0:  # before the engine: data errors fail fast
                 self.validator = Validator(cfg, validation, key=f"{phase}.validation", trainer=trainer,
                                            prompts=run_prompts(cfg, source, tokenizer), stop_ids=self.stop_ids, training_questions=questions,
                                            reward_fn=self.reward_fn)
-            self.engine = training_engine(cfg, source, tokenizer, policy)  # rank 0's; every rank streams weights
+            self.engine = self._start_engine(source, tokenizer)
         except BaseException:
-            release(self.validator, self.reward_fn)
+            release(self.validator, self.reward_fn, self.engine)
             raise
+
+    def _start_engine(self, source: ModelSource, tokenizer):
+        """Rank 0's engine, holding the policy's weights (every rank streams them), started while
+        the trainer's state is in host memory: an engine that sizes its KV cache from the free
+        memory at start (SGLang, vLLM) finds what it will have at each rollout. Asleep afterwards."""
+        if self.train_state_offload is not None:
+            self.train_state_offload.offload()
+        try:
+            release_cached_blocks()
+            engine = training_engine(self.cfg, source, tokenizer, self.policy)
+            if engine is not None:
+                engine.sleep()
+            return engine
+        finally:
+            if self.train_state_offload is not None:
+                self.train_state_offload.restore()
 
     def questions_for(self, step: int, per_step: int) -> tuple[int, list[int], bool]:
         """(epoch, question indices, whether the step ends the epoch)."""
@@ -103,18 +122,17 @@ class OnPolicyLoop:
         """``n`` scored samples per question (question-major), generated and scored on rank 0 and
         handed to every rank; the generation counters count them."""
         samples = None
-        if self.engine is not None:
-            self.engine.wake()
-            sampling = sampling_from_config(self.cfg.rollout, stop_token_ids=self.stop_ids, n=n, seed=seed)
-            sampling = replace(sampling, max_new_tokens=min(max_new_tokens, sampling.max_new_tokens))
-            completions = self.engine.generate([self.prompts[i] for i in indices], sampling)
-            owners = [i for i in indices for _ in range(n)]
-            results = self.reward_fn.score_batch([c.text for c in completions],
-                                                 [reward_target(self.questions[i]) for i in owners])
-            samples = [Sample(i, list(self.prompts[i]), list(c.token_ids), int(r.reward), c.finish_reason)
-                       for i, c, r in zip(owners, completions, results)]
-            self.engine.sleep()
-        samples = broadcast_object(samples)
+        with engine_turn(self.engine, self.train_state_offload):  # every rank: the GPUs are the engine's
+            if self.engine is not None:
+                sampling = sampling_from_config(self.cfg.rollout, stop_token_ids=self.stop_ids, n=n, seed=seed)
+                sampling = replace(sampling, max_new_tokens=min(max_new_tokens, sampling.max_new_tokens))
+                completions = self.engine.generate([self.prompts[i] for i in indices], sampling)
+                owners = [i for i in indices for _ in range(n)]
+                results = self.reward_fn.score_batch([c.text for c in completions],
+                                                     [reward_target(self.questions[i]) for i in owners])
+                samples = [Sample(i, list(self.prompts[i]), list(c.token_ids), int(r.reward), c.finish_reason)
+                           for i, c, r in zip(owners, completions, results)]
+            samples = broadcast_object(samples)
         self.counters["generations"] += len(samples)
         self.counters["generated_tokens"] += sum(len(s.response_ids) for s in samples)
         return samples
@@ -141,7 +159,7 @@ class OnPolicyLoop:
                 validation, validation_s = None, 0.0
                 if validator is not None and validator.due(before, trainer.state.step, last):
                     start = time.perf_counter()
-                    validation = validator.validate(self.engine)
+                    validation = validator.validate(self.engine, self.train_state_offload)
                     validation_s = time.perf_counter() - start
                     metrics.update(validation)
                     metrics["val/time_s"] = validation_s

@@ -30,6 +30,7 @@ from sdzero_mcore.parallel.rank0 import broadcast_object, is_rank0
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rewards.select import reward_name
 from sdzero_mcore.rollout import SamplingParams
+from sdzero_mcore.rollout.colocation import TrainStateOffload, engine_turn
 from sdzero_mcore.trainer import Trainer, prune_checkpoints
 
 BEST_FILE = "best_checkpoints.json"
@@ -145,15 +146,16 @@ class Validator:
     def due(self, step_before: int, step_after: int, last: bool) -> bool:
         return validation_due(self.vcfg.interval, step_before, step_after, last)
 
-    def validate(self, engine) -> dict:
+    def validate(self, engine, train_state_offload: Optional[TrainStateOffload] = None) -> dict:
         """Collective: the ``val/*`` metrics of the engine's current weights, computed on rank 0 (the
-        engine's owner, ``engine`` is None elsewhere) and returned on every rank."""
-        metrics = None
-        if engine is not None:
+        engine's owner, ``engine`` is None elsewhere) and returned on every rank; the trainer's state
+        waits in host memory meanwhile when ``train_state_offload`` is given."""
+        metrics = completions = None
+        with engine_turn(engine, train_state_offload):
+            if engine is not None:
+                completions = engine.generate(self.prompts, self.sampling)  # ordered by (question, sample)
+        if completions is not None:
             k = self.vcfg.k
-            engine.wake()
-            completions = engine.generate(self.prompts, self.sampling)  # ordered by (question, sample)
-            engine.sleep()
             results = self.reward_fn.score_batch([c.text for c in completions],
                                                  [target for target in self.targets for _ in range(k)])
             rewards = [[int(r.reward) for r in results[i * k : (i + 1) * k]] for i in range(len(self.questions))]

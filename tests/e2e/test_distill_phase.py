@@ -94,6 +94,67 @@ def test_bad_configs_fail_before_any_work(hf_dir, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+class RecordingEngine:
+    """The real rollout engine, with its turns on the GPU written down."""
+
+    def __init__(self, engine, events: list):
+        self.engine, self.events = engine, events
+
+    def __getattr__(self, name):
+        method = getattr(self.engine, name)
+        if name not in ("wake", "sleep", "generate", "update_weights", "shutdown"):
+            return method
+
+        def recorded(*args, **kwargs):
+            self.events.append(name)
+            return method(*args, **kwargs)
+
+        return recorded
+
+
+def turns_worker(hf_dir: str, run_dir: str, events_file: str) -> None:
+    from sdzero_mcore.phases import on_policy
+    from sdzero_mcore.phases.distill import run_distill
+    from sdzero_mcore.rollout import colocation, weight_sync
+
+    events = []
+    make_engine = weight_sync.make_rollout_engine
+    weight_sync.make_rollout_engine = lambda *args, **kwargs: RecordingEngine(make_engine(*args, **kwargs), events)
+    on_policy.release_cached_blocks = colocation.release_cached_blocks = lambda: events.append("release cached blocks")
+    for method in ("offload", "restore"):
+        original = getattr(colocation.TrainStateOffload, method)
+
+        def recorded(self, original=original, method=method):
+            if self.offloaded == (method == "offload"):
+                return original(self)  # already done: nothing to record
+            events.append(method)
+            return original(self)
+
+        setattr(colocation.TrainStateOffload, method, recorded)
+    # offload on the CPU too: on a GPU it is on by default wherever the engine shares the GPUs
+    cfg = load_config(TINY, [f"output_dir={run_dir}", *FAST, "rollout.offload_train_state=true",
+                             "distill.validation.interval=2", "distill.validation.questions=2", "distill.validation.k=1"])
+    run_distill(cfg, hf_dir, max_steps=2)
+    Path(events_file).write_text(json.dumps(events))
+
+
+def test_engine_and_trainer_take_turns_on_the_gpu(hf_dir, tmp_path):
+    """The engine starts, generates and validates with the trainer's optimizer state, masters and
+    gradients in host memory and the allocator's cached blocks released; the trainer's state is
+    back before any training or weight sync."""
+    run_local_workers(turns_worker, 1, str(hf_dir), str(tmp_path / "run"), str(tmp_path / "events.json"))
+    events = json.loads((tmp_path / "events.json").read_text())
+    turn = ["offload", "release cached blocks", "wake", "generate", "sleep", "restore"]
+    assert events == [
+        "offload", "release cached blocks", "update_weights", "sleep", "restore",  # the engine starts
+        *turn, "update_weights",  # step 1: rollout, training, the new weights into the engine
+        *turn, "update_weights",  # step 2
+        *turn,  # validation at the last step
+        "shutdown",
+    ]
+    assert len(_metrics(tmp_path / "run")) == 2
+
+
 # --- the loss on a fixed batch -----------------------------------------------------------------
 
 K = 8

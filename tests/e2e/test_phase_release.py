@@ -53,15 +53,12 @@ def write_collection(cfg, tokenizer) -> None:
     (out / COMPLETE_FILE).write_text(json.dumps({"config_hash": config_hash(cfg), "kept": len(questions)}) + "\n")
 
 
-def pipeline_worker(base: str, run_dir: str) -> None:
-    from transformers import AutoTokenizer
-
+def pipeline_worker(base: str, overrides: list) -> None:
     from sdzero_mcore.config import load_config
     from sdzero_mcore.phases import completion, distill, pipeline
     from sdzero_mcore.rollout import weight_sync
 
-    cfg = load_config(TINY, [f"output_dir={run_dir}", *FAST])
-    write_collection(cfg, AutoTokenizer.from_pretrained(base))
+    cfg = load_config(TINY, overrides)
     built: list[tuple[str, weakref.ref]] = []
 
     def recording(module, phase_of_build):
@@ -92,8 +89,14 @@ def pipeline_worker(base: str, run_dir: str) -> None:
     assert report["eval_sd_zero"]["questions"] == 2
 
 
-def test_each_phase_is_released_before_the_next_builds(tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_each_phase_is_released_before_the_next_builds(tmp_path, tp):
+    from transformers import AutoTokenizer
+
+    from sdzero_mcore.config import load_config
     from sdzero_mcore.models.tiny import save_tiny_hf_model
 
     base = save_tiny_hf_model(tmp_path / "base", vocab_size=128)
-    run_local_workers(pipeline_worker, 1, str(base), str(tmp_path / "run"))
+    overrides = [f"output_dir={tmp_path / 'run'}", f"parallel.tensor_model_parallel_size={tp}", *FAST]
+    write_collection(load_config(TINY, overrides), AutoTokenizer.from_pretrained(base))
+    run_local_workers(pipeline_worker, tp, str(base), overrides)

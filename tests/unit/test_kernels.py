@@ -7,6 +7,7 @@ allocated poisoned (NaN / a sentinel id), so an element a kernel forgets to writ
 
 import pytest
 import torch
+from helpers import host_reads
 from sdzero_kernels import (
     TAIL_MASS_FLOOR,
     full_kl,
@@ -160,6 +161,19 @@ def test_renorm_gradient_is_zero_outside_teacher_ids(backend):
     inside = torch.zeros_like(grad, dtype=torch.bool).scatter(1, teacher_ids, True)
     assert (grad[~inside] == 0).all()
     assert (grad[inside] != 0).float().mean() > 0.9  # and the ids themselves do get gradient
+
+
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+def test_topk_kl_forward_and_backward_read_nothing_on_the_host(monkeypatch, tail):
+    """Per call, on a GPU: no .item() in the argument checks, no boolean-mask indexing (a data-dependent
+    shape) in the backward's scatter. The PyTorch path runs the same checks and scatter as Triton's."""
+    monkeypatch.setenv("SDZERO_KERNELS_BACKEND", "torch")
+    student = _logits((2, 3, 300), torch.float32, seed=3).requires_grad_()
+    logprobs, ids = teacher_topk(_logits((2, 3, 300), torch.float32, seed=4), 8)
+    weights = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
+    reads = host_reads(lambda: (topk_kl(student, logprobs, ids, kl="mixed", tail=tail) * weights).sum().backward())
+    assert reads == []
+    assert student.grad is not None and torch.isfinite(student.grad).all()
 
 
 def test_teacher_topk_ties_go_to_the_lower_id(backend):
