@@ -32,13 +32,9 @@ if str(TESTS_DIR) not in sys.path:
 # A test's kind is its folder: unit/ (one process), distributed/ (spawns gloo ranks), e2e/ (runs
 # phases or the CLI). `pytest -m "not e2e"` is the quick inner loop; `make test` runs them all.
 TEST_KINDS = ("unit", "distributed", "e2e")
-LONGEST_FILES_FIRST = ("test_demo_and_pipeline.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    # xdist hands out whole files in this order: the longest file (the quick demo, about a third of
-    # the suite on 2 cores) starts first instead of running alone at the end
-    items.sort(key=lambda item: Path(str(item.fspath)).name not in LONGEST_FILES_FIRST)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         kind = Path(str(item.fspath)).parent.name
