@@ -27,13 +27,18 @@ def _trainer(hf_dir, run_dir):
     return Trainer(model, OptimizerConfig(lr=1e-3), total_steps=2, run_dir=run_dir, phase="device", hf_files_dir=hf_dir)
 
 
-def test_a_train_state_written_on_a_gpu_loads_on_the_host(megatron_single_rank, tmp_path, monkeypatch):
+def _checkpoint_after_one_step(tmp_path):
+    """(hf dir, the trainer, its checkpoint) after one optimizer step on random tokens."""
     hf_dir = save_tiny_hf_model(tmp_path / "hf", vocab_size=VOCAB)
     generator = torch.Generator().manual_seed(0)
     batch = (torch.randint(0, VOCAB, (2, 8), generator=generator), torch.randint(0, VOCAB, (2, 8), generator=generator))
     trainer = _trainer(hf_dir, tmp_path / "run")
     trainer.train_step([batch], _ce_step)
-    ckpt = trainer.save_checkpoint()
+    return hf_dir, trainer, trainer.save_checkpoint()
+
+
+def test_a_train_state_written_on_a_gpu_loads_on_the_host(megatron_single_rank, tmp_path, monkeypatch):
+    hf_dir, trainer, ckpt = _checkpoint_after_one_step(tmp_path)
     saved_optimizer = trainer.optimizer.state_dict()
 
     # Rewrite the trainer's own files as a GPU run writes them: every storage tagged cuda:0.
@@ -64,12 +69,7 @@ def test_a_train_state_written_on_a_gpu_loads_on_the_host(megatron_single_rank, 
 def test_a_checkpoint_in_the_earlier_one_file_per_rank_layout_still_resumes(megatron_single_rank, tmp_path):
     """Checkpoints written before the optimizer file went per model-parallel rank hold optimizer,
     masters, scheduler and RNG in one train_state_rank<N>.pt: they resume to the same state."""
-    hf_dir = save_tiny_hf_model(tmp_path / "hf", vocab_size=VOCAB)
-    generator = torch.Generator().manual_seed(0)
-    batch = (torch.randint(0, VOCAB, (2, 8), generator=generator), torch.randint(0, VOCAB, (2, 8), generator=generator))
-    trainer = _trainer(hf_dir, tmp_path / "run")
-    trainer.train_step([batch], _ce_step)
-    ckpt = trainer.save_checkpoint()
+    hf_dir, trainer, ckpt = _checkpoint_after_one_step(tmp_path)
     saved_optimizer = trainer.optimizer.state_dict()
 
     (optimizer_file,) = ckpt.glob("optimizer_tp*_pp*.pt")
