@@ -15,8 +15,8 @@ the step minus what was held before it (weights): on a GPU the allocator's peak;
 process's peak RSS (VmHWM, reset through /proc/self/clear_refs before the step), each variant in a
 fresh subprocess so that one variant's allocator cache cannot hide another's peak.
 
-FLOPs are counted analytically (2 per multiply-add; attention scores and values counted over the
-full square, as the kernels compute them), per part: the teacher's and the student's transformer
+FLOPs are counted analytically (2 per multiply-add; attention scores and values over the causal
+half of the square, what flash attention kernels compute), per part: the teacher's and the student's transformer
 trunks, and their LM heads. The FLOP table is also printed for the two GPU shapes.
 
 On a GPU, ``--baseline`` (on by default there) also times a plain transformers + PyTorch step (the
@@ -84,7 +84,7 @@ def trunk_flops(shape: Shape, tokens: int) -> float:
     """Forward FLOPs of the decoder (no LM head) on one sequence of ``tokens``."""
     h, q, kv = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     per_token = 2 * (h * (q + 2 * kv) + q * h + 3 * h * shape.intermediate)  # qkv, out proj, SwiGLU
-    attention = 2 * 2 * tokens * tokens * q  # scores and values
+    attention = 2 * tokens * tokens * q  # scores and values over the causal half
     return shape.layers * (tokens * per_token + attention)
 
 
@@ -114,7 +114,7 @@ def print_flops(name: str, shape: Shape, tail: str) -> None:
     print("|---|---|---|---|")
     for part, row in table.items():
         ratio = row["dense"] / row["sparse"] if row["sparse"] else float("inf")
-        print(f"| {part} | {row['dense'] / 1e9:.1f} | {row['sparse'] / 1e9:.3f} | {ratio:.1f}x |")
+        print(f"| {part} | {row['dense'] / 1e9:.4g} | {row['sparse'] / 1e9:.4g} | {ratio:.1f}x |")
     heads = [p for p in table if "LM head" in p]
     dense_head = sum(table[p]["dense"] for p in heads)
     sparse_head = sum(table[p]["sparse"] for p in heads)
