@@ -83,15 +83,16 @@ class _FusedLinearBucketKL(torch.autograd.Function):
         grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros_like(weight)  # padding rows keep zero
         for start, stop in ctx.chunks:
-            width = stop - start
             x = chunk_logits(hidden, weight, start, stop).float() * ctx.inv_temp
-            # one column more than the chunk: the teacher ids outside it are written there and dropped
-            grad = torch.empty((x.shape[0], width + 1), device=x.device)
-            torch.mul(coef, torch.exp(x - lse[:, None]), out=grad[:, :width])
-            del x
+            grad = coef * torch.exp(x - lse[:, None])  # c p_v, right outside the teacher's ids
+            # the teacher's ids in this chunk take their own gradient instead: clear their columns
+            # (counted by scatter_add: ids outside the chunk, clamped onto a column, add 0), then add it
             in_chunk = owned & (rows >= start) & (rows < stop)
-            grad.scatter_(1, torch.where(in_chunk, rows - start, width), values)  # the K ids' own gradient
-            grad = grad[:, :width].to(weight.dtype)
+            columns = (rows - start).clamp(0, stop - start - 1)
+            hits = x.zero_().scatter_add_(1, columns, in_chunk.float())
+            grad.masked_fill_(hits > 0, 0.0).scatter_add_(1, columns, torch.where(in_chunk, values, 0.0))
+            del x, hits
+            grad = grad.to(weight.dtype)
             grad_hidden += (grad @ weight[start:stop]).float()
             grad_weight[start:stop] = grad.t() @ hidden
             del grad

@@ -48,7 +48,8 @@ def _wide_tensors(step) -> tuple[list, list]:
 @pytest.fixture(scope="module")
 def models(megatron_single_rank):
     arch = ModelArch.from_hf_config(tiny_hf_config("Qwen3ForCausalLM", vocab_size=VOCAB).to_dict())
-    assert max(arch.hidden_size, 2 * arch.intermediate_size) < CHUNK < VOCAB
+    qkv = (arch.num_attention_heads + 2 * arch.num_query_groups) * arch.head_dim
+    assert max(arch.hidden_size, 2 * arch.ffn_hidden_size, qkv) < CHUNK < VOCAB
     torch.manual_seed(0)
     student = build_gpt_model(arch, transformer_impl="local", on_cpu=True)
     teacher = build_gpt_model(arch, transformer_impl="local", on_cpu=True).eval().requires_grad_(False)
