@@ -15,6 +15,10 @@ megatron-core assumes CUDA in a handful of places that are not about computation
 * The pipeline schedules (``get_forward_backward_func()``) count the step's loss tokens in a
   tensor created with ``device="cuda"``; the schedules module sees a ``torch`` whose ``zeros``
   puts such a tensor on the CPU, and is otherwise torch itself.
+* With tied embeddings at pipeline-parallel size > 1, the last stage's copy of the embedding is
+  moved with ``weight.data.cuda()`` before the all-reduce that makes it equal to the first
+  stage's (``LanguageModule.setup_embeddings_and_output_layer``); during that method only,
+  ``Tensor.cuda()`` leaves a CPU tensor where it is.
 
 :func:`apply_cpu_compat` installs these redirections only when CUDA is absent, once per process.
 It never changes behaviour on a machine with a GPU.
@@ -29,6 +33,7 @@ import types
 
 import torch
 from megatron.core.fusions import fused_softmax
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
 from megatron.core.pipeline_parallel import schedules
 from megatron.core.tensor_parallel import random as mcore_random
@@ -53,6 +58,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
         _redirect_default_causal_mask()
         _redirect_rope_cp_slicing()
         _redirect_schedule_token_counter()
+        _redirect_tied_embedding_copy()
         _applied = True
         return True
 
@@ -154,3 +160,24 @@ class _TorchForSchedules(types.ModuleType):
 
 def _redirect_schedule_token_counter() -> None:
     schedules.torch = _TorchForSchedules("torch")
+
+
+@contextlib.contextmanager
+def _tensor_cuda_keeps_cpu_tensors():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _redirect_tied_embedding_copy() -> None:
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self) -> None:
+        with _tensor_cuda_keeps_cpu_tensors():
+            original(self)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
