@@ -54,10 +54,11 @@ def gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def global_grads(model) -> dict[str, torch.Tensor]:
-    """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped."""
-    from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, mappings_by_param_name
+    """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped
+    (a pipeline stage's: its layers under their global names)."""
+    from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, model_param_mappings
 
-    table = mappings_by_param_name(model.hf_arch)
+    table = model_param_mappings(model)
     out = {}
     for name, param in model.named_parameters():
         mapping = table[name]
