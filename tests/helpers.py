@@ -69,6 +69,20 @@ def global_grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def ce_forward_step(model, mb):
+    """A forward step of the trainer's contract: megatron's per-token cross-entropy of ``mb``
+    (``input_ids``, ``position_ids``, ``labels``), its masked sum over ``mb["mask"]``."""
+    from sdzero_mcore.losses.masked import masked_token_sum
+
+    per_token = model(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
+    return per_token, lambda out: (*masked_token_sum(out, mb["mask"]), {})
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
 def megatron_run(model) -> dict:
     """Full-vocabulary logits (padding stripped), the mean cross-entropy and global gradients.
 

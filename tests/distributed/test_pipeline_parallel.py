@@ -16,7 +16,7 @@ A tiny Qwen3 (tied embeddings, QK-norm, 4 layers: 2 per stage) from a HF directo
 
 import pytest
 import torch
-from helpers import VOCAB
+from helpers import VOCAB, ce_forward_step, max_rel
 
 from sdzero_mcore.parallel import run_local_workers
 
@@ -33,13 +33,6 @@ def _batches():
         mask = torch.rand(1, length, generator=g) < 0.7
         out.append((ids, labels, mask))
     return out
-
-
-def _ce_step(model, mb):
-    from sdzero_mcore.losses.masked import masked_token_sum
-
-    per_token = model(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
-    return per_token, lambda out: (*masked_token_sum(out, mb["mask"]), {})
 
 
 def _grads(model) -> dict:
@@ -102,9 +95,9 @@ def pipeline_worker(hf_dir: str, mcore_pp2_dir: str, run_dir: str, out_path: str
             out["logits"] = causal_lm_logits(model, batches[1][0])
         trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=0.0), total_steps=4,
                           run_dir=f"{run_dir}/pp{pp}", phase="pp", hf_files_dir=hf_dir)
-        out["logs"] = forward_backward(trainer.ddp, micro, _ce_step)
+        out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
         out["grads"] = _grads(model)
-        step = trainer.train_step(micro, _ce_step)
+        step = trainer.train_step(micro, ce_forward_step)
         out["step"] = {k: step[k] for k in ("loss", "grad_norm", "num_tokens")}
         params = dict(model.named_parameters())
         if "output_layer.weight" in params and pp == 2:
@@ -132,10 +125,6 @@ def results(tmp_path_factory):
     return [torch.load(root / f"out.pt.{rank}", weights_only=False) for rank in range(2)]
 
 
-def _max_rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
 def test_build_model_from_hf_builds_only_the_stage(results):
     first, last = results[0][2], results[1][2]
     assert (first["stage"], last["stage"]) == (0, 1)
@@ -157,7 +146,7 @@ def test_logits_loss_and_gradients_equal_pp1(results):
     ref = results[0][1]
     assert results[0][2]["logits"] is None  # logits live on the last stage
     logits = results[1][2]["logits"]
-    assert _max_rel(logits, ref["logits"]) < 1e-5
+    assert max_rel(logits, ref["logits"]) < 1e-5
     # PP = 1 ran as DP = 2 on the same batch: twice the tokens, the same token mean
     for rank in range(2):
         logs = results[rank][2]["logs"]
@@ -165,8 +154,8 @@ def test_logits_loss_and_gradients_equal_pp1(results):
         assert logs["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
     grads = {**results[0][2]["grads"], **results[1][2]["grads"]}
     assert set(grads) == set(ref["grads"]) | {"output_layer.weight"}
-    worst = max(_max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
-    print(f"PP=2 (tied): logits rel {_max_rel(logits, ref['logits']):.2e}, max relative grad error {worst:.2e}")
+    worst = max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
+    print(f"PP=2 (tied): logits rel {max_rel(logits, ref['logits']):.2e}, max relative grad error {worst:.2e}")
     assert worst < 1e-5
     # the tied copy on the last stage gets the embedding's whole gradient (megatron's embedding all-reduce)
     assert torch.equal(grads["output_layer.weight"], grads["embedding.word_embeddings.weight"])
@@ -179,7 +168,7 @@ def test_trainer_step_equals_pp1_and_keeps_tied_copies_equal(results):
         assert step["loss"] == pytest.approx(ref["loss"], rel=1e-6)
         assert step["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     assert torch.equal(results[1][2]["tied_copy_after_step"], results[0][2]["embedding_after_step"])
-    assert _max_rel(results[0][2]["embedding_after_step"], results[0][1]["embedding_after_step"]) < 1e-5
+    assert max_rel(results[0][2]["embedding_after_step"], results[0][1]["embedding_after_step"]) < 1e-5
 
 
 def test_resharding_streams_the_pp1_weights(results):

@@ -13,7 +13,7 @@ PP = 1 x TP = 1 (every rank the same model) and at PP = 2 x TP = 2:
 
 import pytest
 import torch
-from helpers import VOCAB, global_grads
+from helpers import VOCAB, ce_forward_step, global_grads, max_rel
 
 from sdzero_mcore.parallel import run_local_workers
 
@@ -29,13 +29,6 @@ def _batches():
         labels = torch.randint(0, VOCAB, (2, length), generator=g)
         out.append((ids, labels, torch.rand(2, length, generator=g) < 0.7))
     return out
-
-
-def _ce_step(model, mb):
-    from sdzero_mcore.losses.masked import masked_token_sum
-
-    per_token = model(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
-    return per_token, lambda out: (*masked_token_sum(out, mb["mask"]), {})
 
 
 def _distill_samples():
@@ -81,7 +74,7 @@ def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
             out["logits"] = causal_lm_logits(model, probe)
         trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=1.0), total_steps=2,
                           run_dir=run_dir, phase=f"tp{tp}pp{pp}", hf_files_dir=hf_dir)
-        out["logs"] = forward_backward(trainer.ddp, micro, _ce_step)
+        out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
         out["grads"] = global_grads(model)
         # a Phase 2 step: teacher top-K (forward-only schedule at PP > 1), the student's KL, the update
         distill_micro = distill_micro_batches(teacher, _distill_samples(), _Tokenizer(), dcfg)
@@ -111,10 +104,6 @@ def results(tmp_path_factory):
     return [torch.load(root / f"out.pt.{rank}", weights_only=False) for rank in range(4)]
 
 
-def _max_rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
 def _last_stage(results, key):
     values = [r[(2, 2)][key] for r in results if r[(2, 2)][key] is not None]
     assert len(values) == 2  # the last stage's two TP ranks, each with the full logits
@@ -125,7 +114,7 @@ def _last_stage(results, key):
 def test_logits_loss_and_gradients_equal_pp1_tp1(results):
     ref = results[0][(1, 1)]
     logits = _last_stage(results, "logits")
-    assert _max_rel(logits, ref["logits"]) < 1e-5
+    assert max_rel(logits, ref["logits"]) < 1e-5
     grads = {}
     for rank_results in results:
         got = rank_results[(2, 2)]
@@ -134,8 +123,8 @@ def test_logits_loss_and_gradients_equal_pp1_tp1(results):
         assert got["logs"]["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
         grads.update(got["grads"])
     assert set(grads) == set(ref["grads"])
-    worst = max(_max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
-    print(f"PP=2 x TP=2: logits rel {_max_rel(logits, ref['logits']):.2e}, max relative grad error {worst:.2e}")
+    worst = max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
+    print(f"PP=2 x TP=2: logits rel {max_rel(logits, ref['logits']):.2e}, max relative grad error {worst:.2e}")
     assert worst < 1e-5
 
 
@@ -150,11 +139,11 @@ def test_phase2_step_equals_pp1_tp1(results):
         for r in ("kl_sum_r0", "kl_sum_r1"):
             assert got[r] == pytest.approx(ref[r], rel=1e-5)
     after = _last_stage(results, "logits_after_step")
-    assert _max_rel(after, results[0][(1, 1)]["logits_after_step"]) < 1e-4  # one Adam step apart from PP=1
+    assert max_rel(after, results[0][(1, 1)]["logits_after_step"]) < 1e-4  # one Adam step apart from PP=1
 
 
 def test_checkpoint_written_at_pp2_tp2_loads_at_pp1_tp1(results):
     after = _last_stage(results, "logits_after_step")
-    assert _max_rel(after, _last_stage(results, "logits")) > 1e-4  # the step changed the weights
+    assert max_rel(after, _last_stage(results, "logits")) > 1e-4  # the step changed the weights
     for rank_results in results:
-        assert _max_rel(rank_results["loaded_logits"], after) < 1e-6
+        assert max_rel(rank_results["loaded_logits"], after) < 1e-6
