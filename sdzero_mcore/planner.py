@@ -68,7 +68,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import yaml
-from omegaconf import OmegaConf
 
 from sdzero_mcore.config import ConfigError, SDZeroConfig, load_config
 from sdzero_mcore.models.hf_config import ModelArch, pad_vocab_size
@@ -551,6 +550,7 @@ def render_plan(cfg: SDZeroConfig, shape: ModelShape, layout: Layout, *, gpu_gib
               f"weights {'bf16' if param_bytes == 2 else 'fp32'}; GiB per GPU, worst pipeline stage\n\n")
     headers = ["GiB per GPU"] + [f"{e.phase}" for e in estimates]
     rows = [
+        ["worst pipeline stage"] + [f"{e.stage} of {layout.pp}" for e in estimates],
         ["tokens per micro-batch / CP"] + [f"{p.micro_batch_tokens // layout.cp}" for p in phases],
         ["distributed optimizer"] + [("on" if p.distributed else "off") for p in phases],
         ["student weights"] + [_gib(e.student_weights) for e in estimates],
@@ -565,7 +565,7 @@ def render_plan(cfg: SDZeroConfig, shape: ModelShape, layout: Layout, *, gpu_gib
         ["teacher forward (before student)"] + [_gib(e.teacher_forward) for e in estimates],
         ["teacher top-K targets of the step"] + [_gib(e.targets) for e in estimates],
         ["weight-gradient transient"] + [_gib(e.transient) for e in estimates],
-        [f"CUDA context, NCCL, fragmentation"] + [_gib(reserve) for _ in estimates],
+        ["CUDA context, NCCL, fragmentation"] + [_gib(reserve) for _ in estimates],
         [f"training total (recompute {layout.recompute})"] + [_gib(e.training() + reserve) for e in estimates],
     ]
     turns = [rollout_turn(cfg, e, gpu_bytes) for e in estimates]

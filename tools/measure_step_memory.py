@@ -25,6 +25,7 @@ import argparse
 import gc
 import json
 import os
+import tempfile
 
 import torch
 
@@ -32,7 +33,6 @@ from sdzero_mcore.warnings_filter import quiet_dependency_warnings
 
 quiet_dependency_warnings()  # before megatron-core is imported: its import-time notices are noise here
 
-from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402, F401 - imported before profiling
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from sdzero_mcore.config import OptimizerConfig  # noqa: E402
@@ -109,8 +109,6 @@ def main() -> None:
     parser.add_argument("--run-dir", default=None, help="where the Trainer writes its metrics (default: a temp dir)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         print(json.dumps(measure(args.batch, args.seq, args.recompute, args.run_dir or tmp)))
 
