@@ -42,17 +42,39 @@ MEASURED_CASES = [
 ]
 
 
+CLI_RUNS = (
+    ["plan", "examples/qwen3_4b_release.yaml", "--gpus", "8"],
+    ["plan", "examples/qwen2.5_72b_release.yaml", "--gpus", "32"],
+    ["plan", "examples/qwen2.5_72b_release.yaml", "model.hf_dir=checkpoints/NoSuchModel"],
+)
+
+
 @pytest.fixture(scope="module")
-def measured():
+def fresh_process():
+    """One fresh interpreter (its allocator untouched by other tests) for the measurements and the CLI runs."""
     code = (
-        "import json, tempfile, measure_step_memory as m\n"
+        "import contextlib, io, json, tempfile, measure_step_memory as m\n"
+        "from sdzero_mcore.cli import main\n"
         f"for case in {MEASURED_CASES!r}:\n"
         "    with tempfile.TemporaryDirectory() as d:\n"
         "        print('RESULT', json.dumps(m.measure(run_dir=d, **case)), flush=True)\n"
+        f"for argv in {list(CLI_RUNS)!r}:\n"
+        "    out, err = io.StringIO(), io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
+        "        rc = main(argv)\n"
+        "    print('=== rc', rc)\n"
+        "    print(out.getvalue() + err.getvalue())\n"
     )
     result = _run_python(code)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    measurements, _, cli = result.stdout.partition("=== rc ")
+    rows = [json.loads(line[len("RESULT "):]) for line in measurements.splitlines() if line.startswith("RESULT ")]
+    return rows, ("=== rc " + cli).split("=== rc ")[1:]
+
+
+@pytest.fixture(scope="module")
+def measured(fresh_process):
+    return fresh_process[0]
 
 
 def test_estimate_is_within_10_percent_of_the_measured_peak(measured):
@@ -155,22 +177,8 @@ def test_pipeline_in_flight_micro_batches_make_stage_0_the_worst():
 
 
 @pytest.fixture(scope="module")
-def cli_outputs():
-    code = (
-        "import contextlib, io\n"
-        "from sdzero_mcore.cli import main\n"
-        "for argv in (['plan', 'examples/qwen3_4b_release.yaml', '--gpus', '8'],\n"
-        "             ['plan', 'examples/qwen2.5_72b_release.yaml', '--gpus', '32'],\n"
-        "             ['plan', 'examples/qwen2.5_72b_release.yaml', 'model.hf_dir=checkpoints/NoSuchModel']):\n"
-        "    out, err = io.StringIO(), io.StringIO()\n"
-        "    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):\n"
-        "        rc = main(argv)\n"
-        "    print('=== rc', rc)\n"
-        "    print(out.getvalue() + err.getvalue())\n"
-    )
-    result = _run_python(code)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout.split("=== rc ")[1:]
+def cli_outputs(fresh_process):
+    return fresh_process[1]
 
 
 def _row(text: str, label: str) -> list[str]:
