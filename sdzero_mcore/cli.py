@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sdzero_mcore.convert_args import add_convert_arguments
     from sdzero_mcore.demo import add_demo_arguments
     from sdzero_mcore.parity_demo import add_parity_demo_arguments
-    from sdzero_mcore.planner import add_plan_arguments
+    from sdzero_mcore.plan_args import add_plan_arguments
 
     parser = argparse.ArgumentParser(prog="sdzero", description="SD-Zero on megatron-core")
     parser.add_argument("--version", action="version", version=f"sdzero-mcore {__version__}")

@@ -58,7 +58,6 @@ trainer's bf16 weights (the rest is in host memory); without offloading, beside 
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -71,10 +70,10 @@ import yaml
 
 from sdzero_mcore.config import ConfigError, SDZeroConfig, load_config
 from sdzero_mcore.models.hf_config import ModelArch, pad_vocab_size
+from sdzero_mcore.plan_args import RECOMPUTE
 
 GIB = 2**30
 FP32 = 4
-RECOMPUTE = ("none", "selective", "full")
 PHASES = ("srt_train", "distill", "rft")  # Phase 1 training, Phase 2, the RFT baseline
 
 
@@ -586,17 +585,6 @@ def render_plan(cfg: SDZeroConfig, shape: ModelShape, layout: Layout, *, gpu_gib
             out.write(f"  {candidate.describe():28s} distributed optimizer {'on ' if candidate.distributed else 'off'}"
                       f"  peak {peak / GIB:6.1f} GiB ({where})\n")
     return out.getvalue()
-
-
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML run config (e.g. examples/llama3_70b_release.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor_model_parallel_size=8")
-    parser.add_argument("--gpus", type=int, help="GPUs of the run: sets DP and lists the smallest layouts that fit")
-    parser.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU (H100 80, H200 141)")
-    parser.add_argument("--reserve-gib", type=float, default=4.0,
-                        help="held outside tensors: CUDA context, NCCL buffers, allocator fragmentation")
-    parser.add_argument("--hf-config", help="a config.json (or its directory) for the model's shape")
-    parser.add_argument("--recompute", choices=RECOMPUTE, help="plan with this recompute instead of the config's")
 
 
 def run_plan(args) -> int:
