@@ -395,6 +395,10 @@ class OptimizerConfig(_Section):
     # null: warm up as (step + 1) / warmup_steps; a value f: torch's LinearLR(start_factor=f), i.e.
     # f at step 0 rising linearly to 1 at warmup_steps (the release's Phase 2: 0.1 over 20 steps)
     warmup_start_factor: Optional[float] = _checked(None, _Rule(lambda v: v is None or 0 < v <= 1, "null or (0, 1]"))
+    # true: megatron-core's DistributedOptimizer (ZeRO-1: fp32 masters and Adam moments sharded over
+    # DP x CP) with its own gradient clipping; the same schedule, betas, eps, weight decay and clip.
+    # false: torch AdamW over full fp32 masters on every rank (sdzero_mcore/trainer.py)
+    distributed: bool = False
 
     def _check_relations(self, prefix: str) -> None:
         if self.warmup_steps > 0 and self.warmup_ratio > 0:
