@@ -471,9 +471,13 @@ class Trainer:
             mcore_io.load_model(model, ckpt_dir / subdir)
         if self.distributed_optimizer or (ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR).is_dir():
             self._load_distributed_optimizer(ckpt_dir, meta)
-            state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-            self.state = TrainState(step=state["step"], data=state["data"])
-            return
+        else:
+            self._load_adamw(ckpt_dir, meta)
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        self.state = TrainState(step=state["step"], data=state["data"])
+
+    def _load_adamw(self, ckpt_dir: Path, meta: dict) -> None:
+        """The AdamW path's optimizer, scheduler and RNG state: at the layout that wrote them."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if meta.get("world_size", world) != world:
             raise ValueError(
@@ -500,8 +504,6 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(rng)
-        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-        self.state = TrainState(step=state["step"], data=state["data"])
 
     def _load_distributed_optimizer(self, ckpt_dir: Path, meta: dict) -> None:
         """The optimizer state of ``optimizer.distributed: true``: any data-parallel size, the same TP."""
