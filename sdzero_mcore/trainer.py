@@ -415,10 +415,11 @@ class Trainer:
         for subdir, model in models.items():
             mcore_io.save_model(model, staging / subdir)  # barrier inside, then every rank writes its shards
         if self.distributed_optimizer:
+            # every rank writes its slice of the sharded state (a dist checkpoint)
             save_distributed_optimizer(self.optimizer, self.scheduler, staging / DISTRIBUTED_OPTIMIZER_DIR)
-        # The optimizer state is the same on every data-parallel (and context-parallel) rank of a
-        # model-parallel rank: the first of them writes it, once.
         elif parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+            # The AdamW state is the same on every data-parallel (and context-parallel) rank of a
+            # model-parallel rank: the first of them writes it, once.
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
