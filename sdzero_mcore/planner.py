@@ -464,9 +464,7 @@ def config_layout(cfg: SDZeroConfig, layout_keys: dict, gpus: Optional[int]) -> 
     pp = int(layout_keys.get("parallel.pipeline_model_parallel_size", cfg.parallel.pipeline_model_parallel_size))
     vpp = layout_keys.get("parallel.virtual_pipeline_model_parallel_size",
                           getattr(cfg.parallel, "virtual_pipeline_model_parallel_size", None))
-    recompute = layout_keys.get("model.recompute", getattr(cfg.model, "recompute", None))
-    if recompute is None:
-        recompute = "selective" if cfg.model.recompute_activations else "none"
+    recompute = layout_keys.get("model.recompute", cfg.model.recompute)
     if recompute not in RECOMPUTE:
         raise ConfigError(f"model.recompute: {recompute!r} is not one of: {', '.join(RECOMPUTE)}")
     distributed = any(bool(v) for k, v in layout_keys.items() if k.endswith(".optimizer.distributed")) or any(

@@ -71,7 +71,7 @@ def measure(batch: int, seq: int, recompute: str, run_dir: str, **shape_override
     gc.collect()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as setup:
         torch.manual_seed(0)
-        model = build_gpt_model(arch, transformer_impl="local", on_cpu=True, recompute_activations=recompute == "selective")
+        model = build_gpt_model(arch, transformer_impl="local", on_cpu=True, recompute=recompute)
         trainer = Trainer(model, OptimizerConfig(lr=1e-3), total_steps=2, run_dir=run_dir, phase="memory", hf_files_dir=run_dir)
         trainer.train_step(data, step)
         gc.collect()
