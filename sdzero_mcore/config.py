@@ -177,10 +177,9 @@ class ParallelConfig(_Section):
     """Model-parallel layout; data parallelism takes the remaining ranks."""
 
     tensor_model_parallel_size: int = _checked(1, _AT_LEAST_1)
-    pipeline_model_parallel_size: int = _checked(
-        1,
-        _Rule(lambda v: v == 1, "1", problem="is not supported: pipeline parallelism is not implemented; allowed:"),
-    )
+    # pipeline stages (megatron-core's 1F1B schedule): each holds num_layers / PP consecutive layers,
+    # the first the embedding, the last the final norm, the output layer and the loss
+    pipeline_model_parallel_size: int = _checked(1, _AT_LEAST_1)
     context_parallel_size: int = _checked(1, _AT_LEAST_1)
     # TransformerEngine's CP scheme; the local spec's SDPA attention always all-gathers K and V
     cp_comm_type: str = _checked("p2p", _one_of("p2p", "all_gather", "a2a", "a2a+p2p"))
@@ -216,18 +215,20 @@ class ParallelConfig(_Section):
                               f"({self.context_parallel_size})")
 
     def data_parallel_size(self, world_size: int) -> int:
-        """The data-parallel size for ``world_size`` ranks; ConfigError when TP x CP does not divide it."""
+        """The data-parallel size for ``world_size`` ranks; ConfigError when TP x CP x PP does not divide it."""
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
-        tp, cp = self.tensor_model_parallel_size, self.context_parallel_size
-        if world_size % (tp * cp):
+        tp, cp, pp = self.tensor_model_parallel_size, self.context_parallel_size, self.pipeline_model_parallel_size
+        if world_size % (tp * cp * pp):
             valid = [str(n) for n in range(1, world_size + 1) if world_size % n == 0]
+            sizes, product = f"parallel.tensor_model_parallel_size ({tp}) x parallel.context_parallel_size ({cp})", "TP x CP"
+            if pp > 1:
+                sizes, product = f"{sizes} x parallel.pipeline_model_parallel_size ({pp})", "TP x CP x PP"
             raise ConfigError(
-                f"parallel.tensor_model_parallel_size ({tp}) x parallel.context_parallel_size ({cp}) = {tp * cp} "
-                f"does not divide the world size {world_size}; valid TP x CP products for world size "
-                f"{world_size}: {', '.join(valid)}"
+                f"{sizes} = {tp * cp * pp} does not divide the world size {world_size}; valid {product} products "
+                f"for world size {world_size}: {', '.join(valid)}"
             )
-        return world_size // (tp * cp)
+        return world_size // (tp * cp * pp)
 
 
 @dataclass

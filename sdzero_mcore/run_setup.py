@@ -35,13 +35,17 @@ def params_dtype(cfg: SDZeroConfig) -> torch.dtype:
 
 
 def check_layout(cfg: SDZeroConfig, source: ModelSource) -> None:
-    """TP must divide the heads, full recompute cannot span more layers than the model has: checked
-    from config.json before any process group exists."""
+    """TP must divide the heads, PP the layers, and full recompute cannot span more layers than the
+    model has: checked from config.json before any process group exists."""
     arch = ModelArch.from_hf_dir(source.hf_files_dir)
     try:
         arch.check_tensor_parallel(cfg.parallel.tensor_model_parallel_size)
     except ValueError as error:
         raise ConfigError(f"parallel.tensor_model_parallel_size: {error}") from None
+    try:
+        arch.check_pipeline_parallel(cfg.parallel.pipeline_model_parallel_size)
+    except ValueError as error:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size: {error}") from None
     try:
         recompute_config(cfg.model.recompute, cfg.model.recompute_method, cfg.model.recompute_num_layers, arch.num_layers)
     except ValueError as error:
@@ -53,6 +57,7 @@ def setup_parallel(cfg: SDZeroConfig):
     return initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         context_parallel_size=cfg.parallel.context_parallel_size,
+        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         timeout_minutes=cfg.parallel.timeout_minutes,
         seed=cfg.seed,
         hierarchical_context_parallel_sizes=cfg.parallel.hierarchical_context_parallel_sizes,

@@ -14,6 +14,13 @@ The contract (megatron-core's forward-step / loss-function contract with per-tok
 * The trainer sums each log over micro-batches and reduces all of them over DP x CP in one
   all-reduce; ``loss`` is the global token mean. A step with nothing to train on is
   :meth:`Trainer.skip_step` (it still advances the step and the schedule on every rank).
+* Pipeline parallelism (PP > 1): megatron-core's 1F1B schedule runs the micro-batches through the
+  stages. Every stage's forward step is called with the same micro-batch; on all but the last the
+  model returns hidden states, which the schedule sends on, and ``loss_fn`` runs on the last stage
+  only (so it may read anything in the micro-batch, but nothing a previous stage computed besides
+  the model's output). ``finalize_model_grads`` broadcasts the token count from the last stage and
+  all-reduces the gradients of tied embeddings between the first and last stage; the logs are
+  reduced on the last stage and broadcast to the others, so every rank returns the same metrics.
 
 Nothing in a micro-batch runs a collective across data-parallel ranks, so ranks may run different
 numbers of micro-batches (each needs at least one; a rank without data runs one with no loss tokens).
@@ -59,7 +66,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sdzero_mcore.checkpoint import mcore_io
 from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
-from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
+from sdzero_mcore.checkpoint.mapping import Kind, is_tied_output_copy, model_param_mappings
 from sdzero_mcore.checkpoint.source import LATEST_FILE, latest_checkpoint
 from sdzero_mcore.distributed_optimizer import (
     CHECKPOINT_DIR as DISTRIBUTED_OPTIMIZER_DIR,
@@ -72,6 +79,7 @@ from sdzero_mcore.distributed_optimizer import (
 )
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.float64_reductions import float64_sum_of_squares
+from sdzero_mcore.parallel.pipeline import broadcast_from_last_stage, is_last_stage, pipeline_parallel_size
 
 # loss_fn(output) -> (masked loss sum, token count, additive logs)
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -204,11 +212,15 @@ def forward_backward(ddp: DistributedDataParallel, micro_batches: Sequence[Any],
         data_iterator=iter(micro_batches),
         model=ddp,
         num_microbatches=len(micro_batches),
-        seq_length=0,  # unused without pipelining
+        seq_length=0,  # unused without pipelining; with it, each activation's shape is sent first
         micro_batch_size=0,
         forward_only=forward_only,
     )
-    totals = _reduce_logs(logs)
+    if pipeline_parallel_size() > 1:
+        # the loss functions ran on the last stage: its totals, for every stage
+        totals = broadcast_from_last_stage(_reduce_logs(logs) if is_last_stage() else None)
+    else:
+        totals = _reduce_logs(logs)
     loss_sum = totals.pop("loss_sum")
     return {"loss": loss_sum / totals["num_tokens"] if totals["num_tokens"] > 0 else math.nan, **totals}
 
@@ -276,6 +288,8 @@ class Trainer:
             wandb_cfg=getattr(logging_cfg, "wandb", None),
         )
         self._replicated = _replicated_param_names(model)
+        # the last pipeline stage's copy of a tied embedding: counted once, on the first stage
+        self._pipeline_copies = {name for name, _ in named if is_tied_output_copy(model, name)}
         self._last_log = time.perf_counter()
         # checkpoint names that keep_last pruning leaves alone whatever their age (the best ones by validation)
         self.protected: set[str] = set()
@@ -365,16 +379,19 @@ class Trainer:
         self.scheduler.step()
 
     def grad_norm(self) -> float:
-        """The L2 norm of the whole model's gradient: TP shards once each, replicated tensors once."""
+        """The L2 norm of the whole model's gradient: TP shards once each, replicated tensors once,
+        every pipeline stage's parameters (a tied embedding once)."""
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         # summed on the device: one host sync for the whole model, not one per parameter
         total = torch.zeros((), dtype=torch.float64, device=next(self.model.parameters()).device)
         for name, master in self.masters.items():
-            if master.grad is None or (name in self._replicated and tp_rank != 0):
+            if master.grad is None or (name in self._replicated and tp_rank != 0) or name in self._pipeline_copies:
                 continue
             total += float64_sum_of_squares(master.grad)  # chunk by chunk: no float64 copy of the gradient
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        if pipeline_parallel_size() > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         return float(total.sqrt())
 
     def log(self, metrics: dict, *, tokens: Optional[float] = None, untimed_s: float = 0.0) -> None:
@@ -442,6 +459,7 @@ class Trainer:
                     staging / subdir,
                     model.hf_arch,
                     tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                    pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
                     padded_vocab_size=model.padded_vocab_size,
                     params_dtype=next(model.parameters()).dtype,
                     phase=self.phase,
@@ -546,7 +564,7 @@ def prune_checkpoints(root: Path, keep_last: int, protect: Iterable[str] = ()) -
 
 
 def _replicated_param_names(model) -> set[str]:
-    table = mappings_by_param_name(model.hf_arch)
+    table = model_param_mappings(model)
     return {name for name, _ in model.named_parameters() if table[name].kind is Kind.REPLICATED}
 
 

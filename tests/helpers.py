@@ -54,10 +54,11 @@ def gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def global_grads(model) -> dict[str, torch.Tensor]:
-    """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped."""
-    from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, mappings_by_param_name
+    """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped
+    (a pipeline stage's: its layers under their global names)."""
+    from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, model_param_mappings
 
-    table = mappings_by_param_name(model.hf_arch)
+    table = model_param_mappings(model)
     out = {}
     for name, param in model.named_parameters():
         mapping = table[name]
@@ -66,6 +67,20 @@ def global_grads(model) -> dict[str, torch.Tensor]:
             full = full[: model.hf_arch.vocab_size]
         out[mapping.mcore] = full
     return out
+
+
+def ce_forward_step(model, mb):
+    """A forward step of the trainer's contract: megatron's per-token cross-entropy of ``mb``
+    (``input_ids``, ``position_ids``, ``labels``), its masked sum over ``mb["mask"]``."""
+    from sdzero_mcore.losses.masked import masked_token_sum
+
+    per_token = model(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
+    return per_token, lambda out: (*masked_token_sum(out, mb["mask"]), {})
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def megatron_run(model) -> dict:

@@ -290,3 +290,40 @@ def mappings_by_param_name(arch: ModelArch) -> dict[str, WeightMapping]:
         if mapping.local_alias:
             table[mapping.local_alias] = mapping
     return table
+
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+TIED_OUTPUT_WEIGHT = "output_layer.weight"
+
+
+def model_param_mappings(model) -> dict[str, WeightMapping]:
+    """Each parameter of a built model -> its concrete mapping, at global layer indices.
+
+    A pipeline stage names its layers from 0; its layer i is global layer
+    ``decoder.layers[i].layer_number - 1`` (megatron-core's offset). With tied embeddings the last
+    stage of PP > 1 holds a copy of the embedding as ``output_layer.weight``
+    (:func:`is_tied_output_copy`): it maps to the embedding. At PP = 1 this is
+    :func:`mappings_by_param_name` looked up by name."""
+    arch = model.hf_arch
+    table = mappings_by_param_name(arch)
+    out = {}
+    for name, _ in model.named_parameters():
+        if name == TIED_OUTPUT_WEIGHT and arch.tie_word_embeddings:
+            out[name] = table["embedding.word_embeddings.weight"]
+            continue
+        match = _LOCAL_LAYER.match(name)
+        if match:
+            layer = model.decoder.layers[int(match.group(1))].layer_number - 1
+            key = f"decoder.layers.{layer}." + name[match.end():]
+        else:
+            key = name
+        if key not in table:
+            raise ValueError(f"parameter {name!r} has no HF mapping for {arch.architecture}")
+        out[name] = table[key]
+    return out
+
+
+def is_tied_output_copy(model, name: str) -> bool:
+    """Whether parameter ``name`` is the last pipeline stage's copy of a tied embedding (its values
+    and gradients equal the first stage's embedding: counted and exported once, from there)."""
+    return name == TIED_OUTPUT_WEIGHT and model.hf_arch.tie_word_embeddings

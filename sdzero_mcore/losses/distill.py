@@ -12,13 +12,18 @@ back to sequence order (K values per token, not V), moved to the student's posit
 again in the student's CP order. :func:`distill_loss` returns the masked KL sum over this rank's
 response tokens and their count: the trainer's per-token contract turns that into the token mean
 over the global batch (:mod:`sdzero_mcore.trainer`).
+
+At pipeline-parallel size > 1, :func:`teacher_targets_for` runs the teacher's micro-batches
+through megatron-core's forward-only schedule and computes the top-K on its last stage. The
+student (same layout) computes its loss on its last stage, the same ranks: the targets stay there,
+and the other stages, which never run the loss, get None.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -28,6 +33,7 @@ from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses.masked import masked_token_sum
 from sdzero_mcore.models.forward import cp_local_batch, cp_size_rank, vocab_parallel_logits
 from sdzero_mcore.parallel.context_parallel import gather_from_cp, padded_seq_len, split_for_cp
+from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
 
 
 @dataclass
@@ -86,15 +92,18 @@ class TeacherTargets:
 
 
 @torch.no_grad()
-def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float = 1.0) -> TeacherTargets:
-    """Run the teacher on its sequences and place its top-K log-probs at the student's positions.
+def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float = 1.0,
+                    logits: Optional[torch.Tensor] = None) -> TeacherTargets:
+    """Run the teacher on its sequences (or take its vocab-parallel ``logits`` on them) and place
+    its top-K log-probs at the student's positions.
 
     Positions without a loss (prompt, padding) get a harmless uniform distribution over ids 0..K-1,
     so the kernels see finite inputs everywhere and the mask alone decides what counts.
     """
     tp_group = parallel_state.get_tensor_model_parallel_group()
     teacher_len = batch.teacher_ids.shape[1]
-    logits = vocab_parallel_logits(teacher, cp_local_batch(batch.teacher_ids))
+    if logits is None:
+        logits = teacher_logits(teacher, batch)
     logprobs, ids = teacher_topk(logits, k, temperature=temperature, tp_group=tp_group)
     logprobs = gather_from_cp(logprobs, dim=1)[:, :teacher_len]
     ids = gather_from_cp(ids, dim=1)[:, :teacher_len]
@@ -114,6 +123,26 @@ def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float 
         ids=torch.where(mask[..., None], ids.gather(1, index), filler_ids),
         loss_mask=mask,
     )
+
+
+def teacher_logits(teacher, batch: DistillBatch) -> torch.Tensor:
+    """The teacher's vocab-parallel logits on this rank's CP part of its sequences (at PP > 1: the
+    stage's output)."""
+    return vocab_parallel_logits(teacher, cp_local_batch(batch.teacher_ids))
+
+
+def teacher_targets_for(teacher, batches: Sequence[DistillBatch], *, k: int,
+                        temperature: float = 1.0) -> list[Optional[TeacherTargets]]:
+    """:func:`teacher_targets` of each batch. At pipeline-parallel size > 1 the batches go through
+    megatron-core's forward-only schedule as micro-batches, and the targets are computed on the
+    last stage, where the student's loss runs; the other stages get None for each."""
+    if pipeline_parallel_size() == 1:
+        return [teacher_targets(teacher, batch, k=k, temperature=temperature) for batch in batches]
+    targets = forward_only_outputs(
+        teacher, batches, teacher_logits,
+        lambda logits, batch: teacher_targets(teacher, batch, k=k, temperature=temperature, logits=logits),
+    )
+    return targets or [None] * len(batches)
 
 
 @dataclass

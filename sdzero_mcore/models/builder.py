@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.extensions.transformer_engine import TENorm
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from sdzero_mcore.models.attention import SDPACoreAttention
@@ -60,6 +60,7 @@ def transformer_config_for(
     params_dtype: torch.dtype = torch.float32,
     tensor_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
     perform_initialization: bool = True,
     recompute: str = "none",
     recompute_method: str = "uniform",
@@ -70,10 +71,11 @@ def transformer_config_for(
     """The TransformerConfig that reproduces ``arch``; ``recompute``: none, selective or full
     (``recompute_method`` and ``recompute_num_layers`` apply to full), megatron-core's activation recompute."""
     arch.check_tensor_parallel(tensor_model_parallel_size)
+    arch.check_pipeline_parallel(pipeline_model_parallel_size)
     if cp_comm_type is not None and cp_comm_type not in CP_COMM_TYPES:
         raise ValueError(f"cp_comm_type must be one of {', '.join(CP_COMM_TYPES)}; got {cp_comm_type!r}")
     recompute_kwargs = recompute_config(recompute, recompute_method, recompute_num_layers, arch.num_layers)
-    return TransformerConfig(
+    config = TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_attention_heads,
@@ -92,7 +94,7 @@ def transformer_config_for(
         tensor_model_parallel_size=tensor_model_parallel_size,
         context_parallel_size=context_parallel_size,
         cp_comm_type=cp_comm_type if context_parallel_size > 1 else None,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -110,6 +112,13 @@ def transformer_config_for(
         gradient_accumulation_fusion=False,
         **recompute_kwargs,
     )
+    if pipeline_model_parallel_size > 1:
+        # Stages exchange activations of each micro-batch's own shape (micro-batches are packed by
+        # tokens, so their lengths differ): the shape goes first. Set after construction because
+        # TransformerConfig refuses it beside its default MoE token dispatcher, which a dense model
+        # never builds.
+        config.variable_seq_lengths = True
+    return config
 
 
 def recompute_config(recompute: str, method: str, num_layers: int, model_layers: int) -> dict:
@@ -150,12 +159,14 @@ def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attent
     return spec
 
 
-def block_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa"):
-    """The decoder block: :func:`layer_spec_for` for every layer (one pipeline stage) and a final
-    norm of the same implementation as the layers' norms."""
+def block_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa",
+                   num_layers: Optional[int] = None):
+    """The decoder block: :func:`layer_spec_for` for each of ``num_layers`` layers (default: all of
+    them; a pipeline stage builds its share) and a final norm of the same implementation as the
+    layers' norms (built on the last stage only)."""
     impl = resolve_transformer_impl(transformer_impl)
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec_for(arch, impl, local_attention)] * arch.num_layers,
+        layer_specs=[layer_spec_for(arch, impl, local_attention)] * (arch.num_layers if num_layers is None else num_layers),
         layer_norm=TENorm if impl == "transformer_engine" else WrappedTorchNorm,
     )
 
@@ -193,7 +204,12 @@ def build_gpt_model(
     max_sequence_length: Optional[int] = None,
     on_cpu: Optional[bool] = None,
 ):
-    """A GPTModel for ``arch`` at the tensor/context-parallel sizes of megatron's parallel_state.
+    """A GPTModel for ``arch`` at the tensor/context/pipeline-parallel sizes of megatron's parallel_state.
+
+    At pipeline-parallel size PP > 1 it is this rank's stage: layers [offset, offset + L / PP)
+    (``TransformerLayer.layer_number`` - 1 is a layer's global index), the embedding on the first
+    stage, the final norm and the output layer on the last (with tied embeddings, the last stage's
+    output layer is a copy of the embedding that megatron-core keeps in step).
 
     ``parallel_output=True`` returns vocab-parallel logits [b, s, V_padded / TP] (what the
     distillation kernels take); False gathers them to [b, s, V_padded]. Either way the padded ids
@@ -206,6 +222,7 @@ def build_gpt_model(
         on_cpu = not torch.cuda.is_available()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     impl = resolve_transformer_impl(transformer_impl)
     if impl == "local":
         if cp > 1 and local_attention != "sdpa":
@@ -219,6 +236,7 @@ def build_gpt_model(
         params_dtype=params_dtype,
         tensor_model_parallel_size=tp,
         context_parallel_size=cp,
+        pipeline_model_parallel_size=pp,
         perform_initialization=perform_initialization,
         recompute=recompute,
         recompute_method=recompute_method,
@@ -227,15 +245,20 @@ def build_gpt_model(
         cp_comm_type=cp_comm_type,
     )
     padded_vocab_size = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
+    stage = {}
+    if pp > 1:  # at PP = 1 megatron's defaults (one stage with everything) are what is built
+        stage = {"pre_process": parallel_state.is_pipeline_first_stage(),
+                 "post_process": parallel_state.is_pipeline_last_stage()}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec_for(arch, impl, local_attention),
+        transformer_layer_spec=block_spec_for(arch, impl, local_attention, get_num_layers_to_build(config) if pp > 1 else None),
         vocab_size=padded_vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         parallel_output=parallel_output,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=arch.rope.theta,
+        **stage,
     )
     # megatron-core hard-codes three of Llama 3's four scaling constants; set the frequencies the
     # HF config asks for instead (also right for unscaled RoPE). inv_freq is not a parameter or a
@@ -249,7 +272,8 @@ def build_gpt_model(
         logits, bias = output
         return mask_padded_vocab(logits, vocab_size, padded_vocab_size), bias
 
-    model.output_layer.register_forward_hook(_mask_hook)
+    if model.post_process:
+        model.output_layer.register_forward_hook(_mask_hook)
     model.hf_arch = arch
     model.padded_vocab_size = padded_vocab_size
     if not on_cpu:

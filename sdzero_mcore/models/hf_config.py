@@ -121,6 +121,17 @@ class ModelArch:
                 f"valid sizes for this model: {', '.join(map(str, valid))}"
             )
 
+    def check_pipeline_parallel(self, pipeline_parallel_size: int) -> None:
+        """Refuse a pipeline-parallel size that does not split the layers evenly over the stages."""
+        if pipeline_parallel_size < 1:
+            raise ValueError(f"pipeline-parallel size must be >= 1, got {pipeline_parallel_size}")
+        if self.num_layers % pipeline_parallel_size:
+            valid = [n for n in range(1, self.num_layers + 1) if self.num_layers % n == 0]
+            raise ValueError(
+                f"pipeline-parallel size {pipeline_parallel_size} does not divide num_hidden_layers={self.num_layers}; "
+                f"valid sizes for this model: {', '.join(map(str, valid))}"
+            )
+
     @classmethod
     def from_hf_dir(cls, hf_dir: str | Path) -> "ModelArch":
         path = Path(hf_dir) / "config.json"

@@ -15,6 +15,10 @@ megatron-core assumes CUDA in a handful of places that are not about computation
 * The pipeline schedules (``get_forward_backward_func()``) count the step's loss tokens in a
   tensor created with ``device="cuda"``; the schedules module sees a ``torch`` whose ``zeros``
   puts such a tensor on the CPU, and is otherwise torch itself.
+* With tied embeddings at pipeline-parallel size > 1, the last stage's copy of the embedding is
+  moved with ``weight.data.cuda()`` before the all-reduce that makes it equal to the first
+  stage's (``LanguageModule.setup_embeddings_and_output_layer``); during that method only,
+  ``Tensor.cuda()`` leaves a CPU tensor where it is.
 * megatron-core's optimizers (used by the distributed optimizer, ``optimizer.distributed``) keep
   a few scalars (the unit loss scale, the multi-tensor applier's overflow flag, the gradient norm)
   in tensors created with ``device="cuda"``: their modules see the same ``torch``, whose
@@ -39,6 +43,7 @@ import types
 
 import torch
 from megatron.core.fusions import fused_softmax
+from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
 from megatron.core.optimizer import clip_grads, distrib_optimizer
 from megatron.core.optimizer import optimizer as mcore_optimizer
@@ -65,6 +70,7 @@ def apply_cpu_compat(force: bool = False) -> bool:
         _redirect_default_causal_mask()
         _redirect_rope_cp_slicing()
         _redirect_schedule_token_counter()
+        _redirect_tied_embedding_copy()
         _redirect_optimizer_scalars()
         _accept_cpu_tensors_in_optimizer()
         _applied = True
@@ -232,3 +238,24 @@ def _accept_cpu_tensors_in_optimizer() -> None:
     clip = _typed_as_cuda(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = clip
     mcore_optimizer.clip_grad_by_total_norm_fp32 = clip
+
+
+@contextlib.contextmanager
+def _tensor_cuda_keeps_cpu_tensors():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _redirect_tied_embedding_copy() -> None:
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self) -> None:
+        with _tensor_cuda_keeps_cpu_tensors():
+            original(self)
+
+    LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer

@@ -26,7 +26,7 @@ from sdzero_mcore.data.prompts import RunPrompts, control_ids, solution_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.float64_reductions import float64_sum
-from sdzero_mcore.losses.distill import DistillLoss, collate_distill, distill_loss, student_logits, teacher_targets
+from sdzero_mcore.losses.distill import DistillLoss, collate_distill, distill_loss, student_logits, teacher_targets_for
 from sdzero_mcore.models.forward import model_device
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
@@ -109,16 +109,19 @@ def distill_micro_batches(teacher, samples: Sequence[Sample], tokenizer, dcfg) -
     """This DP rank's micro-batches of the step, each with the teacher's top-K targets.
 
     A rank whose share is empty gets one micro-batch of the step's first sample with its loss
-    mask cleared: it counts nowhere, and keeps the rank in the step's collectives."""
+    mask cleared: it counts nowhere, and keeps the rank in the step's collectives. At
+    pipeline-parallel size > 1 the targets are on the last stage (None on the others, which never
+    run the loss)."""
     device = model_device(teacher)
     # the teacher's sequence (prefix + y) is the longer one: it sets the padding
     chunks = split_micro_batches(data_parallel_shard(samples), dcfg.micro_batch_size, dcfg.max_tokens_per_micro_batch,
                                  lambda s: len(s.teacher_prefix_ids) + len(s.response_ids))
+    chunks = [(c, False) for c in chunks] or [([samples[0]], True)]
+    batches = [collate_distill(chunk, pad_id(tokenizer)) for chunk, _ in chunks]
     micro = []
-    for chunk, is_filler in [(c, False) for c in chunks] or [([samples[0]], True)]:
-        batch = collate_distill(chunk, pad_id(tokenizer))
-        targets = teacher_targets(teacher, batch, k=dcfg.top_k, temperature=dcfg.temperature)
-        if is_filler:
+    for (chunk, is_filler), batch, targets in zip(chunks, batches, teacher_targets_for(
+            teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature)):
+        if is_filler and targets is not None:
             targets.loss_mask.zero_()
         micro.append((batch, targets, torch.tensor([s.reward for s in chunk], device=device)))
     return micro

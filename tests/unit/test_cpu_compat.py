@@ -36,6 +36,18 @@ def test_redirections_apply_once_on_cpu():
         assert counter.device.type == "cpu" and counter.dtype == torch.int
         assert schedules.torch.ones is torch.ones and schedules.torch.Tensor is torch.Tensor
         assert torch.cuda.synchronize() is None
+        # Tensor.cuda() leaves CPU tensors in place only inside the tied-embedding setup
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        from sdzero_mcore.parallel import cpu_compat
+        assert LanguageModule.setup_embeddings_and_output_layer.__wrapped__ is not None
+        with cpu_compat._tensor_cuda_keeps_cpu_tensors():
+            assert torch.ones(1).cuda().device.type == "cpu"
+        try:
+            torch.ones(1).cuda()
+            moved = True
+        except (AssertionError, RuntimeError):  # torch without CUDA refuses
+            moved = False
+        assert not moved
         from megatron.core.fusions import fused_softmax
         mask = fused_softmax.get_default_causal_mask(4)
         assert mask.device.type == "cpu" and mask.dtype == torch.bool
@@ -68,6 +80,8 @@ def test_nothing_is_patched_when_cuda_is_present():
         from megatron.core.tensor_parallel import random as mcore_random
         tracker_class = mcore_random.CudaRNGStatesTracker
         from megatron.core.pipeline_parallel import schedules
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        setup = LanguageModule.setup_embeddings_and_output_layer
         from megatron.core.optimizer import clip_grads, distrib_optimizer
         init, clip = distrib_optimizer.DistributedOptimizer.__init__, clip_grads.clip_grad_by_total_norm_fp32
         from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
@@ -76,6 +90,7 @@ def test_nothing_is_patched_when_cuda_is_present():
         assert clip_grads.torch is torch and distrib_optimizer.DistributedOptimizer.__init__ is init
         assert clip_grads.clip_grad_by_total_norm_fp32 is clip
         assert mcore_random.CudaRNGStatesTracker is tracker_class
+        assert LanguageModule.setup_embeddings_and_output_layer is setup
         print("ok")
         """
     )
