@@ -408,16 +408,17 @@ def rollout_turn(cfg: SDZeroConfig, estimate: Estimate, gpu_bytes: float) -> tup
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a config whose layout keys the installed trainer may not know yet
+# Loading a config with a layout key the trainer does not know
 
 
-# Read by the planner itself, so that it plans layouts before the trainer accepts them: removed from
-# the file and the overrides before the config is validated.
-LAYOUT_KEYS = ("parallel.pipeline_model_parallel_size", "parallel.virtual_pipeline_model_parallel_size", "model.recompute")
+# Read by the planner itself and removed from the file and the overrides before the config is
+# validated: the trainer has no virtual pipeline stages yet, the planner can still size them. Every
+# other layout key (PP, recompute, each phase's optimizer.distributed) is the validated config's.
+LAYOUT_KEYS = ("parallel.virtual_pipeline_model_parallel_size",)
 
 
 def _layout_key(key: str) -> bool:
-    return key in LAYOUT_KEYS or (key.endswith(".optimizer.distributed") and key.count(".") == 2)
+    return key in LAYOUT_KEYS
 
 
 def load_plan_config(path: str, overrides: Sequence[str]) -> tuple[SDZeroConfig, dict]:
