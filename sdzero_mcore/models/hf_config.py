@@ -49,10 +49,11 @@ _MODEL_TYPE_TO_ARCHITECTURE = {
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 OLMO3_LAYER_TYPES = (FULL_ATTENTION, SLIDING_ATTENTION)
-# transformers' Olmo3Config.default_theta: the RoPE base of a layer type whose parameters name none.
+# transformers' Olmo3Config defaults for fields a config.json leaves out: the RoPE base of a layer
+# type whose parameters name none (its default_theta), the window, the context and the norm epsilon.
 OLMO3_DEFAULT_ROPE_THETA = 500000.0
-
-# Olmo3Config's rms_norm_eps when config.json has none (the others': 1e-6).
+OLMO3_DEFAULT_SLIDING_WINDOW = 4096
+OLMO3_DEFAULT_MAX_POSITIONS = 2048
 OLMO3_RMS_NORM_EPS = 1e-5
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -266,7 +267,9 @@ def _parse(config: Mapping[str, Any], source: str) -> ModelArch:
         head_dim=head_dim,
         ffn_hidden_size=int(need("intermediate_size")),
         norm_eps=float(config.get("rms_norm_eps", OLMO3_RMS_NORM_EPS if family.olmo3 else 1e-6)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(
+            config.get("max_position_embeddings", OLMO3_DEFAULT_MAX_POSITIONS if family.olmo3 else 4096)
+        ),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         qkv_bias=family.qkv_bias,
         qk_norm=family.qk_norm,
@@ -287,7 +290,7 @@ def _parse_olmo3(config: Mapping[str, Any], num_layers: int, refuse) -> dict[str
         raise refuse(f"layer_types {unknown} is not supported; supported: {list(OLMO3_LAYER_TYPES)}")
     if len(layer_types) != num_layers:
         raise refuse(f"layer_types has {len(layer_types)} entries, num_hidden_layers is {num_layers}")
-    window = config.get("sliding_window")
+    window = config.get("sliding_window", OLMO3_DEFAULT_SLIDING_WINDOW)
     if SLIDING_ATTENTION in layer_types and (not isinstance(window, int) or window < 1):
         raise refuse(f"sliding_window={window!r}: layer_types has sliding_attention layers, which need a window >= 1")
     ropes = _parse_olmo3_rope(config, refuse)
@@ -321,7 +324,7 @@ def _parse_olmo3_rope(config: Mapping[str, Any], refuse) -> dict[str, RopeSpec]:
         FULL_ATTENTION: "rope_parameters.full_attention" if nested else "rope_scaling",
         SLIDING_ATTENTION: "rope_parameters.sliding_attention",
     }
-    max_positions = int(config.get("max_position_embeddings", 2048))
+    max_positions = int(config.get("max_position_embeddings", OLMO3_DEFAULT_MAX_POSITIONS))
     return {kind: _olmo3_rope(params[kind], field_of[kind], max_positions, refuse) for kind in OLMO3_LAYER_TYPES}
 
 
