@@ -185,9 +185,12 @@ def test_builder_refusals(megatron_single_rank, monkeypatch):
     arch = ModelArch.from_hf_config(_config())
     with pytest.raises(ValueError, match="local_attention='unfused' is not supported for Olmo3ForCausalLM"):
         build_gpt_model(arch, transformer_impl="local", local_attention="unfused", on_cpu=True)
+    # as on a GPU machine with TransformerEngine: auto would pick TE, and picks local for Olmo-3
     monkeypatch.setattr(builder, "transformer_engine_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="transformer_impl='transformer_engine' is not supported for Olmo3ForCausalLM"):
         builder.layer_spec_for(arch, "transformer_engine")
+    assert builder.resolve_transformer_impl("auto") == "transformer_engine"
     assert builder.resolve_transformer_impl_for(arch, "auto") == "local"
 
 
