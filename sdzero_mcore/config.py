@@ -161,7 +161,15 @@ class ModelConfig(_Section):
     local_attention: str = _checked("sdpa", _one_of("sdpa", "unfused"))
     make_vocab_size_divisible_by: int = _checked(128, _AT_LEAST_1)
     max_seq_length: int = _checked(4096, _AT_LEAST_1)
-    recompute_activations: bool = False
+    # activation recompute in training (megatron-core's): none; selective = its recompute_modules
+    # default, the core attention; full = whole layers, keeping only their inputs (recompute_method,
+    # recompute_num_layers below)
+    recompute: str = _checked("none", _one_of("none", "selective", "full"))
+    # full only: uniform = checkpoint the input of every recompute_num_layers layers and recompute
+    # each such chunk; block = recompute the first recompute_num_layers layers (of each pipeline
+    # stage) and keep the others' activations
+    recompute_method: str = _checked("uniform", _one_of("uniform", "block"))
+    recompute_num_layers: int = _checked(1, _AT_LEAST_1)
 
 
 @dataclass
@@ -395,6 +403,10 @@ class OptimizerConfig(_Section):
     # null: warm up as (step + 1) / warmup_steps; a value f: torch's LinearLR(start_factor=f), i.e.
     # f at step 0 rising linearly to 1 at warmup_steps (the release's Phase 2: 0.1 over 20 steps)
     warmup_start_factor: Optional[float] = _checked(None, _Rule(lambda v: v is None or 0 < v <= 1, "null or (0, 1]"))
+    # true: megatron-core's DistributedOptimizer (ZeRO-1: fp32 masters and Adam moments sharded over
+    # DP x CP) with its own gradient clipping; the same schedule, betas, eps, weight decay and clip.
+    # false: torch AdamW over full fp32 masters on every rank (sdzero_mcore/trainer.py)
+    distributed: bool = False
 
     def _check_relations(self, prefix: str) -> None:
         if self.warmup_steps > 0 and self.warmup_ratio > 0:
@@ -844,7 +856,16 @@ def _check_keys(node: Mapping[Any, Any], schema: type, prefix: str) -> None:
             _check_keys(value, section, prefix=f"{key}.")
 
 
+# keys that were replaced: what to write instead
+_REPLACED_KEYS = {
+    "model.recompute_activations": "model.recompute (none | selective | full); recompute_activations: true "
+    "was model.recompute: selective",
+}
+
+
 def _unknown_key_message(key: str, name: str, prefix: str, allowed: list[str]) -> str:
+    if key in _REPLACED_KEYS:
+        return f"'{key}' was replaced by {_REPLACED_KEYS[key]}"
     section = prefix.rstrip(".")
     where = f"allowed keys under '{section}'" if section else "allowed top-level keys"
     message = f"unknown key '{key}'; {where}: {', '.join(allowed)}"

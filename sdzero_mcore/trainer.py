@@ -18,14 +18,17 @@ The contract (megatron-core's forward-step / loss-function contract with per-tok
 Nothing in a micro-batch runs a collective across data-parallel ranks, so ranks may run different
 numbers of micro-batches (each needs at least one; a rank without data runs one with no loss tokens).
 
-Optimizer: ``torch.optim.AdamW`` over fp32 master copies of the TP-local parameters (the
-parameters themselves when they are fp32), fed from DDP's fp32 ``main_grad`` buffers and copied
-back to bf16 after each step, with no weight decay on norms and biases (megatron's default).
-megatron-core's own optimizers (and its DistributedOptimizer, which shards this state over DP)
-allocate on CUDA and cannot run on the CPU machines this is developed on, so they are not used.
-AdamW is fused on CUDA. The optimizer state is saved once per model-parallel rank (by its first
-data-parallel rank; the others hold the same state) and resumes at the same parallel layout (the
-model weights load at any layout).
+Optimizer (``optimizer.distributed: false``, the default): ``torch.optim.AdamW`` over fp32 master
+copies of the TP-local parameters (the parameters themselves when they are fp32), fed from DDP's
+fp32 ``main_grad`` buffers and copied back to bf16 after each step, with no weight decay on norms
+and biases (megatron's default). AdamW is fused on CUDA. The optimizer state is saved once per
+model-parallel rank (by its first data-parallel rank; the others hold the same state) and resumes
+at the same parallel layout (the model weights load at any layout).
+
+``optimizer.distributed: true``: megatron-core's DistributedOptimizer (ZeRO-1, its own gradient
+norm and clipping; ``distributed_optimizer.py``): each data-parallel rank holds the masters and
+moments of 1/DP of the parameters. Its state is a dist checkpoint (``distrib_optimizer/``) that
+resumes at the same TP x PP and any data-parallel size.
 
 Checkpoints (``<run>/checkpoints/<phase>/step_NNNNNNN``) are sdzero-mcore model checkpoints
 (megatron-core dist format + ``hf/`` + ``sdzero_checkpoint.json``, written last) with the
@@ -58,6 +61,15 @@ from sdzero_mcore.checkpoint import mcore_io
 from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
 from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
 from sdzero_mcore.checkpoint.source import LATEST_FILE, latest_checkpoint
+from sdzero_mcore.distributed_optimizer import (
+    CHECKPOINT_DIR as DISTRIBUTED_OPTIMIZER_DIR,
+    build_distributed_optimizer,
+    inner_optimizer,
+    load_distributed_optimizer,
+    optimizer_step,
+    save_distributed_optimizer,
+    state_tensors,
+)
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.float64_reductions import float64_sum_of_squares
 
@@ -153,17 +165,21 @@ def _start_wandb(wandb_cfg, run_dir: Path, phase: str):
                       mode=wandb_cfg.mode, dir=str(directory), reinit="create_new")
 
 
-def per_token_ddp(model) -> DistributedDataParallel:
+def per_token_ddp(model, *, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
     """``model`` wrapped in megatron-core's DDP for the per-token loss contract: DDP sums gradients
     over DP x CP (``calculate_per_token_loss`` must be set before DDP reads it) and the schedule's
-    ``finalize_model_grads`` divides them by the step's global token count."""
+    ``finalize_model_grads`` divides them by the step's global token count.
+    ``use_distributed_optimizer``: reduce-scatter instead of all-reduce, for megatron-core's
+    DistributedOptimizer."""
     config = model.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = None  # no loss scaling: bf16 and fp32 only (the Trainer refuses fp16)
     ddp = DistributedDataParallel(
         config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer,
+        ),
         module=model,
     )
     config.no_sync_func = ddp.no_sync
@@ -226,32 +242,25 @@ class Trainer:
         self.hf_files_dir = Path(hf_files_dir)
         self.total_steps = total_steps
         self.ckpt_cfg = checkpoint_cfg
-        self.ddp = per_token_ddp(model)
+        self.distributed_optimizer = getattr(optim_cfg, "distributed", False)
+        self.ddp = per_token_ddp(model, use_distributed_optimizer=self.distributed_optimizer)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if any(p.dtype == torch.float16 for _, p in named):
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; use bfloat16 or float32")
-        # bf16 weights train through fp32 master copies: an AdamW update of lr 5e-6 is far below
-        # bf16's resolution, so applying it to the bf16 tensors directly would mostly round away.
-        self.masters = {
-            n: (p.detach().float().clone().requires_grad_(True) if p.dtype != torch.float32 else p) for n, p in named
-        }
-        groups = [
-            {"params": [self.masters[n] for n, p in named if not _no_weight_decay(n, p)], "weight_decay": optim_cfg.weight_decay},
-            {"params": [self.masters[n] for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
-        ]
-        # fused on CUDA: one kernel updates every tensor in place, where foreach holds temporaries
-        # the size of the whole model's state during the step; CPU tensors take foreach
-        on_cuda = all(master.is_cuda for master in self.masters.values())
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
-            **({"fused": True} if on_cuda else {"foreach": True}),
-        )
         self._named = named
         self._params = dict(named)
+        if self.distributed_optimizer:
+            # the masters and moments live in megatron-core's optimizer, sharded over DP
+            self.masters = {}
+            self.optimizer = build_distributed_optimizer(self.ddp, optim_cfg)
+            scheduled = inner_optimizer(self.optimizer)
+        else:
+            self._build_adamw(optim_cfg)
+            scheduled = self.optimizer
         warmup = warmup_steps_for(optim_cfg, total_steps)
         min_ratio = optim_cfg.min_lr / optim_cfg.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
+            scheduled,
             lambda step: lr_multiplier(
                 step, total_steps=total_steps, warmup_steps=warmup, schedule=optim_cfg.lr_schedule, min_ratio=min_ratio,
                 warmup_start_factor=optim_cfg.warmup_start_factor,
@@ -271,6 +280,34 @@ class Trainer:
         # checkpoint names that keep_last pruning leaves alone whatever their age (the best ones by validation)
         self.protected: set[str] = set()
 
+    def _build_adamw(self, optim_cfg) -> None:
+        named = self._named
+        # bf16 weights train through fp32 master copies: an AdamW update of lr 5e-6 is far below
+        # bf16's resolution, so applying it to the bf16 tensors directly would mostly round away.
+        self.masters = {
+            n: (p.detach().float().clone().requires_grad_(True) if p.dtype != torch.float32 else p) for n, p in named
+        }
+        groups = [
+            {"params": [self.masters[n] for n, p in named if not _no_weight_decay(n, p)], "weight_decay": optim_cfg.weight_decay},
+            {"params": [self.masters[n] for n, p in named if _no_weight_decay(n, p)], "weight_decay": 0.0},
+        ]
+        # fused on CUDA: one kernel updates every tensor in place, where foreach holds temporaries
+        # the size of the whole model's state during the step; CPU tensors take foreach
+        on_cuda = all(master.is_cuda for master in self.masters.values())
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
+            **({"fused": True} if on_cuda else {"foreach": True}),
+        )
+
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        """The tensors besides the model whose values the next step needs: the optimizer state and
+        the fp32 masters that are copies (not the fp32 parameters themselves)."""
+        if self.distributed_optimizer:
+            return state_tensors(self.optimizer)
+        tensors = [value for state in self.optimizer.state.values() for value in state.values()
+                   if isinstance(value, torch.Tensor)]
+        return tensors + [master for name, master in self.masters.items() if master is not self._params[name]]
+
     # --- one optimizer step -------------------------------------------------------------------
 
     def train_step(self, micro_batches: Sequence[Any], forward_step: ForwardStep) -> dict:
@@ -283,6 +320,18 @@ class Trainer:
 
         totals = forward_backward(self.ddp, micro_batches, forward_step)
         # megatron's finalize_model_grads ran inside: main_grad is reduced and token-normalised
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.distributed_optimizer:
+            grad_norm = optimizer_step(self.optimizer, self.clip_grad)
+        else:
+            grad_norm = self._adamw_step()
+        self.scheduler.step()
+        self.state.step += 1
+        return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
+
+    def _adamw_step(self) -> float:
+        """Clip and step the AdamW path's masters from ``main_grad``; copy them into 16-bit weights.
+        Returns the gradient norm (the step is skipped when it is not finite)."""
         for name, param in self._named:
             self.masters[name].grad = param.main_grad
         grad_norm = self.grad_norm()
@@ -290,7 +339,6 @@ class Trainer:
             scale = self.clip_grad / (grad_norm + 1e-6)
             for master in self.masters.values():
                 master.grad.mul_(scale)
-        lr = self.optimizer.param_groups[0]["lr"]
         if math.isfinite(grad_norm):
             self.optimizer.step()
             with torch.no_grad():
@@ -299,9 +347,7 @@ class Trainer:
                         param.copy_(self.masters[name])
         for master in self.masters.values():
             master.grad = None  # main_grad is the DDP buffer; nothing else to keep between steps
-        self.scheduler.step()
-        self.state.step += 1
-        return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self, micro_batches: Sequence[Any], forward_step: ForwardStep) -> dict:
@@ -368,9 +414,12 @@ class Trainer:
         models = {".": self.model, **(extra_models or {})}
         for subdir, model in models.items():
             mcore_io.save_model(model, staging / subdir)  # barrier inside, then every rank writes its shards
-        # The optimizer state is the same on every data-parallel (and context-parallel) rank of a
-        # model-parallel rank: the first of them writes it, once.
-        if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+        if self.distributed_optimizer:
+            # every rank writes its slice of the sharded state (a dist checkpoint)
+            save_distributed_optimizer(self.optimizer, self.scheduler, staging / DISTRIBUTED_OPTIMIZER_DIR)
+        elif parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+            # The AdamW state is the same on every data-parallel (and context-parallel) rank of a
+            # model-parallel rank: the first of them writes it, once.
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -421,6 +470,15 @@ class Trainer:
         meta = mcore_io.load_model(self.model, ckpt_dir)
         for subdir, model in (extra_models or {}).items():
             mcore_io.load_model(model, ckpt_dir / subdir)
+        if self.distributed_optimizer or (ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR).is_dir():
+            self._load_distributed_optimizer(ckpt_dir, meta)
+        else:
+            self._load_adamw(ckpt_dir, meta)
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        self.state = TrainState(step=state["step"], data=state["data"])
+
+    def _load_adamw(self, ckpt_dir: Path, meta: dict) -> None:
+        """The AdamW path's optimizer, scheduler and RNG state: at the layout that wrote them."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if meta.get("world_size", world) != world:
             raise ValueError(
@@ -447,8 +505,30 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(rng)
-        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-        self.state = TrainState(step=state["step"], data=state["data"])
+
+    def _load_distributed_optimizer(self, ckpt_dir: Path, meta: dict) -> None:
+        """The optimizer state of ``optimizer.distributed: true``: any data-parallel size, the same TP."""
+        written_distributed = (ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR).is_dir()
+        if written_distributed != self.distributed_optimizer:
+            raise ValueError(
+                f"{ckpt_dir} holds the optimizer state of optimizer.distributed={str(written_distributed).lower()}, "
+                f"and this run has optimizer.distributed={str(self.distributed_optimizer).lower()}; resume with the "
+                "setting it was written with (the model weights alone load either way: start a new run from them)"
+            )
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if meta.get("tensor_parallel_size", tp) != tp:
+            raise ValueError(
+                f"{ckpt_dir}: the distributed optimizer's state was written at tensor_model_parallel_size="
+                f"{meta.get('tensor_parallel_size')} and this run has {tp}; it reloads at another "
+                "data-parallel size, not at another tensor-parallel size"
+            )
+        load_distributed_optimizer(self.optimizer, self.scheduler, ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR)
+        # each rank's RNG: its own where the writer had as many ranks, else that of the writer's rank
+        # with the same position in the (TP-fastest) rank order modulo its world
+        rank = dist.get_rank()
+        written_world = meta.get("world_size", dist.get_world_size())
+        rng_file = ckpt_dir / f"rng_state_rank{rank % written_world:05d}.pt"
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False)["rng"])
 
     def close(self) -> None:
         self.metrics.close()

@@ -35,6 +35,8 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 LOCAL_ATTENTION_IMPLS = ("sdpa", "unfused")
 # TransformerEngine's context-parallel schemes; the local SDPA attention implements all_gather.
 CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")
+RECOMPUTE_MODES = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 def transformer_engine_available() -> bool:
@@ -84,15 +86,18 @@ def transformer_config_for(
     tensor_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
     perform_initialization: bool = True,
-    recompute_activations: bool = False,
+    recompute: str = "none",
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
     use_cpu_initialization: bool = False,
     cp_comm_type: Optional[str] = None,
 ):
-    """The TransformerConfig that reproduces ``arch``."""
+    """The TransformerConfig that reproduces ``arch``; ``recompute``: none, selective or full
+    (``recompute_method`` and ``recompute_num_layers`` apply to full), megatron-core's activation recompute."""
     arch.check_tensor_parallel(tensor_model_parallel_size)
     if cp_comm_type is not None and cp_comm_type not in CP_COMM_TYPES:
         raise ValueError(f"cp_comm_type must be one of {', '.join(CP_COMM_TYPES)}; got {cp_comm_type!r}")
-    recompute = {"recompute_granularity": "selective"} if recompute_activations else {}
+    recompute_kwargs = recompute_config(recompute, recompute_method, recompute_num_layers, arch.num_layers)
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -131,8 +136,27 @@ def transformer_config_for(
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         **_sliding_window_fields(arch),
-        **recompute,
+        **recompute_kwargs,
     )
+
+
+def recompute_config(recompute: str, method: str, num_layers: int, model_layers: int) -> dict:
+    """megatron-core's TransformerConfig fields for ``recompute``."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute must be one of {', '.join(RECOMPUTE_MODES)}; got {recompute!r}")
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if method not in RECOMPUTE_METHODS:
+        raise ValueError(f"recompute_method must be one of {', '.join(RECOMPUTE_METHODS)}; got {method!r}")
+    if not 1 <= num_layers <= model_layers:
+        raise ValueError(f"recompute_num_layers must be between 1 and the model's {model_layers} layers; got {num_layers}")
+    if method == "uniform" and model_layers % num_layers:
+        # megatron-core's uniform method steps through the layers in chunks of this size
+        raise ValueError(f"recompute_num_layers ({num_layers}) must divide the model's {model_layers} layers "
+                         "with recompute_method uniform")
+    return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
 
 
 def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa", layer: int = 0):
@@ -199,7 +223,9 @@ def build_gpt_model(
     parallel_output: bool = True,
     make_vocab_size_divisible_by: int = 128,
     perform_initialization: bool = True,
-    recompute_activations: bool = False,
+    recompute: str = "none",
+    recompute_method: str = "uniform",
+    recompute_num_layers: int = 1,
     max_sequence_length: Optional[int] = None,
     on_cpu: Optional[bool] = None,
 ):
@@ -230,7 +256,9 @@ def build_gpt_model(
         tensor_model_parallel_size=tp,
         context_parallel_size=cp,
         perform_initialization=perform_initialization,
-        recompute_activations=recompute_activations,
+        recompute=recompute,
+        recompute_method=recompute_method,
+        recompute_num_layers=recompute_num_layers,
         use_cpu_initialization=on_cpu,
         cp_comm_type=cp_comm_type,
     )

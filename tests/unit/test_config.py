@@ -210,7 +210,7 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     message = config_error(path=path)
     assert str(path) in message
     assert "unknown key 'distill.optimizer.learning_rate'" in message
-    assert "allowed keys under 'distill.optimizer': adam_beta1, adam_beta2, adam_eps, clip_grad, lr," in message
+    assert "allowed keys under 'distill.optimizer': adam_beta1, adam_beta2, adam_eps, clip_grad, distributed, lr," in message
 
 
 def test_wrong_type():

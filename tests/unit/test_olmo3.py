@@ -21,6 +21,7 @@ from sdzero_mcore.models.builder import build_gpt_model
 from sdzero_mcore.models.hf_config import ModelArch, UnsupportedModelError
 from sdzero_mcore.models.olmo3 import FullWidthRMSNorm, RowParallelLinearWithPostNorm
 from sdzero_mcore.models.tiny import build_char_tokenizer, save_tiny_hf_model, tiny_hf_config
+from sdzero_mcore.planner import ModelShape
 from sdzero_mcore.run_setup import run_prompts
 
 OLMO3 = "Olmo3ForCausalLM"
@@ -152,6 +153,9 @@ def test_layer_spec(megatron_single_rank):
     assert not model.config.qk_layernorm  # the full-width norms' TP-sharded grads must not be all-reduced
     table = mappings_by_param_name(arch)
     assert {name for name, _ in model.named_parameters()} <= table.keys()
+    # the memory planner counts what is built: full-width QK-norm weights, two norms per layer
+    shape = ModelShape.from_arch(arch, "tiny-olmo3", "config.json")
+    assert shape.qk_norm == "full" and shape.total_params() == sum(p.numel() for p in model.parameters())
     for index, layer in enumerate(model.decoder.layers):
         assert isinstance(layer.input_layernorm, IdentityOp) and isinstance(layer.pre_mlp_layernorm, IdentityOp)
         attention = layer.self_attention
