@@ -213,3 +213,20 @@ def test_release_example_loads_and_picks_the_olmo_phrase(tmp_path):
     prompts = run_prompts(cfg, ModelSource(model_dir, "hf"), build_char_tokenizer())
     assert prompts.phrases.incorrect == "Wrong. I need to redo all."
     assert prompts.phrases.correct == "Let me rephrase the above solution."
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_recompute_gives_the_same_gradients(megatron_single_rank, recompute):
+    """megatron-core's recompute re-runs the Olmo-3 layers (their own RoPE, windows, norms) exactly."""
+    arch = ModelArch.from_hf_config(_config())
+    ids = torch.randint(0, arch.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for kwargs in ({}, {"recompute": recompute}):
+        torch.manual_seed(0)
+        model = build_gpt_model(arch, transformer_impl="local", on_cpu=True, **kwargs)
+        model.train()
+        model(ids, torch.arange(12).expand(2, -1), None, labels=ids).mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7), name
