@@ -104,7 +104,7 @@ class ModelShape:
             name=name, vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, num_layers=arch.num_layers,
             num_attention_heads=arch.num_attention_heads, num_query_groups=arch.num_query_groups,
             head_dim=arch.head_dim, ffn_hidden_size=arch.ffn_hidden_size, tie_word_embeddings=arch.tie_word_embeddings,
-            qkv_bias=arch.qkv_bias, qk_norm="per_head" if arch.qk_norm else "none", source=source,
+            qkv_bias=arch.qkv_bias, qk_norm=_qk_norm_kind(arch), source=source,
         )
 
     @property
@@ -138,6 +138,12 @@ class ModelShape:
         if self.num_attention_heads % tp or self.num_query_groups % tp:
             raise ConfigError(f"TP {tp} does not divide {self.name}'s {self.num_attention_heads} attention heads "
                               f"and {self.num_query_groups} query groups")
+
+
+def _qk_norm_kind(arch: ModelArch) -> str:
+    if not arch.qk_norm:
+        return "none"
+    return "full" if arch.olmo3 else "per_head"
 
 
 def _shape(name, vocab, hidden, layers, heads, groups, head_dim, ffn, tied, source, qkv_bias=False, qk_norm="none"):

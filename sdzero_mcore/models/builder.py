@@ -1,8 +1,10 @@
-"""megatron-core GPTModel built from a HF architecture (Qwen3 dense, Qwen2.5, Llama 3.x).
+"""megatron-core GPTModel built from a HF architecture (Qwen3 dense, Qwen2.5, Llama 3.x, Olmo-3).
 
 The model computes what the HF checkpoint computes: RMSNorm with the HF epsilon, SwiGLU, RoPE with
 the HF theta and Llama 3 scaling, GQA, Qwen3's per-head QK-norm, Qwen2.5's QKV bias, tied or untied
-embeddings. The vocabulary is padded as Megatron pads it and the padded ids never get probability.
+embeddings, and Olmo-3's post-norms, full-width QK-norm, sliding-window layers and per-layer-type
+RoPE (``models/olmo3.py``). The vocabulary is padded as Megatron pads it and the padded ids never
+get probability.
 
 The norms are chosen here, not by megatron-core's import-time default: with apex importable and
 TransformerEngine absent that default for the final norm is apex's FusedLayerNorm, which refuses
@@ -22,9 +24,11 @@ from megatron.core.models.gpt import GPTModel, gpt_layer_specs
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from sdzero_mcore.models.attention import SDPACoreAttention
-from sdzero_mcore.models.hf_config import ModelArch
+from sdzero_mcore.models.hf_config import SLIDING_ATTENTION, ModelArch
+from sdzero_mcore.models.olmo3 import olmo3_layer_spec
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 # Core attention of the local spec: SDPA (fused kernels, context parallelism) or megatron-core's own
@@ -52,6 +56,28 @@ def resolve_transformer_impl(transformer_impl: str = "auto") -> str:
     if transformer_impl == "transformer_engine" and not transformer_engine_available():
         raise ValueError("transformer_impl='transformer_engine' but transformer_engine is not installed")
     return transformer_impl
+
+
+def resolve_transformer_impl_for(arch: ModelArch, transformer_impl: str = "auto") -> str:
+    """:func:`resolve_transformer_impl`, except that Olmo-3 is built with the local spec only (its
+    post-norm, full-width QK-norm and per-layer RoPE modules are local-spec modules): "auto" picks it."""
+    impl = resolve_transformer_impl(transformer_impl)
+    if arch.olmo3 and impl == "transformer_engine":
+        if transformer_impl != "auto":
+            raise ValueError(
+                f"transformer_impl='transformer_engine' is not supported for {arch.architecture}; use 'local' or 'auto'"
+            )
+        return "local"
+    return impl
+
+
+def _sliding_window_fields(arch: ModelArch) -> dict:
+    """megatron-core's sliding-window settings: HF's window W lets a query see itself and the W - 1
+    keys before it, i.e. ``window_size=(W - 1, 0)``, on the layers the per-layer pattern marks 1."""
+    if not arch.sliding_window:
+        return {}
+    pattern = [int(arch.layer_type(i) == SLIDING_ATTENTION) for i in range(arch.num_layers)]
+    return {"window_size": (arch.sliding_window - 1, 0), "window_attn_skip_freq": pattern}
 
 
 def transformer_config_for(
@@ -88,7 +114,9 @@ def transformer_config_for(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch.qkv_bias,
-        qk_layernorm=arch.qk_norm,
+        # Olmo-3's full-width QK-norm weights are TP-sharded, and finalize_model_grads all-reduces
+        # the gradient of every q_/k_layernorm parameter over TP when this flag is set.
+        qk_layernorm=arch.qk_norm and not arch.olmo3,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_model_parallel_size,
@@ -110,6 +138,7 @@ def transformer_config_for(
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        **_sliding_window_fields(arch),
         **recompute_kwargs,
     )
     if pipeline_model_parallel_size > 1:
@@ -140,12 +169,20 @@ def recompute_config(recompute: str, method: str, num_layers: int, model_layers:
     return {"recompute_granularity": "full", "recompute_method": method, "recompute_num_layers": num_layers}
 
 
-def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa"):
+def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa", layer: int = 0):
     """TransformerEngine's layer spec when TE is in use, otherwise megatron-core's local spec with
-    its core attention swapped for :class:`SDPACoreAttention` (``local_attention="sdpa"``)."""
+    its core attention swapped for :class:`SDPACoreAttention` (``local_attention="sdpa"``).
+    Olmo-3's spec depends on the layer's type (``layer``, 0-based global index)."""
     if local_attention not in LOCAL_ATTENTION_IMPLS:
         raise ValueError(f"local_attention must be one of {', '.join(LOCAL_ATTENTION_IMPLS)}; got {local_attention!r}")
-    if resolve_transformer_impl(transformer_impl) == "transformer_engine":
+    impl = resolve_transformer_impl_for(arch, transformer_impl)
+    if arch.olmo3:
+        if local_attention != "sdpa":
+            # megatron-core's DotProductAttention builds its sliding-window mask on "cuda" and
+            # ignores a given attention mask on window layers.
+            raise ValueError(f"local_attention={local_attention!r} is not supported for {arch.architecture}; use 'sdpa'")
+        return olmo3_layer_spec(arch, arch.layer_type(layer), SDPACoreAttention)
+    if impl == "transformer_engine":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     # The spec is built fresh by each call, so setting its submodules changes no shared state.
@@ -159,14 +196,22 @@ def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attent
     return spec
 
 
+def stage_layers(config: TransformerConfig) -> range:
+    """The 0-based global indices of the layers this pipeline stage builds (Olmo-3's layer types
+    and windows go by global index)."""
+    offset = get_transformer_layer_offset(config)
+    return range(offset, offset + get_num_layers_to_build(config))
+
+
 def block_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa",
-                   num_layers: Optional[int] = None):
-    """The decoder block: :func:`layer_spec_for` for each of ``num_layers`` layers (default: all of
-    them; a pipeline stage builds its share) and a final norm of the same implementation as the
-    layers' norms (built on the last stage only)."""
-    impl = resolve_transformer_impl(transformer_impl)
+                   layers: Optional[range] = None):
+    """The decoder block: :func:`layer_spec_for` for each layer of ``layers`` (0-based global
+    indices; default: all of them, a pipeline stage builds its share) and a final norm of the same
+    implementation as the layers' norms (built on the last stage only)."""
+    impl = resolve_transformer_impl_for(arch, transformer_impl)
+    layers = range(arch.num_layers) if layers is None else layers
     return TransformerBlockSubmodules(
-        layer_specs=[layer_spec_for(arch, impl, local_attention)] * (arch.num_layers if num_layers is None else num_layers),
+        layer_specs=[layer_spec_for(arch, impl, local_attention, layer) for layer in layers],
         layer_norm=TENorm if impl == "transformer_engine" else WrappedTorchNorm,
     )
 
@@ -223,7 +268,7 @@ def build_gpt_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    impl = resolve_transformer_impl(transformer_impl)
+    impl = resolve_transformer_impl_for(arch, transformer_impl)
     if impl == "local":
         if cp > 1 and local_attention != "sdpa":
             raise ValueError(
@@ -251,7 +296,7 @@ def build_gpt_model(
                  "post_process": parallel_state.is_pipeline_last_stage()}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec_for(arch, impl, local_attention, get_num_layers_to_build(config) if pp > 1 else None),
+        transformer_layer_spec=block_spec_for(arch, impl, local_attention, stage_layers(config) if pp > 1 else None),
         vocab_size=padded_vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         parallel_output=parallel_output,

@@ -59,7 +59,7 @@ def test_unsupported_architecture_lists_supported():
         ModelArch.from_hf_config(_config(architectures=["MistralForCausalLM"]), source="x/config.json")
     message = str(err.value)
     assert "x/config.json" in message and "MistralForCausalLM" in message
-    assert "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
+    assert "LlamaForCausalLM, Olmo3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
 
 
 @pytest.mark.parametrize(
