@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sdzero_mcore.convert_args import add_convert_arguments
     from sdzero_mcore.demo import add_demo_arguments
     from sdzero_mcore.parity_demo import add_parity_demo_arguments
+    from sdzero_mcore.plan_args import add_plan_arguments
 
     parser = argparse.ArgumentParser(prog="sdzero", description="SD-Zero on megatron-core")
     parser.add_argument("--version", action="version", version=f"sdzero-mcore {__version__}")
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_parity_demo_arguments(
         commands.add_parser("parity-demo", help="converters and megatron models vs transformers on a tiny model (20 s)")
+    )
+    add_plan_arguments(
+        commands.add_parser("plan", help="GPU memory per rank for a config's training phases, and the layouts that fit",
+                            description="GPU memory per rank (weights, gradients, optimizer, activations, rollout "
+                                        "engine) for the config's phases; --gpus N lists the smallest layouts that fit.")
     )
     tiny = commands.add_parser("tiny-model", help="write a randomly initialised tiny Qwen3-shaped HF model + char tokenizer")
     tiny.add_argument("out_dir")
@@ -90,6 +96,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from sdzero_mcore.parity_demo import run_parity_demo
 
         return 0 if run_parity_demo(args.out_dir, args.architecture, args.tp) else 1
+    if args.command == "plan":
+        from sdzero_mcore.planner import run_plan
+
+        return run_plan(args)
     if args.command == "tiny-model":
         from sdzero_mcore.demo import MODEL_SHAPES
         from sdzero_mcore.models.tiny import save_tiny_hf_model

@@ -161,7 +161,15 @@ class ModelConfig(_Section):
     local_attention: str = _checked("sdpa", _one_of("sdpa", "unfused"))
     make_vocab_size_divisible_by: int = _checked(128, _AT_LEAST_1)
     max_seq_length: int = _checked(4096, _AT_LEAST_1)
-    recompute_activations: bool = False
+    # activation recompute in training (megatron-core's): none; selective = its recompute_modules
+    # default, the core attention; full = whole layers, keeping only their inputs (recompute_method,
+    # recompute_num_layers below)
+    recompute: str = _checked("none", _one_of("none", "selective", "full"))
+    # full only: uniform = checkpoint the input of every recompute_num_layers layers and recompute
+    # each such chunk; block = recompute the first recompute_num_layers layers (of each pipeline
+    # stage) and keep the others' activations
+    recompute_method: str = _checked("uniform", _one_of("uniform", "block"))
+    recompute_num_layers: int = _checked(1, _AT_LEAST_1)
 
 
 @dataclass
@@ -169,10 +177,9 @@ class ParallelConfig(_Section):
     """Model-parallel layout; data parallelism takes the remaining ranks."""
 
     tensor_model_parallel_size: int = _checked(1, _AT_LEAST_1)
-    pipeline_model_parallel_size: int = _checked(
-        1,
-        _Rule(lambda v: v == 1, "1", problem="is not supported: pipeline parallelism is not implemented; allowed:"),
-    )
+    # pipeline stages (megatron-core's 1F1B schedule): each holds num_layers / PP consecutive layers,
+    # the first the embedding, the last the final norm, the output layer and the loss
+    pipeline_model_parallel_size: int = _checked(1, _AT_LEAST_1)
     context_parallel_size: int = _checked(1, _AT_LEAST_1)
     # TransformerEngine's CP scheme; the local spec's SDPA attention always all-gathers K and V
     cp_comm_type: str = _checked("p2p", _one_of("p2p", "all_gather", "a2a", "a2a+p2p"))
@@ -208,18 +215,20 @@ class ParallelConfig(_Section):
                               f"({self.context_parallel_size})")
 
     def data_parallel_size(self, world_size: int) -> int:
-        """The data-parallel size for ``world_size`` ranks; ConfigError when TP x CP does not divide it."""
+        """The data-parallel size for ``world_size`` ranks; ConfigError when TP x CP x PP does not divide it."""
         if world_size < 1:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
-        tp, cp = self.tensor_model_parallel_size, self.context_parallel_size
-        if world_size % (tp * cp):
+        tp, cp, pp = self.tensor_model_parallel_size, self.context_parallel_size, self.pipeline_model_parallel_size
+        if world_size % (tp * cp * pp):
             valid = [str(n) for n in range(1, world_size + 1) if world_size % n == 0]
+            sizes, product = f"parallel.tensor_model_parallel_size ({tp}) x parallel.context_parallel_size ({cp})", "TP x CP"
+            if pp > 1:
+                sizes, product = f"{sizes} x parallel.pipeline_model_parallel_size ({pp})", "TP x CP x PP"
             raise ConfigError(
-                f"parallel.tensor_model_parallel_size ({tp}) x parallel.context_parallel_size ({cp}) = {tp * cp} "
-                f"does not divide the world size {world_size}; valid TP x CP products for world size "
-                f"{world_size}: {', '.join(valid)}"
+                f"{sizes} = {tp * cp * pp} does not divide the world size {world_size}; valid {product} products "
+                f"for world size {world_size}: {', '.join(valid)}"
             )
-        return world_size // (tp * cp)
+        return world_size // (tp * cp * pp)
 
 
 @dataclass
@@ -395,6 +404,10 @@ class OptimizerConfig(_Section):
     # null: warm up as (step + 1) / warmup_steps; a value f: torch's LinearLR(start_factor=f), i.e.
     # f at step 0 rising linearly to 1 at warmup_steps (the release's Phase 2: 0.1 over 20 steps)
     warmup_start_factor: Optional[float] = _checked(None, _Rule(lambda v: v is None or 0 < v <= 1, "null or (0, 1]"))
+    # true: megatron-core's DistributedOptimizer (ZeRO-1: fp32 masters and Adam moments sharded over
+    # DP x CP) with its own gradient clipping; the same schedule, betas, eps, weight decay and clip.
+    # false: torch AdamW over full fp32 masters on every rank (sdzero_mcore/trainer.py)
+    distributed: bool = False
 
     def _check_relations(self, prefix: str) -> None:
         if self.warmup_steps > 0 and self.warmup_ratio > 0:
@@ -501,7 +514,7 @@ class DistillConfig(_Section):
     # where the output layer runs: sparse = only at the positions predicting response tokens, inside
     # the loss (teacher top-K over vocabulary chunks; student renorm from the K rows of the output
     # weight, bucket over vocabulary chunks), no [T, V] logits; dense = full logits at every position
-    # (the reference: docs/kernels.md "The LM head")
+    # (the reference: docs/kernels.md "The LM head"). At pipeline-parallel size > 1 dense runs.
     lm_head: str = _checked("sparse", _one_of("sparse", "dense"))
     teacher_sync_interval: int = _checked(0, _NON_NEGATIVE)  # 0 = sync the teacher at each epoch end only
     # copy the student into the teacher at each epoch end (the paper's self-evolution); false with
@@ -849,7 +862,16 @@ def _check_keys(node: Mapping[Any, Any], schema: type, prefix: str) -> None:
             _check_keys(value, section, prefix=f"{key}.")
 
 
+# keys that were replaced: what to write instead
+_REPLACED_KEYS = {
+    "model.recompute_activations": "model.recompute (none | selective | full); recompute_activations: true "
+    "was model.recompute: selective",
+}
+
+
 def _unknown_key_message(key: str, name: str, prefix: str, allowed: list[str]) -> str:
+    if key in _REPLACED_KEYS:
+        return f"'{key}' was replaced by {_REPLACED_KEYS[key]}"
     section = prefix.rstrip(".")
     where = f"allowed keys under '{section}'" if section else "allowed top-level keys"
     message = f"unknown key '{key}'; {where}: {', '.join(allowed)}"

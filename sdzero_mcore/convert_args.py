@@ -14,6 +14,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     to_mcore.add_argument("--hf-dir", required=True, help="HF checkpoint directory (config.json, *.safetensors)")
     to_mcore.add_argument("--out-dir", required=True, help="megatron-core checkpoint directory to create")
     to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size to write at (default 1)")
+    to_mcore.add_argument("--pp", type=int, default=1,
+                          help="pipeline-parallel size to write at (default 1; each stage's process builds only its layers)")
     to_mcore.add_argument(
         "--dtype", choices=DTYPE_NAMES, default="auto", help="parameter dtype (auto: as stored)"
     )

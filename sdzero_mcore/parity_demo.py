@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from sdzero_mcore.models.hf_config import SUPPORTED_ARCHITECTURES
+
 LOGITS_TOLERANCE = 1e-4
 PROMPT = "Q: What is 12 + 7?\nA: Let me add. 12 + 7 = 19. The answer is \\boxed{19}."
 
@@ -97,6 +99,6 @@ def add_parity_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--architecture",
         default="Qwen3ForCausalLM",
-        choices=["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"],
+        choices=sorted(SUPPORTED_ARCHITECTURES),
     )
     parser.add_argument("--tp", type=int, default=2, choices=[1, 2], help="tensor-parallel size to convert at")

@@ -21,6 +21,7 @@ from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_fro
 from sdzero_mcore.checkpoint.source import ModelSource
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.prompts import RunPrompts, default_stop_ids
+from sdzero_mcore.models.builder import recompute_config
 from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.parallel import init_distributed, initialize_model_parallel, release_model_parallel
 from sdzero_mcore.rollout.colocation import release_cached_blocks
@@ -34,12 +35,21 @@ def params_dtype(cfg: SDZeroConfig) -> torch.dtype:
 
 
 def check_layout(cfg: SDZeroConfig, source: ModelSource) -> None:
-    """TP must divide the heads: checked from config.json before any process group exists."""
+    """TP must divide the heads, PP the layers, and full recompute cannot span more layers than the
+    model has: checked from config.json before any process group exists."""
     arch = ModelArch.from_hf_dir(source.hf_files_dir)
     try:
         arch.check_tensor_parallel(cfg.parallel.tensor_model_parallel_size)
     except ValueError as error:
         raise ConfigError(f"parallel.tensor_model_parallel_size: {error}") from None
+    try:
+        arch.check_pipeline_parallel(cfg.parallel.pipeline_model_parallel_size)
+    except ValueError as error:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size: {error}") from None
+    try:
+        recompute_config(cfg.model.recompute, cfg.model.recompute_method, cfg.model.recompute_num_layers, arch.num_layers)
+    except ValueError as error:
+        raise ConfigError(f"model.{error} ({source.hf_files_dir / 'config.json'})") from None
 
 
 def setup_parallel(cfg: SDZeroConfig):
@@ -47,6 +57,7 @@ def setup_parallel(cfg: SDZeroConfig):
     return initialize_model_parallel(
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         context_parallel_size=cfg.parallel.context_parallel_size,
+        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
         timeout_minutes=cfg.parallel.timeout_minutes,
         seed=cfg.seed,
         hierarchical_context_parallel_sizes=cfg.parallel.hierarchical_context_parallel_sizes,
@@ -84,6 +95,9 @@ def build_model(cfg: SDZeroConfig, source: ModelSource):
         local_attention=cfg.model.local_attention,
         cp_comm_type=cfg.parallel.cp_comm_type,
         make_vocab_size_divisible_by=cfg.model.make_vocab_size_divisible_by,
+        recompute=cfg.model.recompute,
+        recompute_method=cfg.model.recompute_method,
+        recompute_num_layers=cfg.model.recompute_num_layers,
     )
 
 

@@ -14,18 +14,28 @@ The contract (megatron-core's forward-step / loss-function contract with per-tok
 * The trainer sums each log over micro-batches and reduces all of them over DP x CP in one
   all-reduce; ``loss`` is the global token mean. A step with nothing to train on is
   :meth:`Trainer.skip_step` (it still advances the step and the schedule on every rank).
+* Pipeline parallelism (PP > 1): megatron-core's 1F1B schedule runs the micro-batches through the
+  stages. Every stage's forward step is called with the same micro-batch; on all but the last the
+  model returns hidden states, which the schedule sends on, and ``loss_fn`` runs on the last stage
+  only (so it may read anything in the micro-batch, but nothing a previous stage computed besides
+  the model's output). ``finalize_model_grads`` broadcasts the token count from the last stage and
+  all-reduces the gradients of tied embeddings between the first and last stage; the logs are
+  reduced on the last stage and broadcast to the others, so every rank returns the same metrics.
 
 Nothing in a micro-batch runs a collective across data-parallel ranks, so ranks may run different
 numbers of micro-batches (each needs at least one; a rank without data runs one with no loss tokens).
 
-Optimizer: ``torch.optim.AdamW`` over fp32 master copies of the TP-local parameters (the
-parameters themselves when they are fp32), fed from DDP's fp32 ``main_grad`` buffers and copied
-back to bf16 after each step, with no weight decay on norms and biases (megatron's default).
-megatron-core's own optimizers (and its DistributedOptimizer, which shards this state over DP)
-allocate on CUDA and cannot run on the CPU machines this is developed on, so they are not used.
-AdamW is fused on CUDA. The optimizer state is saved once per model-parallel rank (by its first
-data-parallel rank; the others hold the same state) and resumes at the same parallel layout (the
-model weights load at any layout).
+Optimizer (``optimizer.distributed: false``, the default): ``torch.optim.AdamW`` over fp32 master
+copies of the TP-local parameters (the parameters themselves when they are fp32), fed from DDP's
+fp32 ``main_grad`` buffers and copied back to bf16 after each step, with no weight decay on norms
+and biases (megatron's default). AdamW is fused on CUDA. The optimizer state is saved once per
+model-parallel rank (by its first data-parallel rank; the others hold the same state) and resumes
+at the same parallel layout (the model weights load at any layout).
+
+``optimizer.distributed: true``: megatron-core's DistributedOptimizer (ZeRO-1, its own gradient
+norm and clipping; ``distributed_optimizer.py``): each data-parallel rank holds the masters and
+moments of 1/DP of the parameters. Its state is a dist checkpoint (``distrib_optimizer/``) that
+resumes at the same TP x PP and any data-parallel size.
 
 Checkpoints (``<run>/checkpoints/<phase>/step_NNNNNNN``) are sdzero-mcore model checkpoints
 (megatron-core dist format + ``hf/`` + ``sdzero_checkpoint.json``, written last) with the
@@ -56,10 +66,20 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from sdzero_mcore.checkpoint import mcore_io
 from sdzero_mcore.checkpoint.hf_io import copy_non_weight_files
-from sdzero_mcore.checkpoint.mapping import Kind, mappings_by_param_name
+from sdzero_mcore.checkpoint.mapping import Kind, is_tied_output_copy, model_param_mappings
 from sdzero_mcore.checkpoint.source import LATEST_FILE, latest_checkpoint
+from sdzero_mcore.distributed_optimizer import (
+    CHECKPOINT_DIR as DISTRIBUTED_OPTIMIZER_DIR,
+    build_distributed_optimizer,
+    inner_optimizer,
+    load_distributed_optimizer,
+    optimizer_step,
+    save_distributed_optimizer,
+    state_tensors,
+)
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.float64_reductions import float64_sum_of_squares
+from sdzero_mcore.parallel.pipeline import broadcast_from_last_stage, is_last_stage, pipeline_parallel_size
 
 # loss_fn(output) -> (masked loss sum, token count, additive logs)
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -153,17 +173,21 @@ def _start_wandb(wandb_cfg, run_dir: Path, phase: str):
                       mode=wandb_cfg.mode, dir=str(directory), reinit="create_new")
 
 
-def per_token_ddp(model) -> DistributedDataParallel:
+def per_token_ddp(model, *, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
     """``model`` wrapped in megatron-core's DDP for the per-token loss contract: DDP sums gradients
     over DP x CP (``calculate_per_token_loss`` must be set before DDP reads it) and the schedule's
-    ``finalize_model_grads`` divides them by the step's global token count."""
+    ``finalize_model_grads`` divides them by the step's global token count.
+    ``use_distributed_optimizer``: reduce-scatter instead of all-reduce, for megatron-core's
+    DistributedOptimizer."""
     config = model.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = None  # no loss scaling: bf16 and fp32 only (the Trainer refuses fp16)
     ddp = DistributedDataParallel(
         config=config,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False),
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer,
+        ),
         module=model,
     )
     config.no_sync_func = ddp.no_sync
@@ -188,11 +212,15 @@ def forward_backward(ddp: DistributedDataParallel, micro_batches: Sequence[Any],
         data_iterator=iter(micro_batches),
         model=ddp,
         num_microbatches=len(micro_batches),
-        seq_length=0,  # unused without pipelining
+        seq_length=0,  # unused without pipelining; with it, each activation's shape is sent first
         micro_batch_size=0,
         forward_only=forward_only,
     )
-    totals = _reduce_logs(logs)
+    if pipeline_parallel_size() > 1:
+        # the loss functions ran on the last stage: its totals, for every stage
+        totals = broadcast_from_last_stage(_reduce_logs(logs) if is_last_stage() else None)
+    else:
+        totals = _reduce_logs(logs)
     loss_sum = totals.pop("loss_sum")
     return {"loss": loss_sum / totals["num_tokens"] if totals["num_tokens"] > 0 else math.nan, **totals}
 
@@ -226,10 +254,48 @@ class Trainer:
         self.hf_files_dir = Path(hf_files_dir)
         self.total_steps = total_steps
         self.ckpt_cfg = checkpoint_cfg
-        self.ddp = per_token_ddp(model)
+        self.distributed_optimizer = getattr(optim_cfg, "distributed", False)
+        self.ddp = per_token_ddp(model, use_distributed_optimizer=self.distributed_optimizer)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if any(p.dtype == torch.float16 for _, p in named):
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; use bfloat16 or float32")
+        self._named = named
+        self._params = dict(named)
+        if self.distributed_optimizer:
+            # the masters and moments live in megatron-core's optimizer, sharded over DP
+            self.masters = {}
+            self.optimizer = build_distributed_optimizer(self.ddp, optim_cfg)
+            scheduled = inner_optimizer(self.optimizer)
+        else:
+            self._build_adamw(optim_cfg)
+            scheduled = self.optimizer
+        warmup = warmup_steps_for(optim_cfg, total_steps)
+        min_ratio = optim_cfg.min_lr / optim_cfg.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            scheduled,
+            lambda step: lr_multiplier(
+                step, total_steps=total_steps, warmup_steps=warmup, schedule=optim_cfg.lr_schedule, min_ratio=min_ratio,
+                warmup_start_factor=optim_cfg.warmup_start_factor,
+            ),
+        )
+        self.clip_grad = optim_cfg.clip_grad
+        self.state = TrainState()
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            phase,
+            jsonl=getattr(logging_cfg, "jsonl", True),
+            tensorboard=getattr(logging_cfg, "tensorboard", False),
+            wandb_cfg=getattr(logging_cfg, "wandb", None),
+        )
+        self._replicated = _replicated_param_names(model)
+        # the last pipeline stage's copy of a tied embedding: counted once, on the first stage
+        self._pipeline_copies = {name for name, _ in named if is_tied_output_copy(model, name)}
+        self._last_log = time.perf_counter()
+        # checkpoint names that keep_last pruning leaves alone whatever their age (the best ones by validation)
+        self.protected: set[str] = set()
+
+    def _build_adamw(self, optim_cfg) -> None:
+        named = self._named
         # bf16 weights train through fp32 master copies: an AdamW update of lr 5e-6 is far below
         # bf16's resolution, so applying it to the bf16 tensors directly would mostly round away.
         self.masters = {
@@ -246,30 +312,15 @@ class Trainer:
             groups, lr=optim_cfg.lr, betas=(optim_cfg.adam_beta1, optim_cfg.adam_beta2), eps=optim_cfg.adam_eps,
             **({"fused": True} if on_cuda else {"foreach": True}),
         )
-        self._named = named
-        self._params = dict(named)
-        warmup = warmup_steps_for(optim_cfg, total_steps)
-        min_ratio = optim_cfg.min_lr / optim_cfg.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda step: lr_multiplier(
-                step, total_steps=total_steps, warmup_steps=warmup, schedule=optim_cfg.lr_schedule, min_ratio=min_ratio,
-                warmup_start_factor=optim_cfg.warmup_start_factor,
-            ),
-        )
-        self.clip_grad = optim_cfg.clip_grad
-        self.state = TrainState()
-        self.metrics = MetricsWriter(
-            self.run_dir,
-            phase,
-            jsonl=getattr(logging_cfg, "jsonl", True),
-            tensorboard=getattr(logging_cfg, "tensorboard", False),
-            wandb_cfg=getattr(logging_cfg, "wandb", None),
-        )
-        self._replicated = _replicated_param_names(model)
-        self._last_log = time.perf_counter()
-        # checkpoint names that keep_last pruning leaves alone whatever their age (the best ones by validation)
-        self.protected: set[str] = set()
+
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        """The tensors besides the model whose values the next step needs: the optimizer state and
+        the fp32 masters that are copies (not the fp32 parameters themselves)."""
+        if self.distributed_optimizer:
+            return state_tensors(self.optimizer)
+        tensors = [value for state in self.optimizer.state.values() for value in state.values()
+                   if isinstance(value, torch.Tensor)]
+        return tensors + [master for name, master in self.masters.items() if master is not self._params[name]]
 
     # --- one optimizer step -------------------------------------------------------------------
 
@@ -283,6 +334,18 @@ class Trainer:
 
         totals = forward_backward(self.ddp, micro_batches, forward_step)
         # megatron's finalize_model_grads ran inside: main_grad is reduced and token-normalised
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.distributed_optimizer:
+            grad_norm = optimizer_step(self.optimizer, self.clip_grad)
+        else:
+            grad_norm = self._adamw_step()
+        self.scheduler.step()
+        self.state.step += 1
+        return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
+
+    def _adamw_step(self) -> float:
+        """Clip and step the AdamW path's masters from ``main_grad``; copy them into 16-bit weights.
+        Returns the gradient norm (the step is skipped when it is not finite)."""
         for name, param in self._named:
             self.masters[name].grad = param.main_grad
         grad_norm = self.grad_norm()
@@ -290,7 +353,6 @@ class Trainer:
             scale = self.clip_grad / (grad_norm + 1e-6)
             for master in self.masters.values():
                 master.grad.mul_(scale)
-        lr = self.optimizer.param_groups[0]["lr"]
         if math.isfinite(grad_norm):
             self.optimizer.step()
             with torch.no_grad():
@@ -299,9 +361,7 @@ class Trainer:
                         param.copy_(self.masters[name])
         for master in self.masters.values():
             master.grad = None  # main_grad is the DDP buffer; nothing else to keep between steps
-        self.scheduler.step()
-        self.state.step += 1
-        return {**totals, "grad_norm": grad_norm, "lr": lr, "skipped": not math.isfinite(grad_norm)}
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self, micro_batches: Sequence[Any], forward_step: ForwardStep) -> dict:
@@ -319,16 +379,19 @@ class Trainer:
         self.scheduler.step()
 
     def grad_norm(self) -> float:
-        """The L2 norm of the whole model's gradient: TP shards once each, replicated tensors once."""
+        """The L2 norm of the whole model's gradient: TP shards once each, replicated tensors once,
+        every pipeline stage's parameters (a tied embedding once)."""
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         # summed on the device: one host sync for the whole model, not one per parameter
         total = torch.zeros((), dtype=torch.float64, device=next(self.model.parameters()).device)
         for name, master in self.masters.items():
-            if master.grad is None or (name in self._replicated and tp_rank != 0):
+            if master.grad is None or (name in self._replicated and tp_rank != 0) or name in self._pipeline_copies:
                 continue
             total += float64_sum_of_squares(master.grad)  # chunk by chunk: no float64 copy of the gradient
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+        if pipeline_parallel_size() > 1:
+            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
         return float(total.sqrt())
 
     def log(self, metrics: dict, *, tokens: Optional[float] = None, untimed_s: float = 0.0) -> None:
@@ -368,9 +431,12 @@ class Trainer:
         models = {".": self.model, **(extra_models or {})}
         for subdir, model in models.items():
             mcore_io.save_model(model, staging / subdir)  # barrier inside, then every rank writes its shards
-        # The optimizer state is the same on every data-parallel (and context-parallel) rank of a
-        # model-parallel rank: the first of them writes it, once.
-        if parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+        if self.distributed_optimizer:
+            # every rank writes its slice of the sharded state (a dist checkpoint)
+            save_distributed_optimizer(self.optimizer, self.scheduler, staging / DISTRIBUTED_OPTIMIZER_DIR)
+        elif parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0:
+            # The AdamW state is the same on every data-parallel (and context-parallel) rank of a
+            # model-parallel rank: the first of them writes it, once.
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -393,6 +459,7 @@ class Trainer:
                     staging / subdir,
                     model.hf_arch,
                     tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+                    pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
                     padded_vocab_size=model.padded_vocab_size,
                     params_dtype=next(model.parameters()).dtype,
                     phase=self.phase,
@@ -421,6 +488,15 @@ class Trainer:
         meta = mcore_io.load_model(self.model, ckpt_dir)
         for subdir, model in (extra_models or {}).items():
             mcore_io.load_model(model, ckpt_dir / subdir)
+        if self.distributed_optimizer or (ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR).is_dir():
+            self._load_distributed_optimizer(ckpt_dir, meta)
+        else:
+            self._load_adamw(ckpt_dir, meta)
+        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
+        self.state = TrainState(step=state["step"], data=state["data"])
+
+    def _load_adamw(self, ckpt_dir: Path, meta: dict) -> None:
+        """The AdamW path's optimizer, scheduler and RNG state: at the layout that wrote them."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         if meta.get("world_size", world) != world:
             raise ValueError(
@@ -447,8 +523,30 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(rng)
-        state = json.loads((ckpt_dir / "trainer_state.json").read_text())
-        self.state = TrainState(step=state["step"], data=state["data"])
+
+    def _load_distributed_optimizer(self, ckpt_dir: Path, meta: dict) -> None:
+        """The optimizer state of ``optimizer.distributed: true``: any data-parallel size, the same TP."""
+        written_distributed = (ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR).is_dir()
+        if written_distributed != self.distributed_optimizer:
+            raise ValueError(
+                f"{ckpt_dir} holds the optimizer state of optimizer.distributed={str(written_distributed).lower()}, "
+                f"and this run has optimizer.distributed={str(self.distributed_optimizer).lower()}; resume with the "
+                "setting it was written with (the model weights alone load either way: start a new run from them)"
+            )
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if meta.get("tensor_parallel_size", tp) != tp:
+            raise ValueError(
+                f"{ckpt_dir}: the distributed optimizer's state was written at tensor_model_parallel_size="
+                f"{meta.get('tensor_parallel_size')} and this run has {tp}; it reloads at another "
+                "data-parallel size, not at another tensor-parallel size"
+            )
+        load_distributed_optimizer(self.optimizer, self.scheduler, ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR)
+        # each rank's RNG: its own where the writer had as many ranks, else that of the writer's rank
+        # with the same position in the (TP-fastest) rank order modulo its world
+        rank = dist.get_rank()
+        written_world = meta.get("world_size", dist.get_world_size())
+        rng_file = ckpt_dir / f"rng_state_rank{rank % written_world:05d}.pt"
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False)["rng"])
 
     def close(self) -> None:
         self.metrics.close()
@@ -466,7 +564,7 @@ def prune_checkpoints(root: Path, keep_last: int, protect: Iterable[str] = ()) -
 
 
 def _replicated_param_names(model) -> set[str]:
-    table = mappings_by_param_name(model.hf_arch)
+    table = model_param_mappings(model)
     return {name for name, _ in model.named_parameters() if table[name].kind is Kind.REPLICATED}
 
 

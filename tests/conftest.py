@@ -32,9 +32,26 @@ if str(TESTS_DIR) not in sys.path:
 # A test's kind is its folder: unit/ (one process), distributed/ (spawns gloo ranks), e2e/ (runs
 # phases or the CLI). `pytest -m "not e2e"` is the quick inner loop; `make test` runs them all.
 TEST_KINDS = ("unit", "distributed", "e2e")
+# The quick demo's file is about a third of the suite on 2 cores: it must start first, not wait
+# for a free worker at the end. xdist hands out whole files in collection order
+# (`--no-loadscope-reorder` in pytest.ini); the other files follow, those with most tests first.
+LONGEST_FILES_FIRST = ("test_demo_and_pipeline.py",)
+
+
+def _schedule_order(items):
+    tests_per_file = {}
+    for item in items:
+        tests_per_file[str(item.fspath)] = tests_per_file.get(str(item.fspath), 0) + 1
+
+    def key(item):
+        path = str(item.fspath)
+        return (Path(path).name not in LONGEST_FILES_FIRST, -tests_per_file[path], path)
+
+    items.sort(key=key)  # stable: a file's tests keep their order
 
 
 def pytest_collection_modifyitems(config, items):
+    _schedule_order(items)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         kind = Path(str(item.fspath)).parent.name

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ARCHITECTURES = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"]
+ARCHITECTURES = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "Olmo3ForCausalLM"]
 VOCAB = 1111  # not a multiple of 128: padding differs between TP=1 (1152) and TP=2 (1280)
 BATCH, SEQ = 2, 24
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,10 +54,11 @@ def gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def global_grads(model) -> dict[str, torch.Tensor]:
-    """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped."""
-    from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, mappings_by_param_name
+    """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped
+    (a pipeline stage's: its layers under their global names)."""
+    from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, model_param_mappings
 
-    table = mappings_by_param_name(model.hf_arch)
+    table = model_param_mappings(model)
     out = {}
     for name, param in model.named_parameters():
         mapping = table[name]
@@ -66,6 +67,20 @@ def global_grads(model) -> dict[str, torch.Tensor]:
             full = full[: model.hf_arch.vocab_size]
         out[mapping.mcore] = full
     return out
+
+
+def ce_forward_step(model, mb):
+    """A forward step of the trainer's contract: megatron's per-token cross-entropy of ``mb``
+    (``input_ids``, ``position_ids``, ``labels``), its masked sum over ``mb["mask"]``."""
+    from sdzero_mcore.losses.masked import masked_token_sum
+
+    per_token = model(mb["input_ids"], mb["position_ids"], None, labels=mb["labels"])
+    return per_token, lambda out: (*masked_token_sum(out, mb["mask"]), {})
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b|."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 def megatron_run(model) -> dict:
@@ -98,18 +113,22 @@ def megatron_run(model) -> dict:
 
 
 def parity_worker(mcore_dir: str, tp_sizes: list[int], out_path: str) -> None:
-    """Load the converted checkpoint at each TP size in turn and record what megatron computes."""
+    """Load the converted checkpoint at each TP size in turn and record what megatron computes, and
+    the HF tensors that resharding streams to a rollout engine."""
     import torch.distributed as dist
 
     from sdzero_mcore.checkpoint.loading import build_model_from_mcore
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+    from sdzero_mcore.parallel.resharding import iter_hf_tensors
 
     init_distributed("gloo")
     results = {}
     for tp in tp_sizes:
         initialize_model_parallel(tensor_model_parallel_size=tp)
         model = build_model_from_mcore(mcore_dir, params_dtype=torch.float32, transformer_impl="local")
+        resharded = dict(iter_hf_tensors(model))
         results[tp] = megatron_run(model)
+        results[tp]["resharded"] = resharded
         results[tp]["padded_vocab_size"] = model.padded_vocab_size
     if dist.get_rank() == 0:
         torch.save(results, out_path)
@@ -187,14 +206,20 @@ def hf_to_global(mapping, hf_tensors: dict, arch, padded_vocab: int) -> torch.Te
     return hf_to_local(mapping, DictSource(hf_tensors), arch, 0, 1, padded_vocab)
 
 
-def tiny_qwen3_mcore(root: Path) -> Path:
-    """A random tiny Qwen3 (vocab VOCAB) as a HF directory ``root/hf`` and an mcore checkpoint ``root/mcore``."""
+def tiny_mcore(root: Path, architecture: str = "Qwen3ForCausalLM") -> Path:
+    """A random tiny ``architecture`` model (vocab VOCAB) as a HF directory ``root/hf`` and an mcore
+    checkpoint ``root/mcore``."""
     from sdzero_mcore.checkpoint.convert import hf_to_mcore
     from sdzero_mcore.models.tiny import save_tiny_hf_model
 
-    hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB)
+    hf_dir = save_tiny_hf_model(root / "hf", architecture, vocab_size=VOCAB)
     hf_to_mcore(hf_dir, root / "mcore", tensor_parallel_size=1, progress=False)
     return root / "mcore"
+
+
+def tiny_qwen3_mcore(root: Path) -> Path:
+    """:func:`tiny_mcore` of a Qwen3."""
+    return tiny_mcore(root)
 
 
 def perturb_like_training(model, rank: int) -> dict[str, bool]:

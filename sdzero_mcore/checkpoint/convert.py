@@ -1,8 +1,8 @@
 """HF <-> megatron-core checkpoint conversion (``sdzero convert``, ``tools/convert_checkpoint.py``).
 
-hf-to-mcore runs one process per TP rank (spawned here, gloo on CPU); each reads only its slices
-of the HF shards and writes its part of a megatron-core distributed checkpoint, so the model is
-held once across the processes. mcore-to-hf reads the checkpoint one tensor key at a time and
+hf-to-mcore runs one process per TP x PP rank (spawned here, gloo on CPU); each builds only its
+pipeline stage's layers, reads only its slices of the HF shards and writes its part of a
+megatron-core distributed checkpoint, so the model is held once across the processes. mcore-to-hf reads the checkpoint one tensor key at a time and
 writes HF shards as they fill, so at most one stacked key and one output shard are in memory.
 Both write into a staging directory that is renamed into place only when complete.
 """
@@ -60,17 +60,19 @@ class _ImportJob:
     hf_dir: str
     staging: str
     tensor_parallel_size: int
+    pipeline_parallel_size: int
     params_dtype: torch.dtype
     make_vocab_size_divisible_by: int
     progress: bool
 
 
 def _import_worker(job: _ImportJob) -> None:
-    """One TP rank: build its shard of the model from the HF files and write it."""
+    """One TP x PP rank: build its shard of its stage from the HF files and write it."""
 
     init_distributed(backend="gloo")
     try:
-        initialize_model_parallel(tensor_model_parallel_size=job.tensor_parallel_size)
+        initialize_model_parallel(tensor_model_parallel_size=job.tensor_parallel_size,
+                                  pipeline_model_parallel_size=job.pipeline_parallel_size)
         model = build_model_from_hf(
             job.hf_dir,
             params_dtype=job.params_dtype,
@@ -93,25 +95,30 @@ def hf_to_mcore(
     make_vocab_size_divisible_by: int = 128,
     overwrite: bool = False,
     progress: bool = True,
+    pipeline_parallel_size: int = 1,
 ) -> dict:
     """Convert a HF checkpoint into an sdzero-mcore (megatron-core dist) checkpoint. Returns its metadata.
 
-    Everything that can be checked without loading weights (config, shards, shapes, TP size,
-    output directory) is checked before any process starts.
+    Everything that can be checked without loading weights (config, shards, shapes, TP and PP
+    sizes, output directory) is checked before any process starts. The checkpoint stores global
+    tensors: it loads at any TP x PP, whichever it was written at.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch, reader = open_hf_checkpoint(hf_dir)
     arch.check_tensor_parallel(tensor_parallel_size)
+    arch.check_pipeline_parallel(pipeline_parallel_size)
     dtype = params_dtype or reader.main_dtype()
     with staged_output_dir(out_dir, overwrite, mcore_io.holds_mcore_checkpoint) as staging:
-        job = _ImportJob(str(hf_dir), str(staging), tensor_parallel_size, dtype, make_vocab_size_divisible_by, progress)
-        run_local_workers(_import_worker, tensor_parallel_size, job)
+        job = _ImportJob(str(hf_dir), str(staging), tensor_parallel_size, pipeline_parallel_size, dtype,
+                         make_vocab_size_divisible_by, progress)
+        run_local_workers(_import_worker, tensor_parallel_size * pipeline_parallel_size, job)
         copy_non_weight_files(hf_dir, staging / mcore_io.HF_FILES_DIR)
         mcore_io.fsync_tree(staging)
         meta = mcore_io.write_checkpoint_meta(
             staging,
             arch,
             tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
             padded_vocab_size=arch.padded_vocab_size(tensor_parallel_size, make_vocab_size_divisible_by),
             params_dtype=dtype,
             source=str(hf_dir.absolute()),
@@ -211,10 +218,11 @@ def run_convert(args: argparse.Namespace) -> int:
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 overwrite=args.overwrite,
                 progress=not args.no_progress,
+                pipeline_parallel_size=args.pp,
             )
             print(
                 f"wrote {meta['architecture']} megatron-core checkpoint to {args.out_dir} "
-                f"(TP={meta['tensor_parallel_size']}, vocab {meta['vocab_size']} padded to "
+                f"(TP={meta['tensor_parallel_size']}, PP={meta['pipeline_parallel_size']}, vocab {meta['vocab_size']} padded to "
                 f"{meta['padded_vocab_size']}, {meta['params_dtype']})"
             )
         else:

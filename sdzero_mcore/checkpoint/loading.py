@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from sdzero_mcore.checkpoint import mcore_io
 from sdzero_mcore.checkpoint.hf_io import CheckpointError, HFCheckpointReader
-from sdzero_mcore.checkpoint.mapping import expected_hf_shapes, hf_to_local, mappings_by_param_name
+from sdzero_mcore.checkpoint.mapping import expected_hf_shapes, hf_to_local, model_param_mappings
 from sdzero_mcore.models.builder import build_gpt_model
 from sdzero_mcore.models.hf_config import ModelArch
 
@@ -27,15 +27,18 @@ def open_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelArch, HFCheckpointReade
 
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -> None:
-    """Copy this TP rank's shard of every parameter from the HF checkpoint into ``model``."""
+    """Copy this TP rank's shard of every parameter from the HF checkpoint into ``model``: at
+    pipeline-parallel size > 1 the stage's own layers (at their global indices), the embedding on
+    the first stage, and on the last the final norm and the output layer (with tied embeddings,
+    from the embedding)."""
     arch = model.hf_arch
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    table = mappings_by_param_name(arch)
+    try:
+        table = model_param_mappings(model)
+    except ValueError as error:
+        raise CheckpointError(f"{reader.dir}: {error}") from None
     params = list(model.named_parameters())
-    unmapped = [name for name, _ in params if name not in table]
-    if unmapped:
-        raise CheckpointError(f"no HF mapping for Megatron parameters {unmapped[:5]} of {arch.architecture}")
     for name, param in tqdm(params, desc="loading HF weights", unit="tensor", disable=not progress):
         shard = hf_to_local(table[name], reader, arch, tp_rank, tp_size, model.padded_vocab_size)
         if shard.shape != param.shape:
@@ -53,7 +56,8 @@ def build_model_from_hf(
     progress: bool = False,
     **build_kwargs,
 ):
-    """A GPTModel at the current parallel sizes with the weights of a HF checkpoint."""
+    """A GPTModel at the current parallel sizes with the weights of a HF checkpoint (at
+    pipeline-parallel size > 1, this rank's stage: only its layers are built and read)."""
     arch, reader = open_hf_checkpoint(hf_dir)
     model = build_gpt_model(
         arch, params_dtype=params_dtype or reader.main_dtype(), perform_initialization=False, **build_kwargs

@@ -10,6 +10,9 @@ global Megatron tensor (gather, used by resharding), global Megatron tensor -> H
 * ``linear_fc1`` is [gate; up] globally, and each TP rank holds [gate_shard; up_shard].
 * Row-parallel weights (``linear_proj``, ``linear_fc2``) split along the input dimension.
 * The vocabulary (embedding, output layer) is padded to Megatron's multiple and split in rows.
+* Olmo-3's full-width QK-norm weights [heads * head_dim] split in rows like the heads they scale;
+  its post-norms sit in the output projections (``linear_proj.post_layernorm``,
+  ``linear_fc2.post_layernorm``), and it has no input norms.
 
 Names: ``mcore`` is the TransformerEngine-style parameter name, which is also what megatron-core's
 distributed checkpoints use for both layer specs (the local spec maps its separate norms onto
@@ -36,6 +39,7 @@ class Kind(enum.Enum):
     VOCAB = "vocab"  # padded vocabulary rows, split along dim 0
     QKV = "qkv"  # q, k, v fused and grouped per query group, split along dim 0
     GATE_UP = "gate_up"  # gate and up fused, each split along dim 0
+    COLUMN = "column"  # split along dim 0 in TP-rank order (Olmo-3's full-width QK-norm weights)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class WeightMapping:
 
 def weight_mappings(arch: ModelArch) -> list[WeightMapping]:
     """Mappings for ``arch`` with ``{layer}`` placeholders, in export order."""
+    if arch.olmo3:
+        return _olmo3_mappings(arch)
     attn = f"decoder.layers.{LAYER}.self_attention"
     mlp = f"decoder.layers.{LAYER}.mlp"
     hf_attn = f"model.layers.{LAYER}.self_attn"
@@ -110,6 +116,37 @@ def weight_mappings(arch: ModelArch) -> list[WeightMapping]:
     return mappings
 
 
+def _olmo3_mappings(arch: ModelArch) -> list[WeightMapping]:
+    attn = f"decoder.layers.{LAYER}.self_attention"
+    mlp = f"decoder.layers.{LAYER}.mlp"
+    hf_layer = f"model.layers.{LAYER}"
+    mappings = [
+        WeightMapping("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), Kind.VOCAB),
+        WeightMapping(
+            f"{attn}.linear_qkv.weight", tuple(f"{hf_layer}.self_attn.{p}_proj.weight" for p in "qkv"), Kind.QKV
+        ),
+        WeightMapping(f"{attn}.q_layernorm.weight", (f"{hf_layer}.self_attn.q_norm.weight",), Kind.COLUMN),
+        WeightMapping(f"{attn}.k_layernorm.weight", (f"{hf_layer}.self_attn.k_norm.weight",), Kind.COLUMN),
+        WeightMapping(f"{attn}.linear_proj.weight", (f"{hf_layer}.self_attn.o_proj.weight",), Kind.ROW),
+        WeightMapping(
+            f"{attn}.linear_proj.post_layernorm.weight", (f"{hf_layer}.post_attention_layernorm.weight",), Kind.REPLICATED
+        ),
+        WeightMapping(
+            f"{mlp}.linear_fc1.weight",
+            (f"{hf_layer}.mlp.gate_proj.weight", f"{hf_layer}.mlp.up_proj.weight"),
+            Kind.GATE_UP,
+        ),
+        WeightMapping(f"{mlp}.linear_fc2.weight", (f"{hf_layer}.mlp.down_proj.weight",), Kind.ROW),
+        WeightMapping(
+            f"{mlp}.linear_fc2.post_layernorm.weight", (f"{hf_layer}.post_feedforward_layernorm.weight",), Kind.REPLICATED
+        ),
+        WeightMapping("decoder.final_layernorm.weight", ("model.norm.weight",), Kind.REPLICATED),
+    ]
+    if not arch.tie_word_embeddings:
+        mappings.append(WeightMapping("output_layer.weight", ("lm_head.weight",), Kind.VOCAB))
+    return mappings
+
+
 def concrete_mappings(arch: ModelArch) -> list[WeightMapping]:
     """Every mapping with its layer filled in: layer params layer by layer, then the rest."""
     out = []
@@ -130,9 +167,20 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
     for i in range(arch.num_layers):
         layer, attn, mlp = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        if arch.olmo3:  # post-norms after attention and MLP, QK-norm over the full projection width
+            shapes.update(
+                {
+                    f"{layer}.post_feedforward_layernorm.weight": (h,),
+                    f"{attn}.q_norm.weight": (q_rows,),
+                    f"{attn}.k_norm.weight": (kv_rows,),
+                }
+            )
+        else:
+            shapes[f"{layer}.input_layernorm.weight"] = (h,)
+            if arch.qk_norm:
+                shapes.update({f"{attn}.q_norm.weight": (d,), f"{attn}.k_norm.weight": (d,)})
         shapes.update(
             {
-                f"{layer}.input_layernorm.weight": (h,),
                 f"{layer}.post_attention_layernorm.weight": (h,),
                 f"{attn}.q_proj.weight": (q_rows, h),
                 f"{attn}.k_proj.weight": (kv_rows, h),
@@ -145,8 +193,6 @@ def expected_hf_shapes(arch: ModelArch) -> dict[str, tuple[int, ...]]:
         )
         if arch.qkv_bias:
             shapes.update({f"{attn}.q_proj.bias": (q_rows,), f"{attn}.k_proj.bias": (kv_rows,), f"{attn}.v_proj.bias": (kv_rows,)})
-        if arch.qk_norm:
-            shapes.update({f"{attn}.q_norm.weight": (d,), f"{attn}.k_norm.weight": (d,)})
     return shapes
 
 
@@ -219,6 +265,9 @@ def hf_to_local(
     if kind is Kind.ROW:
         n = source.shape(names[0])[1] // tp_size
         return source.read(names[0], 1, tp_rank * n, (tp_rank + 1) * n)
+    if kind is Kind.COLUMN:
+        n = source.shape(names[0])[0] // tp_size
+        return source.read(names[0], 0, tp_rank * n, (tp_rank + 1) * n)
     if kind is Kind.VOCAB:
         rows = padded_vocab // tp_size
         start = min(tp_rank * rows, arch.vocab_size)
@@ -246,7 +295,7 @@ def gather_shards(mapping: WeightMapping, shards: Sequence[torch.Tensor]) -> tor
         return shards[0]
     if kind is Kind.ROW:
         return torch.cat(list(shards), dim=1)
-    if kind in (Kind.VOCAB, Kind.QKV):
+    if kind in (Kind.VOCAB, Kind.QKV, Kind.COLUMN):
         return torch.cat(list(shards), dim=0)
     if kind is Kind.GATE_UP:
         gates, ups = zip(*(shard.chunk(2, dim=0) for shard in shards))
@@ -261,7 +310,7 @@ def shard_global(mapping: WeightMapping, tensor: torch.Tensor, tp_rank: int, tp_
         return tensor
     if kind is Kind.ROW:
         return tensor.chunk(tp_size, dim=1)[tp_rank]
-    if kind in (Kind.VOCAB, Kind.QKV):
+    if kind in (Kind.VOCAB, Kind.QKV, Kind.COLUMN):
         return tensor.chunk(tp_size, dim=0)[tp_rank]
     if kind is Kind.GATE_UP:
         gate, up = tensor.chunk(2, dim=0)
@@ -290,3 +339,40 @@ def mappings_by_param_name(arch: ModelArch) -> dict[str, WeightMapping]:
         if mapping.local_alias:
             table[mapping.local_alias] = mapping
     return table
+
+
+_LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+TIED_OUTPUT_WEIGHT = "output_layer.weight"
+
+
+def model_param_mappings(model) -> dict[str, WeightMapping]:
+    """Each parameter of a built model -> its concrete mapping, at global layer indices.
+
+    A pipeline stage names its layers from 0; its layer i is global layer
+    ``decoder.layers[i].layer_number - 1`` (megatron-core's offset). With tied embeddings the last
+    stage of PP > 1 holds a copy of the embedding as ``output_layer.weight``
+    (:func:`is_tied_output_copy`): it maps to the embedding. At PP = 1 this is
+    :func:`mappings_by_param_name` looked up by name."""
+    arch = model.hf_arch
+    table = mappings_by_param_name(arch)
+    out = {}
+    for name, _ in model.named_parameters():
+        if name == TIED_OUTPUT_WEIGHT and arch.tie_word_embeddings:
+            out[name] = table["embedding.word_embeddings.weight"]
+            continue
+        match = _LOCAL_LAYER.match(name)
+        if match:
+            layer = model.decoder.layers[int(match.group(1))].layer_number - 1
+            key = f"decoder.layers.{layer}." + name[match.end():]
+        else:
+            key = name
+        if key not in table:
+            raise ValueError(f"parameter {name!r} has no HF mapping for {arch.architecture}")
+        out[name] = table[key]
+    return out
+
+
+def is_tied_output_copy(model, name: str) -> bool:
+    """Whether parameter ``name`` is the last pipeline stage's copy of a tied embedding (its values
+    and gradients equal the first stage's embedding: counted and exported once, from there)."""
+    return name == TIED_OUTPUT_WEIGHT and model.hf_arch.tie_word_embeddings

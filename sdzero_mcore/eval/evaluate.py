@@ -30,6 +30,7 @@ from sdzero_mcore.eval.budget import read_budget
 from sdzero_mcore.eval.metrics import avg_at_k, correction_rate, keyword_stats, localization_buckets, pass_at_k_dataset
 from sdzero_mcore.eval.report import plot_localization, token_kl_html, write_localization_csv, write_run
 from sdzero_mcore.models.forward import causal_lm_logits
+from sdzero_mcore.parallel.pipeline import broadcast_from_last_stage
 from sdzero_mcore.parallel.rank0 import barrier, is_rank0, run_on_rank0
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import SamplingParams
@@ -99,15 +100,21 @@ def _generate_and_score(cfg: SDZeroConfig, engine, run: RunPrompts, questions: S
 @torch.no_grad()
 def token_reverse_kl(student, reviser, attempts: Sequence[dict], run: RunPrompts) -> list[list[float]]:
     """Per response token: KL(student(. | x, y_<t) || reviser(. | x, y, P_r, y_<t)), full vocabulary;
-    the reviser reads the Phase 2 teacher's context around the eval prompt x."""
+    the reviser reads the Phase 2 teacher's context around the eval prompt x. At pipeline-parallel
+    size > 1 the logits and the KL are computed on the last stage, and the KL lists (not the
+    logits) are sent to the other stages."""
     per_token = []
     for attempt in attempts:
         x, y = attempt["x_ids"], attempt["y_ids"]
         context = run.teacher("", y, attempt["reward"], x_ids=x)
-        s_logits = causal_lm_logits(student, torch.tensor([x + y]))[0, len(x) - 1 : len(x) + len(y) - 1]
-        t_logits = causal_lm_logits(reviser, torch.tensor([context.ids]))[0, context.response_start - 1 : context.response_end - 1]
+        s_logits = causal_lm_logits(student, torch.tensor([x + y]))
+        t_logits = causal_lm_logits(reviser, torch.tensor([context.ids]))
+        if s_logits is None:  # not the last pipeline stage
+            continue
+        s_logits = s_logits[0, len(x) - 1 : len(x) + len(y) - 1]
+        t_logits = t_logits[0, context.response_start - 1 : context.response_end - 1]
         per_token.append(full_kl(s_logits, t_logits, kl="reverse").clamp_min(0.0).tolist())
-    return per_token
+    return broadcast_from_last_stage(per_token)
 
 
 def localization(cfg: SDZeroConfig, source, reviser_source, attempts: Sequence[dict], run: RunPrompts,

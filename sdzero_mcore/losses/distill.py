@@ -23,6 +23,13 @@ Two LM heads (``distill.lm_head``):
   (vocabulary chunks, no [T, V] logits), the student's KL by ``fused_linear_topk_kl`` (renorm: K
   rows of the output weight per token; bucket: vocabulary chunks, recomputed in the backward).
   Same targets and losses as ``dense`` up to float rounding (tests/distributed/test_sparse_head.py).
+
+At pipeline-parallel size > 1, :func:`teacher_targets_for` runs the teacher's micro-batches
+through megatron-core's forward-only schedule and computes the top-K on its last stage. The
+student (same layout) computes its loss on its last stage, the same ranks: the targets stay there,
+and the other stages, which never run the loss, get None. The sparse head runs the whole model
+up to the final norm in one call, so at pipeline-parallel size > 1 the dense head runs instead
+(:func:`lm_head_for`).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from sdzero_mcore.models.forward import (
     vocab_parallel_logits,
 )
 from sdzero_mcore.parallel.context_parallel import gather_from_cp, padded_seq_len, split_for_cp
+from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
 
 LM_HEADS = ("sparse", "dense")
 
@@ -142,9 +150,11 @@ def _sparse_teacher_topk(teacher, batch: DistillBatch, k: int, temperature: floa
 
 
 @torch.no_grad()
-def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float = 1.0, lm_head: str = "dense",
+def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float = 1.0,
+                    logits: Optional[torch.Tensor] = None, lm_head: str = "dense",
                     vocab_chunk: int = VOCAB_CHUNK) -> TeacherTargets:
-    """Run the teacher on its sequences and place its top-K log-probs at the student's positions.
+    """Run the teacher on its sequences (or take its vocab-parallel ``logits`` on them) and place
+    its top-K log-probs at the student's positions.
 
     Positions without a loss (prompt, padding) get a harmless uniform distribution over ids 0..K-1,
     so the kernels see finite inputs everywhere and the mask alone decides what counts.
@@ -154,11 +164,12 @@ def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float 
     check_lm_head(lm_head)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     teacher_len = batch.teacher_ids.shape[1]
-    if lm_head == "dense":
-        logits = vocab_parallel_logits(teacher, cp_local_batch(batch.teacher_ids))
-        logprobs, ids = teacher_topk(logits, k, temperature=temperature, tp_group=tp_group)
-    else:
+    if lm_head == "sparse" and logits is None:
         logprobs, ids = _sparse_teacher_topk(teacher, batch, k, temperature, tp_group, vocab_chunk)
+    else:
+        if logits is None:
+            logits = teacher_logits(teacher, batch)
+        logprobs, ids = teacher_topk(logits, k, temperature=temperature, tp_group=tp_group)
     logprobs = gather_from_cp(logprobs, dim=1)[:, :teacher_len]
     ids = gather_from_cp(ids, dim=1)[:, :teacher_len]
 
@@ -177,6 +188,35 @@ def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float 
         ids=torch.where(mask[..., None], ids.gather(1, index), filler_ids),
         loss_mask=mask,
     )
+
+
+def teacher_logits(teacher, batch: DistillBatch) -> torch.Tensor:
+    """The teacher's vocab-parallel logits on this rank's CP part of its sequences (at PP > 1: the
+    stage's output)."""
+    return vocab_parallel_logits(teacher, cp_local_batch(batch.teacher_ids))
+
+
+def lm_head_for(lm_head: str) -> str:
+    """The head that runs for ``distill.lm_head``: ``sparse`` needs the whole model on one pipeline
+    stage (:func:`~sdzero_mcore.models.forward.final_hidden_states`); at pipeline-parallel size > 1
+    the dense head runs."""
+    check_lm_head(lm_head)
+    return lm_head if pipeline_parallel_size() == 1 else "dense"
+
+
+def teacher_targets_for(teacher, batches: Sequence[DistillBatch], *, k: int, temperature: float = 1.0,
+                        lm_head: str = "dense") -> list[Optional[TeacherTargets]]:
+    """:func:`teacher_targets` of each batch. At pipeline-parallel size > 1 the batches go through
+    megatron-core's forward-only schedule as micro-batches, and the targets are computed on the
+    last stage, where the student's loss runs; the other stages get None for each (and the dense
+    head runs: :func:`lm_head_for`)."""
+    if pipeline_parallel_size() == 1:
+        return [teacher_targets(teacher, batch, k=k, temperature=temperature, lm_head=lm_head) for batch in batches]
+    targets = forward_only_outputs(
+        teacher, batches, teacher_logits,
+        lambda logits, batch: teacher_targets(teacher, batch, k=k, temperature=temperature, logits=logits),
+    )
+    return targets or [None] * len(batches)
 
 
 @dataclass

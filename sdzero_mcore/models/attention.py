@@ -11,6 +11,11 @@ sequence chunks ``r`` and ``2*CP - 1 - r`` of q, k and v; K and V are all-gather
 group and put back in sequence order, and each local query chunk attends to the keys up to and
 including its own chunk with a lower-right-aligned causal mask. The backward of the all-gather is
 a reduce-scatter, so each rank receives the sum of dK and dV over every query that used its keys.
+
+Sliding-window attention follows megatron-core's configuration: ``config.window_size = (left, 0)``
+on the layers ``config.window_attn_skip_freq`` marks (all layers when it is None); a query attends
+the keys at distance 0..left behind it. Under CP each query chunk reads only the gathered keys its
+window reaches.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from megatron.core import tensor_parallel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import is_layer_window_attention
 from torch.nn.attention.bias import causal_lower_right
 
 from sdzero_mcore.parallel.context_parallel import cp_chunk_ids, sequence_chunk_order
@@ -60,6 +66,17 @@ def cp_chunk_order_index(cp_size: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(sequence_chunk_order(cp_size), device=device)
 
 
+def sliding_window_causal_mask(
+    q_start: int, q_len: int, k_start: int, k_len: int, window_left: int, device: torch.device
+) -> torch.Tensor:
+    """[q_len, k_len] bool, True where the query at position q_start + i may attend the key at
+    k_start + j: the key is not ahead of it and at most ``window_left`` positions behind."""
+    q_pos = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    k_pos = torch.arange(k_start, k_start + k_len, device=device)[None, :]
+    distance = q_pos - k_pos
+    return (distance >= 0) & (distance <= window_left)
+
+
 def gather_sequence_over_cp(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[s_local, ...] on each CP rank -> [s_local * CP, ...] in sequence order (autograd-aware)."""
     cp_size = dist.get_world_size(group)
@@ -77,7 +94,8 @@ class SDPACoreAttention(MegatronModule):
     (GQA when groups < heads); the output is [s, b, heads * head_dim]. Masking follows
     ``DotProductAttention``: a given ``attention_mask`` (bool, True = masked out) is used as is;
     without one, a causal ``attn_mask_type`` means the causal mask. Under CP only the causal mask
-    over padded-right sequences is supported (what GPT training uses).
+    over padded-right sequences is supported (what GPT training uses). On a sliding-window layer the
+    window is applied on top of either (it needs the causal mask type).
     """
 
     def __init__(
@@ -96,8 +114,17 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError(f"SDPACoreAttention supports softmax_type='vanilla' only, got {config.softmax_type!r}")
-        if getattr(config, "window_size", None) is not None:
-            raise ValueError("SDPACoreAttention does not support sliding-window attention (config.window_size)")
+        # Keys at distance 0..window_left behind the query; None = no window on this layer.
+        self.window_left: Optional[int] = None
+        window_size = getattr(config, "window_size", None)
+        if is_layer_window_attention(window_size, getattr(config, "window_attn_skip_freq", None), self.layer_number):
+            left, right = window_size
+            if right != 0:
+                raise ValueError(
+                    f"SDPACoreAttention supports causal sliding windows only: config.window_size={window_size} "
+                    "must look 0 positions ahead"
+                )
+            self.window_left = None if left < 0 else left
         if cp_comm_type not in (None, "all_gather"):
             raise ValueError(
                 f"SDPACoreAttention implements cp_comm_type='all_gather' only, got {cp_comm_type!r}; "
@@ -147,9 +174,15 @@ class SDPACoreAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = mask_type == AttnMaskType.causal
         cp_size = dist.get_world_size(self.cp_group) if self.cp_group is not None else 1
+        if self.window_left is not None and not causal:
+            raise ValueError(f"a sliding-window layer needs the causal attn_mask_type, got {mask_type}")
 
         # [s, b, h, d] -> [b, h, s, d]; a permuted view, the head dim stays contiguous.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        sq, sk = query.shape[0], key.shape[0]
+        window = None
+        if self.window_left is not None and cp_size == 1:  # lower-right aligned, as the causal mask
+            window = sliding_window_causal_mask(sk - sq, sq, 0, sk, self.window_left, query.device)
         if cp_size > 1:
             if attention_mask is not None or not causal:
                 raise ValueError(
@@ -159,11 +192,13 @@ class SDPACoreAttention(MegatronModule):
                 )
             out = self._cp_causal_attention(q, key, value, cp_size)
         elif attention_mask is not None:
-            out = self._sdpa(q, k, v, attn_mask=~attention_mask.bool())
+            allowed = ~attention_mask.bool()
+            out = self._sdpa(q, k, v, attn_mask=allowed if window is None else allowed & window)
+        elif window is not None:
+            out = self._sdpa(q, k, v, attn_mask=window)
         else:
             out = self._sdpa(q, k, v, is_causal=causal)
-        sq, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        return out.permute(2, 0, 1, 3).reshape(sq, query.shape[1], -1)
 
     def _cp_causal_attention(self, q, key, value, cp_size: int) -> torch.Tensor:
         local_len = key.shape[0]
@@ -175,7 +210,12 @@ class SDPACoreAttention(MegatronModule):
         outputs = []
         for half, chunk_id in enumerate(cp_chunk_ids(cp_size, dist.get_rank(self.cp_group))):
             q_chunk = q[:, :, half * chunk : (half + 1) * chunk]
-            visible = (chunk_id + 1) * chunk  # keys up to the end of this query chunk
-            mask = causal_lower_right(chunk, visible)
-            outputs.append(self._sdpa(q_chunk, full_k[:, :, :visible], full_v[:, :, :visible], attn_mask=mask))
+            q_start, visible = chunk_id * chunk, (chunk_id + 1) * chunk  # keys up to the end of this chunk
+            if self.window_left is None:
+                k_start, mask = 0, causal_lower_right(chunk, visible)
+            else:  # only the keys the chunk's windows reach
+                k_start = max(0, q_start - self.window_left)
+                mask = sliding_window_causal_mask(q_start, chunk, k_start, visible - k_start, self.window_left, q.device)
+            k_part, v_part = full_k[:, :, k_start:visible], full_v[:, :, k_start:visible]
+            outputs.append(self._sdpa(q_chunk, k_part, v_part, attn_mask=mask))
         return torch.cat(outputs, dim=2)

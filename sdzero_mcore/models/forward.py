@@ -8,6 +8,9 @@ Two ways out of the model: :func:`vocab_parallel_logits` (the whole forward, log
 at every position) and :func:`final_hidden_states` + :func:`output_weight` (the model's own parts
 up to the final norm, and the vocab-parallel output weight, tied or not), for losses that apply
 the output layer themselves, only where they need it (``sdzero_kernels``' fused-linear ops).
+
+At pipeline-parallel size > 1 the logits exist on the last stage only (``parallel.pipeline``):
+:func:`causal_lm_logits` runs megatron-core's forward-only schedule and returns them there.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from sdzero_mcore.parallel.context_parallel import gather_from_cp, split_batch_for_cp
+from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
 
 
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
@@ -110,10 +114,22 @@ def rows_at(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
 
 
-def causal_lm_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits [B, S, vocab_size] over the real vocabulary in sequence order, gathered over TP and CP."""
-    logits = vocab_parallel_logits(model, cp_local_batch(input_ids))
+def causal_lm_logits(model, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+    """Logits [B, S, vocab_size] over the real vocabulary in sequence order, gathered over TP and CP.
+
+    At pipeline-parallel size > 1 every stage calls it; the last stage gets the logits, the
+    others None."""
+    if pipeline_parallel_size() > 1:
+        outputs = forward_only_outputs(model, [cp_local_batch(input_ids)], vocab_parallel_logits,
+                                       lambda logits, _: gathered_logits(model, logits, input_ids.shape[1]))
+        return outputs[0] if outputs else None
+    return gathered_logits(model, vocab_parallel_logits(model, cp_local_batch(input_ids)), input_ids.shape[1])
+
+
+def gathered_logits(model, logits: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """The model's vocab-parallel, CP-local logits gathered over TP and CP, in sequence order, cut
+    to ``seq_len`` tokens and the real vocabulary."""
     if logits.shape[-1] != model.padded_vocab_size:  # vocab-parallel output
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
     logits = gather_from_cp(logits, dim=1)
-    return logits[:, : input_ids.shape[1], : model.hf_arch.vocab_size]
+    return logits[:, :seq_len, : model.hf_arch.vocab_size]

@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    Olmo3Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -59,12 +66,33 @@ _TINY_DEFAULTS: dict[str, dict[str, Any]] = {
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
         },
     ),
+    # Olmo-3: post-norms, full-width QK-norm, GQA, untied embeddings; a sliding layer then a full
+    # one, a window (5) shorter than the tests' sequences, and a RoPE per layer type: another base
+    # on the sliding layer, YaRN (as the released models have) on the full one.
+    "Olmo3ForCausalLM": dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {
+                "rope_type": "yarn", "rope_theta": 500_000.0, "factor": 4.0,
+                "original_max_position_embeddings": 128, "beta_fast": 32.0, "beta_slow": 1.0,
+            },
+        },
+        pad_token_id=0, bos_token_id=None, eos_token_id=3,
+    ),
 }
 
 
 def tiny_hf_config(architecture: str = "Qwen3ForCausalLM", vocab_size: int = 1111, **overrides):
     """A transformers config for a tiny model of ``architecture`` (vocab not a multiple of 128)."""
-    config_cls = {"Qwen3ForCausalLM": Qwen3Config, "Qwen2ForCausalLM": Qwen2Config, "LlamaForCausalLM": LlamaConfig}
+    config_cls = {
+        "Qwen3ForCausalLM": Qwen3Config,
+        "Qwen2ForCausalLM": Qwen2Config,
+        "LlamaForCausalLM": LlamaConfig,
+        "Olmo3ForCausalLM": Olmo3Config,
+    }
     if architecture not in config_cls:
         raise ValueError(f"no tiny config for {architecture!r}; choose from {', '.join(config_cls)}")
     kwargs = {**_TINY_DEFAULTS[architecture], "vocab_size": vocab_size, "max_position_embeddings": 512, **overrides}

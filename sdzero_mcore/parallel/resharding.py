@@ -10,6 +10,13 @@ engine's weights and an exported checkpoint cannot disagree. Tensors keep the mo
 most one bucket of HF tensors is held at a time, plus the one parameter in flight (its gathered TP
 shards and its global tensor): a bucket is yielded as soon as the next tensor would overflow it,
 and the caller drops it before asking for the next (tests/test_rollout_hf.py measures this).
+
+At pipeline-parallel size > 1 each stage holds its own layers: the stages take turns, in order,
+each broadcasting its TP-gathered global tensors over the pipeline group (their names, at global
+layer indices, and shapes first), so that every rank still receives every tensor in the order of
+the unsplit model: the embedding from the first stage, the final norm and the output layer from
+the last. With tied embeddings the last stage's copy of the embedding is not sent (HF has no
+``lm_head`` then; the first stage's embedding is the one weight).
 """
 
 from __future__ import annotations
@@ -20,7 +27,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from sdzero_mcore.checkpoint.mapping import gather_shards, global_to_hf, mappings_by_param_name
+from sdzero_mcore.checkpoint.mapping import (
+    gather_shards,
+    global_to_hf,
+    is_tied_output_copy,
+    mappings_by_param_name,
+    model_param_mappings,
+)
+from sdzero_mcore.parallel.pipeline import broadcast_tensor_from_stage, pipeline_parallel_size
 
 DEFAULT_BUCKET_BYTES = 512 * 2**20
 
@@ -53,9 +67,13 @@ def _gather_tp(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> list
 
 @torch.no_grad()
 def iter_hf_tensors(model, tp_group: Optional[dist.ProcessGroup] = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) for every weight, in the model's parameter order; a collective over TP."""
+    """(HF name, full tensor) for every weight, in the model's parameter order; a collective over TP
+    (and over the pipeline stages at PP > 1)."""
     model = _unwrap(model)
     group = tp_group if tp_group is not None else _tp_group()
+    if pipeline_parallel_size() > 1:
+        yield from _iter_pipeline_hf_tensors(model, group)
+        return
     table = mappings_by_param_name(model.hf_arch)
     for name, param in model.named_parameters():
         mapping = table.get(name)
@@ -64,6 +82,32 @@ def iter_hf_tensors(model, tp_group: Optional[dist.ProcessGroup] = None) -> Iter
         full = gather_shards(mapping, _gather_tp(param.detach(), group))
         yield from global_to_hf(mapping, full, model.hf_arch).items()
         del full
+
+
+def _iter_pipeline_hf_tensors(model, group: Optional[dist.ProcessGroup]) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`iter_hf_tensors` at PP > 1: stage after stage, each tensor broadcast from its stage."""
+    table = model_param_mappings(model)
+    tp_size = dist.get_world_size(group) if group is not None else 1
+    device = next(model.parameters()).device
+    # this stage's parameters as (name, global mapping, global shape, dtype); shapes from meta tensors
+    mine = [
+        (name, table[name], tuple(gather_shards(table[name], [param.detach().to("meta")] * tp_size).shape), param.dtype)
+        for name, param in model.named_parameters()
+        if not is_tied_output_copy(model, name)
+    ]
+    params = dict(model.named_parameters())
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    my_stage = parallel_state.get_pipeline_model_parallel_rank()
+    for stage in range(pipeline_parallel_size()):
+        listing = [[(mapping, shape, dtype) for _, mapping, shape, dtype in mine] if stage == my_stage else None]
+        dist.broadcast_object_list(listing, src=dist.get_global_rank(pp_group, stage), group=pp_group)
+        for index, (mapping, shape, dtype) in enumerate(listing[0]):
+            full = None
+            if stage == my_stage:
+                full = gather_shards(mapping, _gather_tp(params[mine[index][0]].detach(), group))
+            full = broadcast_tensor_from_stage(full, stage, shape, dtype, device)
+            yield from global_to_hf(mapping, full, model.hf_arch).items()
+            del full
 
 
 def iter_hf_buckets(

@@ -151,20 +151,17 @@ def initialize_model_parallel(
     hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
     handoff_timeout_minutes: int = DEFAULT_HANDOFF_TIMEOUT_MINUTES,
 ) -> ParallelSizes:
-    """Create megatron's TP/CP/DP groups (PP is fixed at 1) over the running process group, and
-    seed the RNGs (megatron's layers fork the model-parallel RNG even with dropout off).
+    """Create megatron's TP/PP/CP/DP groups over the running process group, and seed the RNGs
+    (megatron's layers fork the model-parallel RNG even with dropout off).
 
     ``hierarchical_context_parallel_sizes`` (their product is the CP size) also creates the
     hierarchical CP groups that TransformerEngine's ``a2a+p2p`` scheme runs in. The hand-off group
     gets ``handoff_timeout_minutes``. Groups of a previous call are destroyed first."""
-    if pipeline_model_parallel_size != 1:
-        raise ValueError(
-            f"pipeline_model_parallel_size={pipeline_model_parallel_size} is not supported; allowed: 1"
-        )
-    if tensor_model_parallel_size < 1 or context_parallel_size < 1:
+    if tensor_model_parallel_size < 1 or context_parallel_size < 1 or pipeline_model_parallel_size < 1:
         raise ValueError(
             f"parallel sizes must be >= 1; got tensor_model_parallel_size={tensor_model_parallel_size}, "
-            f"context_parallel_size={context_parallel_size}"
+            f"context_parallel_size={context_parallel_size}, "
+            f"pipeline_model_parallel_size={pipeline_model_parallel_size}"
         )
     if hierarchical_context_parallel_sizes is not None and math.prod(hierarchical_context_parallel_sizes) != context_parallel_size:
         raise ValueError(
@@ -172,17 +169,18 @@ def initialize_model_parallel(
             f"context_parallel_size={context_parallel_size}"
         )
     world = dist.get_world_size()
-    model_parallel = tensor_model_parallel_size * context_parallel_size
+    model_parallel = tensor_model_parallel_size * context_parallel_size * pipeline_model_parallel_size
     if world % model_parallel:
         raise ValueError(
             f"world size {world} is not divisible by tensor_model_parallel_size="
             f"{tensor_model_parallel_size} x context_parallel_size={context_parallel_size}"
+            + (f" x pipeline_model_parallel_size={pipeline_model_parallel_size}" if pipeline_model_parallel_size > 1 else "")
         )
     release_model_parallel()
     existing = set(_world.pg_map)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
         hierarchical_context_parallel_sizes=(
             list(hierarchical_context_parallel_sizes) if hierarchical_context_parallel_sizes else None
@@ -200,6 +198,7 @@ def initialize_model_parallel(
         tensor=tensor_model_parallel_size,
         context=context_parallel_size,
         data=world // model_parallel,
+        pipeline=pipeline_model_parallel_size,
     )
 
 

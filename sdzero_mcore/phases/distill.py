@@ -30,10 +30,11 @@ from sdzero_mcore.losses.distill import (
     DistillLoss,
     collate_distill,
     distill_loss,
+    lm_head_for,
     sparse_distill_loss,
     student_logits,
     student_response_hidden,
-    teacher_targets,
+    teacher_targets_for,
 )
 from sdzero_mcore.models.forward import model_device
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
@@ -117,16 +118,19 @@ def distill_micro_batches(teacher, samples: Sequence[Sample], tokenizer, dcfg) -
     """This DP rank's micro-batches of the step, each with the teacher's top-K targets.
 
     A rank whose share is empty gets one micro-batch of the step's first sample with its loss
-    mask cleared: it counts nowhere, and keeps the rank in the step's collectives."""
+    mask cleared: it counts nowhere, and keeps the rank in the step's collectives. At
+    pipeline-parallel size > 1 the targets are on the last stage (None on the others, which never
+    run the loss)."""
     device = model_device(teacher)
     # the teacher's sequence (prefix + y) is the longer one: it sets the padding
     chunks = split_micro_batches(data_parallel_shard(samples), dcfg.micro_batch_size, dcfg.max_tokens_per_micro_batch,
                                  lambda s: len(s.teacher_prefix_ids) + len(s.response_ids))
+    chunks = [(c, False) for c in chunks] or [([samples[0]], True)]
+    batches = [collate_distill(chunk, pad_id(tokenizer)) for chunk, _ in chunks]
     micro = []
-    for chunk, is_filler in [(c, False) for c in chunks] or [([samples[0]], True)]:
-        batch = collate_distill(chunk, pad_id(tokenizer))
-        targets = teacher_targets(teacher, batch, k=dcfg.top_k, temperature=dcfg.temperature, lm_head=dcfg.lm_head)
-        if is_filler:
+    for (chunk, is_filler), batch, targets in zip(chunks, batches, teacher_targets_for(
+            teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature, lm_head=lm_head_for(dcfg.lm_head))):
+        if is_filler and targets is not None:
             targets.loss_mask.zero_()
         micro.append((batch, targets, torch.tensor([s.reward for s in chunk], device=device)))
     return micro
@@ -153,7 +157,7 @@ def distill_forward_step(dcfg):
 
     def forward_step(model, micro_batch):
         batch, targets, rewards = micro_batch
-        if dcfg.lm_head == "sparse":
+        if lm_head_for(dcfg.lm_head) == "sparse":
             hidden, head = student_response_hidden(model, batch)
 
             def sparse_loss_fn(hidden):

@@ -26,6 +26,7 @@ from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses.masked import masked_token_sum
 from sdzero_mcore.losses.policy import group_advantages, grpo_loss, vocab_parallel_logprobs_entropy
 from sdzero_mcore.models.forward import cp_local_batch, model_device
+from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
 from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer, pad_id, run_prompts, setup_parallel
@@ -163,6 +164,10 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
             data_parallel_shard(chunk), gcfg.micro_batch_size, gcfg.max_tokens_per_micro_batch,
             lambda s: len(s.prompt_ids) + len(s.response_ids))]
         prepared = [prepare(c, filler) for c, filler in micro or [(chunk[:1], True)]]
+        if pipeline_parallel_size() > 1:
+            _pipelined_fixed_logprobs(trainer.model, reference, prepared, vocab_size, gcfg)
+            prepared_slices.append(prepared)
+            continue
         with torch.no_grad():
             for mb in prepared:
                 if gcfg.updates_per_batch > 1:
@@ -184,3 +189,19 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
                 totals[key] = totals.get(key, 0.0) + value / len(prepared_slices)
     totals["response_tokens"] = float(sum(len(s.response_ids) for s in samples))
     return totals
+
+
+def _pipelined_fixed_logprobs(policy, reference, prepared: Sequence[dict], vocab_size: int, gcfg) -> None:
+    """At pipeline-parallel size > 1: the old policy's and the reference's log-probs of every
+    micro-batch through megatron-core's forward-only schedule, kept in the micro-batches on the
+    last stage, where the loss reads them (the other stages never run the loss)."""
+    models = {"ref_logprobs": reference}
+    if gcfg.updates_per_batch > 1:
+        models["old_logprobs"] = policy
+    for key, model in models.items():
+        if model is None:
+            continue
+        logprobs = forward_only_outputs(model, prepared, lambda m, mb: m(mb["input_ids"], mb["position_ids"], None),
+                                        lambda logits, mb, m=model: _policy_logprobs(m, mb, vocab_size, logits)[0])
+        for mb, value in zip(prepared, logprobs):  # empty on all but the last stage
+            mb[key] = value

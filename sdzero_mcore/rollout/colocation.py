@@ -48,11 +48,8 @@ class TrainStateOffload:
         """The tensors on the model's device whose values must survive: the optimizer state, and
         the masters that are copies (not the fp32 parameters themselves)."""
         trainer = self.trainer
-        tensors = [value for state in trainer.optimizer.state.values() for value in state.values()
-                   if isinstance(value, torch.Tensor)]
-        tensors += [master for name, master in trainer.masters.items() if master is not trainer._params[name]]
         device = next(trainer.model.parameters()).device
-        return [t for t in tensors if t.device == device and t.numel() > 0]
+        return [t for t in trainer.optimizer_state_tensors() if t.device == device and t.numel() > 0]
 
     def _host_buffer(self, index: int, tensor: torch.Tensor) -> torch.Tensor:
         # the optimizer's state tensors are replaced when a checkpoint loads: reuse only a match

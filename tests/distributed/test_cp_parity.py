@@ -3,12 +3,15 @@
 A tiny Qwen3-shaped checkpoint is run at several layouts in one world of ranks; at CP = 1 the
 other ranks are data-parallel replicas of the same batch. Recorded per layout: the logits gathered
 back to sequence order, the parameter gradients of a token-mean cross-entropy, and the Phase 2
-distillation loss (and its gradients) on two sequences of different lengths.
+distillation loss (and its gradients) on two sequences of different lengths. A tiny Olmo-3 runs at
+CP = 2 too: its sliding window (5) is shorter than a CP chunk's reach (21 tokens padded to 24, in
+chunks of 6), so windows cross chunk and rank boundaries; its CP = 2 logits are also checked
+against transformers'.
 """
 
 import pytest
 import torch
-from helpers import VOCAB, tiny_qwen3_mcore
+from helpers import VOCAB, tiny_mcore
 
 from sdzero_mcore.parallel import run_local_workers
 
@@ -35,6 +38,13 @@ def distill_samples():
     ]
 
 
+def cp_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=generator)
+    labels = torch.randint(0, VOCAB, (2, SEQ), generator=generator)
+    return ids, labels
+
+
 def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
     import torch.distributed as dist
     from helpers import global_grads
@@ -47,9 +57,7 @@ def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
     from sdzero_mcore.trainer import forward_backward, per_token_ddp
 
     init_distributed("gloo")
-    generator = torch.Generator().manual_seed(11)
-    ids = torch.randint(0, VOCAB, (2, SEQ), generator=generator)
-    labels = torch.randint(0, VOCAB, (2, SEQ), generator=generator)
+    ids, labels = cp_inputs()
     loss_mask = torch.ones(2, SEQ, dtype=torch.bool)
     loss_mask[1, 15:] = False  # a shorter second sequence
     batch = collate_distill(distill_samples(), pad_id=0)
@@ -103,7 +111,14 @@ def cp_worker(mcore_dir: str, layouts: list, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("cp")
-    tiny_qwen3_mcore(root)
+    tiny_mcore(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def olmo3_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cp_olmo3")
+    tiny_mcore(root, "Olmo3ForCausalLM")
     return root
 
 
@@ -119,11 +134,30 @@ def cp2tp2(checkpoint):
     return torch.load(checkpoint / "cp2tp2.pt")
 
 
-@pytest.fixture(params=["cp2", "cp2tp2"])
+@pytest.fixture(scope="module")
+def olmo3_cp2(olmo3_checkpoint):
+    root = olmo3_checkpoint
+    run_local_workers(cp_worker, 2, str(root / "mcore"), [(1, 2), (1, 1)], str(root / "cp2.pt"))
+    return torch.load(root / "cp2.pt")
+
+
+@pytest.fixture(params=["cp2", "cp2tp2", "olmo3_cp2"])
 def runs(request):
     results = request.getfixturevalue(request.param)
-    layout = (1, 2) if request.param == "cp2" else (2, 2)
+    layout = (2, 2) if request.param == "cp2tp2" else (1, 2)
     return request.param, results[layout], results[(1, 1)]
+
+
+def test_olmo3_cp2_logits_match_transformers(olmo3_checkpoint, olmo3_cp2):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(olmo3_checkpoint / "hf", dtype=torch.float32).eval()
+    ids, _ = cp_inputs()
+    with torch.no_grad():
+        reference = model(ids).logits
+    diff = (olmo3_cp2[(1, 2)]["logits"] - reference).abs().max().item()
+    print(f"Olmo3 CP=2: max |logits - transformers| = {diff:.3e}")
+    assert diff < TOL
 
 
 def test_logits_equal_cp1(runs):

@@ -53,8 +53,12 @@ def _layouts_worker():
     assert dist.get_backend() == "gloo" and dist.get_world_size() == 2
     with pytest.raises(ValueError, match="world size 2 is not divisible by tensor_model_parallel_size=4"):
         initialize_model_parallel(tensor_model_parallel_size=4)
-    with pytest.raises(ValueError, match="pipeline_model_parallel_size=2 is not supported; allowed: 1"):
-        initialize_model_parallel(pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match="x pipeline_model_parallel_size=2"):
+        initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    sizes = initialize_model_parallel(pipeline_model_parallel_size=2)
+    assert (sizes.tensor, sizes.pipeline, sizes.data) == (1, 2, 1)
+    assert parallel_state.get_pipeline_model_parallel_world_size() == 2
+    assert parallel_state.get_pipeline_model_parallel_rank() == dist.get_rank()
     sizes = initialize_model_parallel(tensor_model_parallel_size=2)
     assert (sizes.tensor, sizes.context, sizes.data) == (2, 1, 1)
     assert parallel_state.get_tensor_model_parallel_world_size() == 2

@@ -144,6 +144,13 @@ def test_tp_that_does_not_divide_heads_or_groups(sharded_hf, tmp_path, tp, named
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_pp_that_does_not_divide_the_layers(sharded_hf, tmp_path, capsys):
+    code = convert_main(["hf-to-mcore", "--hf-dir", str(sharded_hf), "--out-dir", str(tmp_path / "o"), "--pp", "3"])
+    assert code == 2
+    assert "pipeline-parallel size 3 does not divide num_hidden_layers=2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before any process started
+
+
 def test_existing_checkpoint_is_refused_unless_overwrite(sharded_hf, converted_tp1, tmp_path):
     import shutil
 

@@ -20,10 +20,11 @@ def hf_dir(tmp_path_factory):
     return save_tiny_hf_model(tmp_path_factory.mktemp("colocation") / "hf", vocab_size=128)
 
 
-def _trainer(hf_dir, run_dir, dtype=torch.bfloat16) -> Trainer:
+def _trainer(hf_dir, run_dir, dtype=torch.bfloat16, distributed=False) -> Trainer:
     # bfloat16 weights: the trainer keeps fp32 master copies, which the offload must carry too
     model = build_model_from_hf(hf_dir, params_dtype=dtype, transformer_impl="local")
-    optimizer = load_config(overrides=["distill.optimizer.lr=1e-2"]).distill.optimizer
+    overrides = ["distill.optimizer.lr=1e-2", f"distill.optimizer.distributed={str(distributed).lower()}"]
+    optimizer = load_config(overrides=overrides).distill.optimizer
     return Trainer(model, optimizer, total_steps=3, run_dir=run_dir, phase="colocation", hf_files_dir=hf_dir)
 
 
@@ -45,6 +46,21 @@ def _state(trainer: Trainer) -> dict:
     # fp32 masters of 16-bit weights (an fp32 weight is its own master, and the model's weights stay)
     tensors.update({f"master.{n}": m for n, m in trainer.masters.items() if m is not trainer._params[n]})
     return tensors
+
+
+def test_distributed_optimizer_state_round_trip(megatron_single_rank, hf_dir, tmp_path):
+    """optimizer.distributed: megatron-core's optimizer state and fp32 master slices go to the host and back."""
+    trainer = _trainer(hf_dir, tmp_path / "d", distributed=True)
+    _step(trainer, seed=1)
+    masters = [m for group in trainer.optimizer.chained_optimizers[0].shard_fp32_from_float16_groups for m in group]
+    before = [(tensor, tensor.clone()) for tensor in trainer.optimizer_state_tensors() if tensor.numel() > 0]
+    assert masters and all(any(m is tensor for tensor, _ in before) for m in masters)
+    offload = TrainStateOffload(trainer)
+    offload.offload()
+    assert all(tensor.untyped_storage().nbytes() == 0 for tensor, _ in before)
+    offload.restore()
+    assert all(torch.equal(tensor, copy) for tensor, copy in before)
+    assert torch.isfinite(torch.tensor(_step(trainer, seed=2)["loss"]))
 
 
 def test_offload_round_trip_is_bit_identical_and_training_goes_on_alike(megatron_single_rank, hf_dir, tmp_path):

@@ -210,7 +210,7 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
     message = config_error(path=path)
     assert str(path) in message
     assert "unknown key 'distill.optimizer.learning_rate'" in message
-    assert "allowed keys under 'distill.optimizer': adam_beta1, adam_beta2, adam_eps, clip_grad, lr," in message
+    assert "allowed keys under 'distill.optimizer': adam_beta1, adam_beta2, adam_eps, clip_grad, distributed, lr," in message
 
 
 def test_wrong_type():
@@ -317,10 +317,9 @@ def test_global_batch_not_multiple_of_micro_batch(section):
     assert f"{section}.global_batch_size (7) must be a multiple of {section}.micro_batch_size (2)" in message
 
 
-def test_pipeline_parallel_size_must_be_one():
-    message = config_error("parallel.pipeline_model_parallel_size=2")
-    assert "parallel.pipeline_model_parallel_size: 2 is not supported" in message
-    assert "allowed: 1" in message
+def test_pipeline_parallel_size_at_least_one():
+    message = config_error("parallel.pipeline_model_parallel_size=0")
+    assert "parallel.pipeline_model_parallel_size: 0" in message and ">= 1" in message
 
 
 def test_hierarchical_cp_needs_its_group_sizes():
@@ -374,6 +373,13 @@ def test_data_parallel_size_bad_layout():
     assert "parallel.context_parallel_size (1)" in message
     assert "world size 6" in message
     assert "valid TP x CP products for world size 6: 1, 2, 3, 6" in message
+
+
+def test_data_parallel_size_with_pipeline_stages():
+    parallel = ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    assert parallel.data_parallel_size(8) == 2
+    with pytest.raises(ConfigError, match=r"x parallel.pipeline_model_parallel_size \(2\) = 4 does not divide the world size 6"):
+        parallel.data_parallel_size(6)
 
 
 def test_data_parallel_size_bad_world_size():

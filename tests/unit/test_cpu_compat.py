@@ -36,10 +36,35 @@ def test_redirections_apply_once_on_cpu():
         assert counter.device.type == "cpu" and counter.dtype == torch.int
         assert schedules.torch.ones is torch.ones and schedules.torch.Tensor is torch.Tensor
         assert torch.cuda.synchronize() is None
+        # Tensor.cuda() leaves CPU tensors in place only inside the tied-embedding setup
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        from sdzero_mcore.parallel import cpu_compat
+        assert LanguageModule.setup_embeddings_and_output_layer.__wrapped__ is not None
+        with cpu_compat._tensor_cuda_keeps_cpu_tensors():
+            assert torch.ones(1).cuda().device.type == "cpu"
+        try:
+            torch.ones(1).cuda()
+            moved = True
+        except (AssertionError, RuntimeError):  # torch without CUDA refuses
+            moved = False
+        assert not moved
         from megatron.core.fusions import fused_softmax
         mask = fused_softmax.get_default_causal_mask(4)
         assert mask.device.type == "cpu" and mask.dtype == torch.bool
         assert mask.tolist() == [[j > i for j in range(4)] for i in range(4)]
+        # megatron-core's optimizer scalars and its fp32 gradient norm land on the CPU
+        from megatron.core.optimizer import clip_grads, optimizer as mcore_optimizer
+        assert mcore_optimizer.torch.tensor([1.0], device="cuda").device.type == "cpu"
+        grads = [torch.full((3,), 2.0), torch.full((4,), 1.0)]
+        norm, _ = clip_grads.multi_tensor_applier(clip_grads.l2_norm_impl, None, [grads], False)
+        assert norm.device.type == "cpu" and norm.item() == 4.0  # sqrt(3 * 4 + 4 * 1)
+        # Tensor.type() names CPU tensors as CUDA ones only inside the wrapped megatron-core calls
+        grad_holder = torch.zeros(2, requires_grad=True)
+        grad_holder.grad = torch.full((2,), 3.0)
+        clip_grads.clip_grad_by_total_norm_fp32([grad_holder], max_norm=1.0, total_norm=6.0)
+        assert torch.allclose(grad_holder.grad, torch.full((2,), 3.0 / (6.0 + 1e-6)))
+        assert mcore_optimizer.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32
+        assert torch.zeros(1).type() == "torch.FloatTensor" and torch.zeros(1).type(torch.float64).dtype == torch.float64
         print("ok")
         """
     )
@@ -55,10 +80,17 @@ def test_nothing_is_patched_when_cuda_is_present():
         from megatron.core.tensor_parallel import random as mcore_random
         tracker_class = mcore_random.CudaRNGStatesTracker
         from megatron.core.pipeline_parallel import schedules
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+        setup = LanguageModule.setup_embeddings_and_output_layer
+        from megatron.core.optimizer import clip_grads, distrib_optimizer
+        init, clip = distrib_optimizer.DistributedOptimizer.__init__, clip_grads.clip_grad_by_total_norm_fp32
         from sdzero_mcore.parallel.cpu_compat import apply_cpu_compat
         assert apply_cpu_compat() is False
         assert torch.cuda.current_device is original and schedules.torch is torch
+        assert clip_grads.torch is torch and distrib_optimizer.DistributedOptimizer.__init__ is init
+        assert clip_grads.clip_grad_by_total_norm_fp32 is clip
         assert mcore_random.CudaRNGStatesTracker is tracker_class
+        assert LanguageModule.setup_embeddings_and_output_layer is setup
         print("ok")
         """
     )

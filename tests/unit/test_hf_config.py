@@ -59,7 +59,7 @@ def test_unsupported_architecture_lists_supported():
         ModelArch.from_hf_config(_config(architectures=["MistralForCausalLM"]), source="x/config.json")
     message = str(err.value)
     assert "x/config.json" in message and "MistralForCausalLM" in message
-    assert "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
+    assert "LlamaForCausalLM, Olmo3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in message
 
 
 @pytest.mark.parametrize(
@@ -108,3 +108,12 @@ def test_tensor_parallel_must_divide_heads_and_groups():
         arch.check_tensor_parallel(3)
     with pytest.raises(ValueError, match=r"does not divide num_key_value_heads=2;"):
         arch.check_tensor_parallel(4)
+
+
+def test_pipeline_parallel_must_divide_the_layers():
+    arch = ModelArch.from_hf_config({**_config(), "num_hidden_layers": 6})
+    arch.check_pipeline_parallel(3)
+    with pytest.raises(ValueError, match=r"pipeline-parallel size 4 does not divide num_hidden_layers=6; valid sizes for this model: 1, 2, 3, 6"):
+        arch.check_pipeline_parallel(4)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        arch.check_pipeline_parallel(0)

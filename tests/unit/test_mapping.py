@@ -115,7 +115,7 @@ def test_vocab_rank_with_only_padding():
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("architecture", ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"])
+@pytest.mark.parametrize("architecture", ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "Olmo3ForCausalLM"])
 def test_shards_gather_to_global_and_back_to_hf(architecture, tp):
     arch = _arch(architecture, tied=architecture == "Qwen3ForCausalLM")
     hf = _hf_tensors(arch)
@@ -147,3 +147,21 @@ def test_mapping_kinds_and_aliases():
     assert (
         table["decoder.layers.1.mlp.linear_fc2.weight"].checkpoint_key == "decoder.layers.mlp.linear_fc2.weight"
     )
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_olmo3_full_width_qk_norm_follows_the_heads(tp):
+    """Rank r's q_norm / k_norm slice scales the heads of rank r's linear_qkv rows."""
+    arch = _arch("Olmo3ForCausalLM")
+    hf = _hf_tensors(arch)
+    q_norm, k_norm = hf["model.layers.1.self_attn.q_norm.weight"], hf["model.layers.1.self_attn.k_norm.weight"]
+    assert q_norm.shape == (HEADS * HEAD_DIM,) and k_norm.shape == (GROUPS * HEAD_DIM,)
+    q_map = _mapping(arch, "decoder.layers.1.self_attention.q_layernorm.weight")
+    k_map = _mapping(arch, "decoder.layers.1.self_attention.k_layernorm.weight")
+    assert q_map.kind is k_map.kind is Kind.COLUMN
+    heads, groups = HEADS // tp, GROUPS // tp
+    for rank in range(tp):
+        q_local = hf_to_local(q_map, DictSource(hf), arch, rank, tp, arch.padded_vocab_size(tp))
+        k_local = hf_to_local(k_map, DictSource(hf), arch, rank, tp, arch.padded_vocab_size(tp))
+        assert torch.equal(q_local, q_norm[rank * heads * HEAD_DIM : (rank + 1) * heads * HEAD_DIM])
+        assert torch.equal(k_local, k_norm[rank * groups * HEAD_DIM : (rank + 1) * groups * HEAD_DIM])

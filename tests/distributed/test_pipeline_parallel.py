@@ -1,0 +1,188 @@
+"""Pipeline parallelism at PP = 2 (two gloo ranks) against the unsplit model, with tied embeddings.
+
+A tiny Qwen3 (tied embeddings, QK-norm, 4 layers: 2 per stage) from a HF directory. In one world:
+
+* ``build_model_from_hf`` at PP = 2 builds only the stage's layers (global layers 1-2 / 3-4), the
+  embedding on the first stage only, the final norm on the last, and loads each stage's tensors
+  from the HF layers at the stage's offset; the last stage's output layer is the embedding.
+* HF -> mcore converted at PP = 2 (two processes, one per stage) loads at PP = 1 bit for bit.
+* Logits (on the last stage), the per-token loss over micro-batches of different lengths (the
+  stages exchange shapes) and every gradient equal PP = 1; a trainer step's loss and grad norm
+  too, and afterwards the tied copies are still equal.
+* Resharding at PP = 2 streams exactly the tensors (names, order, values) of the PP = 1 model.
+* GRPO's forward-only log-probs of the old policy and the reference at PP = 2, and its update,
+  equal PP = 1.
+"""
+
+import pytest
+import torch
+from helpers import VOCAB, ce_forward_step, max_rel
+
+from sdzero_mcore.parallel import run_local_workers
+
+LAYERS = 4
+LENGTHS = (5, 11, 8)  # one sequence per micro-batch: each micro-batch has its own shape
+
+
+def _batches():
+    g = torch.Generator().manual_seed(11)
+    out = []
+    for length in LENGTHS:
+        ids = torch.randint(0, VOCAB, (1, length), generator=g)
+        labels = torch.randint(0, VOCAB, (1, length), generator=g)
+        mask = torch.rand(1, length, generator=g) < 0.7
+        out.append((ids, labels, mask))
+    return out
+
+
+def _grads(model) -> dict:
+    """This stage's gradients by global megatron name (the tied output copy under its own name)."""
+    from sdzero_mcore.checkpoint.mapping import is_tied_output_copy, model_param_mappings
+
+    table = model_param_mappings(model)
+    return {(name if is_tied_output_copy(model, name) else table[name].mcore): param.main_grad.clone()
+            for name, param in model.named_parameters()}
+
+
+def _grpo_samples():
+    from sdzero_mcore.data.sample import Sample
+
+    g = torch.Generator().manual_seed(5)
+    return [Sample(i, torch.randint(5, VOCAB, (3 + i,), generator=g).tolist(),
+                   torch.randint(5, VOCAB, (4 + 2 * i,), generator=g).tolist(), reward=i % 2, advantage=(-1.0) ** i)
+            for i in range(4)]
+
+
+def pipeline_worker(hf_dir: str, mcore_pp2_dir: str, run_dir: str, out_path: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from safetensors.torch import load_file
+
+    from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
+    from sdzero_mcore.checkpoint.mapping import DictSource, hf_to_local, model_param_mappings
+    from sdzero_mcore.config import GRPOConfig, OptimizerConfig
+    from sdzero_mcore.models.forward import causal_lm_logits, cp_local_batch
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+    from sdzero_mcore.parallel.resharding import iter_hf_tensors
+    from sdzero_mcore.phases.grpo import train_on_groups
+    from sdzero_mcore.trainer import Trainer, forward_backward
+
+    init_distributed("gloo")
+    rank = dist.get_rank()
+    hf = load_file(f"{hf_dir}/model.safetensors")
+    batches = _batches()
+    gcfg = GRPOConfig(updates_per_batch=2, kl_coef=0.1, micro_batch_size=2, entropy_coef=0.01)
+    results = {}
+    for pp in (1, 2):
+        initialize_model_parallel(pipeline_model_parallel_size=pp, seed=3)
+        micro = [cp_local_batch(ids, {"labels": labels, "mask": mask}) for ids, labels, mask in batches]
+        model = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local")
+        out = results[pp] = {}
+        if pp == 2:
+            # only this stage's layers, loaded from the HF layers at its offset
+            out["layer_numbers"] = [layer.layer_number for layer in model.decoder.layers]
+            out["names"] = [name for name, _ in model.named_parameters()]
+            table = model_param_mappings(model)
+            out["max_load_error"] = max(
+                (param - hf_to_local(table[name], DictSource(hf), model.hf_arch, 0, 1, model.padded_vocab_size)).abs().max().item()
+                for name, param in model.named_parameters())
+            out["stage"] = parallel_state.get_pipeline_model_parallel_rank()
+        else:
+            converted = build_model_from_mcore(mcore_pp2_dir, params_dtype=torch.float32, transformer_impl="local")
+            out["converted_equal"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), converted.parameters()))
+        out["hf_tensors"] = [(name, tensor.clone()) for name, tensor in iter_hf_tensors(model)]  # some alias the weights
+        with torch.no_grad():
+            out["logits"] = causal_lm_logits(model, batches[1][0])
+        trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=0.0), total_steps=4,
+                          run_dir=f"{run_dir}/pp{pp}", phase="pp", hf_files_dir=hf_dir)
+        out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
+        out["grads"] = _grads(model)
+        step = trainer.train_step(micro, ce_forward_step)
+        out["step"] = {k: step[k] for k in ("loss", "grad_norm", "num_tokens")}
+        params = dict(model.named_parameters())
+        if "output_layer.weight" in params and pp == 2:
+            out["tied_copy_after_step"] = params["output_layer.weight"].detach().clone()
+        if "embedding.word_embeddings.weight" in params:
+            out["embedding_after_step"] = params["embedding.word_embeddings.weight"].detach().clone()
+        # GRPO: old-policy and reference log-probs (forward-only schedule at PP = 2), two updates
+        reference = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local").eval()
+        grpo = train_on_groups(trainer, reference, _grpo_samples(), model.hf_arch.vocab_size, 0, gcfg)
+        out["grpo"] = {k: grpo[k] for k in ("loss", "grad_norm", "pg_loss", "kl", "entropy")}
+    torch.save(results, f"{out_path}.{rank}")
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from sdzero_mcore.checkpoint.convert import hf_to_mcore
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("pp")
+    hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB, num_hidden_layers=LAYERS)
+    meta = hf_to_mcore(hf_dir, root / "mcore_pp2", pipeline_parallel_size=2, progress=False)
+    assert meta["pipeline_parallel_size"] == 2
+    run_local_workers(pipeline_worker, 2, str(hf_dir), str(root / "mcore_pp2"), str(root / "run"), str(root / "out.pt"))
+    return [torch.load(root / f"out.pt.{rank}", weights_only=False) for rank in range(2)]
+
+
+def test_build_model_from_hf_builds_only_the_stage(results):
+    first, last = results[0][2], results[1][2]
+    assert (first["stage"], last["stage"]) == (0, 1)
+    assert first["layer_numbers"] == [1, 2] and last["layer_numbers"] == [3, 4]
+    assert "embedding.word_embeddings.weight" in first["names"] and "output_layer.weight" not in first["names"]
+    assert "decoder.final_layernorm.weight" not in first["names"]
+    assert "embedding.word_embeddings.weight" not in last["names"]
+    assert {"decoder.final_layernorm.weight", "output_layer.weight"} <= set(last["names"])
+    assert not any(name.startswith("decoder.layers.2.") for name in first["names"] + last["names"])
+    # every stage tensor is the HF tensor at its global layer (the tied output layer: the embedding)
+    assert first["max_load_error"] == 0.0 and last["max_load_error"] == 0.0
+
+
+def test_converted_at_pp2_loads_at_pp1(results):
+    assert results[0][1]["converted_equal"]
+
+
+def test_logits_loss_and_gradients_equal_pp1(results):
+    ref = results[0][1]
+    assert results[0][2]["logits"] is None  # logits live on the last stage
+    logits = results[1][2]["logits"]
+    assert max_rel(logits, ref["logits"]) < 1e-5
+    # PP = 1 ran as DP = 2 on the same batch: twice the tokens, the same token mean
+    for rank in range(2):
+        logs = results[rank][2]["logs"]
+        assert logs["num_tokens"] * 2 == ref["logs"]["num_tokens"]
+        assert logs["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
+    grads = {**results[0][2]["grads"], **results[1][2]["grads"]}
+    assert set(grads) == set(ref["grads"]) | {"output_layer.weight"}
+    worst = max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
+    print(f"PP=2 (tied): logits rel {max_rel(logits, ref['logits']):.2e}, max relative grad error {worst:.2e}")
+    assert worst < 1e-5
+    # the tied copy on the last stage gets the embedding's whole gradient (megatron's embedding all-reduce)
+    assert torch.equal(grads["output_layer.weight"], grads["embedding.word_embeddings.weight"])
+
+
+def test_trainer_step_equals_pp1_and_keeps_tied_copies_equal(results):
+    ref = results[0][1]["step"]
+    for rank in range(2):
+        step = results[rank][2]["step"]
+        assert step["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        assert step["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+    assert torch.equal(results[1][2]["tied_copy_after_step"], results[0][2]["embedding_after_step"])
+    assert max_rel(results[0][2]["embedding_after_step"], results[0][1]["embedding_after_step"]) < 1e-5
+
+
+def test_resharding_streams_the_pp1_weights(results):
+    ref = results[0][1]["hf_tensors"]
+    for rank in range(2):
+        got = results[rank][2]["hf_tensors"]
+        assert [name for name, _ in got] == [name for name, _ in ref]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref))
+    assert "lm_head.weight" not in dict(ref)  # tied: the embedding is the one weight
+
+
+def test_grpo_update_equals_pp1(results):
+    ref = results[0][1]["grpo"]
+    for rank in range(2):
+        got = results[rank][2]["grpo"]
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key

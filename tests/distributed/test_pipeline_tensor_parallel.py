@@ -1,0 +1,149 @@
+"""Pipeline x tensor parallelism, PP = 2 x TP = 2 (four gloo ranks), against PP = 1 x TP = 1.
+
+A tiny Qwen2.5 (untied embeddings, QKV biases, 4 layers) from a HF directory. In one world, at
+PP = 1 x TP = 1 (every rank the same model) and at PP = 2 x TP = 2:
+
+* logits (gathered over TP on the last stage), the per-token loss over micro-batches of different
+  lengths, and every parameter's gradient (gathered over TP, stages by global layer);
+* a Phase 2 step: the frozen teacher's top-K through the forward-only schedule on the last stage,
+  the student's ``topk_kl`` there, one optimizer step: loss and grad norm;
+* the trainer's checkpoint of that step, written at PP = 2 x TP = 2, loaded at PP = 1 x TP = 1:
+  the same logits as the PP = 2 x TP = 2 model after the step.
+"""
+
+import pytest
+import torch
+from helpers import VOCAB, ce_forward_step, global_grads, max_rel
+
+from sdzero_mcore.parallel import run_local_workers
+
+LAYERS = 4
+LENGTHS = (7, 12, 4)
+
+
+def _batches():
+    g = torch.Generator().manual_seed(21)
+    out = []
+    for length in LENGTHS:
+        ids = torch.randint(0, VOCAB, (2, length), generator=g)
+        labels = torch.randint(0, VOCAB, (2, length), generator=g)
+        out.append((ids, labels, torch.rand(2, length, generator=g) < 0.7))
+    return out
+
+
+def _distill_samples():
+    from sdzero_mcore.data.sample import Sample
+
+    g = torch.Generator().manual_seed(8)
+    samples = []
+    for i in range(4):
+        prompt = torch.randint(5, VOCAB, (3 + i,), generator=g).tolist()
+        response = torch.randint(5, VOCAB, (5 + 2 * i,), generator=g).tolist()
+        prefix = prompt + response + torch.randint(5, VOCAB, (4,), generator=g).tolist()
+        samples.append(Sample(i, prompt, response, reward=i % 2, teacher_prefix_ids=prefix))
+    return samples
+
+
+class _Tokenizer:
+    pad_token_id = 0
+
+
+def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
+    from sdzero_mcore.config import DistillConfig, OptimizerConfig
+    from sdzero_mcore.models.forward import causal_lm_logits, cp_local_batch
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+    from sdzero_mcore.phases.distill import distill_forward_step, distill_micro_batches
+    from sdzero_mcore.trainer import Trainer, forward_backward
+
+    init_distributed("gloo")
+    rank = dist.get_rank()
+    batches = _batches()
+    probe = batches[1][0]
+    dcfg = DistillConfig(prompts_per_step=4, global_batch_size=4, micro_batch_size=2, top_k=8)
+    results = {}
+    for tp, pp in ((1, 1), (2, 2)):
+        initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=3)
+        micro = [cp_local_batch(ids, {"labels": labels, "mask": mask}) for ids, labels, mask in batches]
+        model = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local")
+        teacher = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local").eval()
+        out = results[(tp, pp)] = {}
+        with torch.no_grad():
+            out["logits"] = causal_lm_logits(model, probe)
+        trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=1.0), total_steps=2,
+                          run_dir=run_dir, phase=f"tp{tp}pp{pp}", hf_files_dir=hf_dir)
+        out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
+        out["grads"] = global_grads(model)
+        # a Phase 2 step: teacher top-K (forward-only schedule at PP > 1), the student's KL, the update
+        distill_micro = distill_micro_batches(teacher, _distill_samples(), _Tokenizer(), dcfg)
+        step = trainer.train_step(distill_micro, distill_forward_step(dcfg))
+        out["distill"] = {k: step[k] for k in ("loss", "grad_norm", "num_tokens", "kl_sum_r0", "kl_sum_r1")}
+        with torch.no_grad():
+            out["logits_after_step"] = causal_lm_logits(model, probe)
+        if pp == 2:
+            checkpoint = trainer.save_checkpoint()
+    initialize_model_parallel(seed=3)
+    loaded = build_model_from_mcore(checkpoint, params_dtype=torch.float32, transformer_impl="local")
+    with torch.no_grad():
+        results["loaded_logits"] = causal_lm_logits(loaded, probe)
+    torch.save(results, f"{out_path}.{rank}")
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("pp_tp")
+    hf_dir = save_tiny_hf_model(root / "hf", "Qwen2ForCausalLM", vocab_size=VOCAB, num_hidden_layers=LAYERS)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDZERO_KERNELS_BACKEND", "torch")  # Triton's interpreter is covered by the kernel tests
+        run_local_workers(pp_tp_worker, 4, str(hf_dir), str(root / "run"), str(root / "out.pt"))
+    return [torch.load(root / f"out.pt.{rank}", weights_only=False) for rank in range(4)]
+
+
+def _last_stage(results, key):
+    values = [r[(2, 2)][key] for r in results if r[(2, 2)][key] is not None]
+    assert len(values) == 2  # the last stage's two TP ranks, each with the full logits
+    assert torch.equal(values[0], values[1])
+    return values[0]
+
+
+def test_logits_loss_and_gradients_equal_pp1_tp1(results):
+    ref = results[0][(1, 1)]
+    logits = _last_stage(results, "logits")
+    assert max_rel(logits, ref["logits"]) < 1e-5
+    grads = {}
+    for rank_results in results:
+        got = rank_results[(2, 2)]
+        # PP = 1 x TP = 1 ran as DP = 4 on the same batch: four times the tokens, the same token mean
+        assert got["logs"]["num_tokens"] * 4 == ref["logs"]["num_tokens"]
+        assert got["logs"]["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
+        grads.update(got["grads"])
+    assert set(grads) == set(ref["grads"])
+    worst = max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
+    print(f"PP=2 x TP=2: logits rel {max_rel(logits, ref['logits']):.2e}, max relative grad error {worst:.2e}")
+    assert worst < 1e-5
+
+
+def test_phase2_step_equals_pp1_tp1(results):
+    ref = results[0][(1, 1)]["distill"]
+    for rank_results in results:
+        got = rank_results[(2, 2)]["distill"]
+        print(f"Phase 2 step: loss {got['loss']:.8f} vs {ref['loss']:.8f}, grad norm {got['grad_norm']:.8f} vs {ref['grad_norm']:.8f}")
+        assert got["num_tokens"] == ref["num_tokens"] > 0
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+        for r in ("kl_sum_r0", "kl_sum_r1"):
+            assert got[r] == pytest.approx(ref[r], rel=1e-5)
+    after = _last_stage(results, "logits_after_step")
+    assert max_rel(after, results[0][(1, 1)]["logits_after_step"]) < 1e-4  # one Adam step apart from PP=1
+
+
+def test_checkpoint_written_at_pp2_tp2_loads_at_pp1_tp1(results):
+    after = _last_stage(results, "logits_after_step")
+    assert max_rel(after, _last_stage(results, "logits")) > 1e-4  # the step changed the weights
+    for rank_results in results:
+        assert max_rel(rank_results["loaded_logits"], after) < 1e-6
