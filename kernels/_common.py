@@ -17,6 +17,9 @@ TAIL_MODES = ("renorm", "bucket")
 MAX_K = 256
 # Rows processed together by the PyTorch path: bounds its float32 temporaries to [ROW_CHUNK, V].
 ROW_CHUNK = 1024
+# Fused-linear ops (hidden states and the output weight in, no [T, V] logits): vocabulary columns
+# computed together, so at most [T, VOCAB_CHUNK] logits are alive at once.
+VOCAB_CHUNK = 8192
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
@@ -105,7 +108,8 @@ def combine_lse(row_max: torch.Tensor, row_sum: torch.Tensor, tp_group, *weighte
     if tp_size_rank(tp_group)[0] > 1:
         global_max = row_max.clone()
         dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-        factor = torch.where(torch.isneginf(row_max), torch.zeros_like(row_max), torch.exp(row_max - global_max))
+        # in the sums' dtype: float64 sums (the fused-linear ops) keep their precision
+        factor = torch.where(torch.isneginf(row_max), 0.0, torch.exp((row_max - global_max).to(row_sum.dtype)))
         stacked = torch.stack([row_sum, *weighted]) * factor
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=tp_group)
         row_max, row_sum, weighted = global_max, stacked[0], tuple(stacked[1:])
@@ -137,13 +141,22 @@ def gather_student_logits(
 
 def check_teacher_topk_inputs(student: torch.Tensor, teacher_logprobs, teacher_ids, tp_group) -> None:
     """Shapes, dtypes, devices and the id range (checked on the device: no host sync per call)."""
-    for name, value in (("teacher_logprobs", teacher_logprobs), ("teacher_ids", teacher_ids)):
+    check_topk_targets(
+        "student_logits", student, tuple(student.shape[:-1]), student.shape[-1], teacher_logprobs, teacher_ids, tp_group
+    )
+
+
+def check_topk_targets(
+    name: str, student: torch.Tensor, lead: tuple, local_vocab: int, teacher_logprobs, teacher_ids, tp_group
+) -> None:
+    """The teacher's top-K [*lead, K] against a student input ``name`` (its leading shape ``lead``,
+    ``local_vocab`` ids on this TP rank)."""
+    for arg, value in (("teacher_logprobs", teacher_logprobs), ("teacher_ids", teacher_ids)):
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    lead = tuple(student.shape[:-1])
-    if tuple(teacher_logprobs.shape[:-1]) != lead or teacher_logprobs.dim() != student.dim():
+            raise ValueError(f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+    if tuple(teacher_logprobs.shape[:-1]) != lead or teacher_logprobs.dim() != len(lead) + 1:
         raise ValueError(
-            f"teacher_logprobs must be [..., K] matching student_logits {tuple(student.shape)}; "
+            f"teacher_logprobs must be [..., K] matching {name} {tuple(student.shape)}; "
             f"got {tuple(teacher_logprobs.shape)}"
         )
     if tuple(teacher_ids.shape) != tuple(teacher_logprobs.shape):
@@ -158,8 +171,8 @@ def check_teacher_topk_inputs(student: torch.Tensor, teacher_logprobs, teacher_i
     k = teacher_ids.shape[-1]
     if not 1 <= k <= MAX_K:
         raise ValueError(f"teacher_ids must hold 1..{MAX_K} ids per token, got K={k}")
-    check_same_device(student_logits=student, teacher_logprobs=teacher_logprobs, teacher_ids=teacher_ids)
-    vocab = student.shape[-1] * tp_size_rank(tp_group)[0]
+    check_same_device(**{name: student, "teacher_logprobs": teacher_logprobs, "teacher_ids": teacher_ids})
+    vocab = local_vocab * tp_size_rank(tp_group)[0]
     if k > vocab:
         raise ValueError(f"teacher_ids has K={k} ids per token, more than the vocabulary size {vocab}")
     if teacher_ids.numel():
@@ -171,3 +184,94 @@ def check_teacher_topk_inputs(student: torch.Tensor, teacher_logprobs, teacher_i
         except RuntimeError:
             low, high = teacher_ids.min().item(), teacher_ids.max().item()
             raise ValueError(f"teacher_ids must lie in [0, {vocab}); found ids in [{low}, {high}]") from None
+
+
+# ------------------------------------------------------------------------------------------
+# Fused-linear ops: the output layer applied chunk by chunk, inside the loss
+
+
+def check_hidden_and_weight(hidden, weight, hidden_name: str = "hidden", weight_name: str = "weight") -> None:
+    """hidden [T, H] and this rank's output-weight shard [V_local, H], one floating dtype, one device."""
+    for name, value in ((hidden_name, hidden), (weight_name, weight)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dtype not in LOGIT_DTYPES:
+            raise ValueError(f"{name} must be bfloat16, float16 or float32, got {value.dtype}")
+        if value.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(value.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{hidden_name} {tuple(hidden.shape)} and {weight_name} {tuple(weight.shape)} must share the hidden size (last dim)"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{hidden_name} ({hidden.dtype}) and {weight_name} ({weight.dtype}) must have one dtype")
+    check_same_device(**{hidden_name: hidden, weight_name: weight})
+
+
+def check_vocab_chunk(vocab_chunk) -> int:
+    if not isinstance(vocab_chunk, int) or isinstance(vocab_chunk, bool) or vocab_chunk < 1:
+        raise ValueError(f"vocab_chunk must be a positive int, got {vocab_chunk!r}")
+    return vocab_chunk
+
+
+def shard_vocab_rows(local_vocab: int, vocab_size: Optional[int], tp_group) -> tuple[int, int]:
+    """(global id of this rank's first weight row, how many of its rows are real ids).
+
+    The rows from ``vocab_size`` on are the padding megatron adds to the vocabulary; the dense path
+    gives them the lowest logit (zero probability, zero gradient), so the fused ops skip them."""
+    offset = tp_size_rank(tp_group)[1] * local_vocab
+    if vocab_size is None:
+        return offset, local_vocab
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive int or None, got {vocab_size!r}")
+    return offset, max(0, min(local_vocab, vocab_size - offset))
+
+
+def vocab_chunks(real_rows: int, vocab_chunk: int):
+    """(start, stop) of each chunk of this shard's real rows."""
+    return [(start, min(real_rows, start + vocab_chunk)) for start in range(0, real_rows, vocab_chunk)]
+
+
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The logits of vocabulary rows [start, stop) at every row of ``hidden``, in the model's dtype,
+    as the output layer computes them (one matmul, no bias)."""
+    return hidden @ weight[start:stop].t()
+
+
+def merge_max_sum(row_max, row_sum, chunk_max, chunk_sum, *weighted_pairs):
+    """Fold one chunk's (max, sum of exp(x - max), weighted sums) into the running ones (online softmax).
+
+    ``weighted_pairs`` are (running, chunk) pairs of sums of exp(x - max) * f, rescaled alongside.
+    The rescaling factors are formed in the sums' dtype."""
+    new_max = torch.maximum(row_max, chunk_max)
+    shift = torch.where(torch.isneginf(new_max), 0.0, new_max)  # never forms inf - inf
+    old_scale = torch.exp((row_max - shift).to(row_sum.dtype))
+    chunk_scale = torch.exp((chunk_max - shift).to(row_sum.dtype))
+    merged = tuple(run * old_scale + chunk * chunk_scale for run, chunk in weighted_pairs)
+    return (new_max, row_sum * old_scale + chunk_sum * chunk_scale, *merged)
+
+
+def row_max_sum(x: torch.Tensor, *weights: torch.Tensor):
+    """Per row of ``x``: (max, sum of exp(x - max), sums of exp(x - max) * f for each f), the sums
+    accumulated in float64: a float32 sum over ~1e5 ids carries relative errors of ~1e-7, which
+    the top-K tail mass (1 - sum of K probabilities) and KL = E[z_s - z_t] - (L_s - L_t) amplify."""
+    x_max = x.max(dim=1).values
+    e = torch.exp(x - torch.where(torch.isneginf(x_max), 0.0, x_max)[:, None])
+    return (
+        x_max,
+        e.sum(dim=1, dtype=torch.float64),
+        *(torch.where(e > 0, e * f, 0.0).sum(dim=1, dtype=torch.float64) for f in weights),
+    )
+
+
+def all_reduce_sum(tensor: torch.Tensor, tp_group) -> torch.Tensor:
+    if tp_size_rank(tp_group)[0] > 1:
+        dist.all_reduce(tensor, group=tp_group)
+    return tensor
+
+
+def local_teacher_ids(teacher_ids: torch.Tensor, local_vocab: int, tp_group):
+    """The teacher's global ids as rows of this rank's weight shard: (row, clamped; whether owned)."""
+    local_ids = teacher_ids - tp_size_rank(tp_group)[1] * local_vocab
+    owned = (local_ids >= 0) & (local_ids < local_vocab)
+    return local_ids.clamp(0, local_vocab - 1), owned

@@ -162,6 +162,15 @@ def _shard_topk_torch(rows: torch.Tensor, k: int, inv_temp: float, id_offset: in
 # Public function
 
 
+def check_k(k, vocab: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    if k > vocab:
+        raise ValueError(f"k={k} is larger than the vocabulary size {vocab}")
+    if k > MAX_K:
+        raise ValueError(f"k={k} is larger than the supported maximum {MAX_K}")
+
+
 def teacher_topk(
     logits: torch.Tensor,
     k: int,
@@ -179,27 +188,33 @@ def teacher_topk(
     check_logits("logits", logits)
     temperature = check_temperature(temperature)
     tp_size, tp_rank = tp_size_rank(tp_group)
-    vocab = logits.shape[-1] * tp_size
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    if k > vocab:
-        raise ValueError(f"k={k} is larger than the vocabulary size {vocab}")
-    if k > MAX_K:
-        raise ValueError(f"k={k} is larger than the supported maximum {MAX_K}")
+    check_k(k, logits.shape[-1] * tp_size)
     lead = logits.shape[:-1]
     with torch.no_grad():
         rows = rows_view(logits.detach())
-        shard_topk = _shard_topk_triton if use_triton(rows) else _shard_topk_torch
-        keys, row_max, row_sum = shard_topk(rows, k, 1.0 / temperature, tp_rank * rows.shape[1])
-        if tp_size > 1:
-            gathered = [torch.empty_like(keys) for _ in range(tp_size)]
-            dist.all_gather(gathered, keys.contiguous(), group=tp_group)
-            keys = torch.cat(gathered, dim=1)
-        keys = keys.topk(k, dim=1, sorted=True).values
-        values, ids = unpack_keys(keys)
-        (lse,) = combine_lse(row_max, row_sum, tp_group)
-        logprobs = values - lse[:, None]
+        keys, row_max, row_sum = shard_topk_for(rows)(rows, k, 1.0 / temperature, tp_rank * rows.shape[1])
+        logprobs, ids = merge_shard_topk(keys, row_max, row_sum, k, tp_group)
     return logprobs.reshape(*lead, k), ids.reshape(*lead, k)
+
+
+def shard_topk_for(rows: torch.Tensor):
+    """The per-shard statistics function for ``rows``' backend: (rows, k, inv_temp, id_offset) ->
+    (packed top-k keys [T, k], row max [T], row sum of exp(x - max) [T])."""
+    return _shard_topk_triton if use_triton(rows) else _shard_topk_torch
+
+
+def merge_shard_topk(keys, row_max, row_sum, k: int, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each TP rank's shard statistics -> (log-probabilities [T, k] float32, global ids [T, k] int64):
+    the k x TP candidate keys all-gathered and merged, the log-sum-exp combined over the group."""
+    tp_size = tp_size_rank(tp_group)[0]
+    if tp_size > 1:
+        gathered = [torch.empty_like(keys) for _ in range(tp_size)]
+        dist.all_gather(gathered, keys.contiguous(), group=tp_group)
+        keys = torch.cat(gathered, dim=1)
+    keys = keys.topk(k, dim=1, sorted=True).values
+    values, ids = unpack_keys(keys)
+    (lse,) = combine_lse(row_max, row_sum, tp_group)
+    return values - lse[:, None], ids
 
 
 def teacher_topk_reference(logits: torch.Tensor, k: int, *, temperature: float = 1.0, dtype=torch.float64):

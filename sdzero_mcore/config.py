@@ -511,6 +511,11 @@ class DistillConfig(_Section):
     mixed_weight: float = _checked(0.5, _FRACTION_CLOSED)
     tail: str = _checked("renorm", _one_of("renorm", "bucket"))
     temperature: float = _checked(1.0, _POSITIVE)
+    # where the output layer runs: sparse = only at the positions predicting response tokens, inside
+    # the loss (teacher top-K over vocabulary chunks; student renorm from the K rows of the output
+    # weight, bucket over vocabulary chunks), no [T, V] logits; dense = full logits at every position
+    # (the reference: docs/kernels.md "The LM head"). At pipeline-parallel size > 1 dense runs.
+    lm_head: str = _checked("sparse", _one_of("sparse", "dense"))
     teacher_sync_interval: int = _checked(0, _NON_NEGATIVE)  # 0 = sync the teacher at each epoch end only
     # copy the student into the teacher at each epoch end (the paper's self-evolution); false with
     # teacher_sync_interval 0 = a frozen teacher (the release)

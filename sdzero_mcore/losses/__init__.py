@@ -2,25 +2,37 @@
 and the masked token sum every loss function hands the trainer."""
 
 from sdzero_mcore.losses.distill import (
+    LM_HEADS,
     DistillBatch,
     DistillLoss,
+    StudentHead,
     TeacherTargets,
     collate_distill,
     distill_loss,
+    lm_head_for,
+    local_response_rows,
     response_mask,
+    sparse_distill_loss,
     student_logits,
+    student_response_hidden,
     teacher_targets,
 )
 from sdzero_mcore.losses.masked import masked_token_sum
 
 __all__ = [
+    "LM_HEADS",
     "DistillBatch",
     "DistillLoss",
+    "StudentHead",
     "TeacherTargets",
     "collate_distill",
     "distill_loss",
+    "lm_head_for",
+    "local_response_rows",
     "masked_token_sum",
     "response_mask",
+    "sparse_distill_loss",
     "student_logits",
+    "student_response_hidden",
     "teacher_targets",
 ]

@@ -13,10 +13,23 @@ again in the student's CP order. :func:`distill_loss` returns the masked KL sum 
 response tokens and their count: the trainer's per-token contract turns that into the token mean
 over the global batch (:mod:`sdzero_mcore.trainer`).
 
+Two LM heads (``distill.lm_head``):
+
+* ``dense`` (the reference): both models' full forward, logits [B, s_local, V/TP] at every
+  position, then ``teacher_topk`` / ``topk_kl`` on them.
+* ``sparse``: both models run to the final norm (:func:`~sdzero_mcore.models.forward.final_hidden_states`)
+  and the output layer is applied inside the loss, only at the positions that predict response
+  tokens (:func:`local_response_rows`): the teacher's top-K by ``fused_linear_teacher_topk``
+  (vocabulary chunks, no [T, V] logits), the student's KL by ``fused_linear_topk_kl`` (renorm: K
+  rows of the output weight per token; bucket: vocabulary chunks, recomputed in the backward).
+  Same targets and losses as ``dense`` up to float rounding (tests/distributed/test_sparse_head.py).
+
 At pipeline-parallel size > 1, :func:`teacher_targets_for` runs the teacher's micro-batches
 through megatron-core's forward-only schedule and computes the top-K on its last stage. The
 student (same layout) computes its loss on its last stage, the same ranks: the targets stay there,
-and the other stages, which never run the loss, get None.
+and the other stages, which never run the loss, get None. The sparse head runs the whole model
+up to the final norm in one call, so at pipeline-parallel size > 1 the dense head runs instead
+(:func:`lm_head_for`).
 """
 
 from __future__ import annotations
@@ -27,13 +40,23 @@ from typing import Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
-from sdzero_kernels import teacher_topk, topk_kl
+from sdzero_kernels import VOCAB_CHUNK, fused_linear_teacher_topk, fused_linear_topk_kl, teacher_topk, topk_kl
 
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses.masked import masked_token_sum
-from sdzero_mcore.models.forward import cp_local_batch, cp_size_rank, vocab_parallel_logits
+from sdzero_mcore.models.forward import (
+    cp_local_batch,
+    cp_size_rank,
+    final_hidden_states,
+    output_weight,
+    real_vocab_size,
+    rows_at,
+    vocab_parallel_logits,
+)
 from sdzero_mcore.parallel.context_parallel import gather_from_cp, padded_seq_len, split_for_cp
 from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
+
+LM_HEADS = ("sparse", "dense")
 
 
 @dataclass
@@ -91,20 +114,62 @@ class TeacherTargets:
     loss_mask: torch.Tensor  # [B, S_pad] bool
 
 
+def local_response_rows(start: torch.Tensor, length: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This CP rank's positions that predict a response token in a [B, seq_len] batch, as flat
+    indices into its [B, s_local] layout (row-major) and into megatron's [s_local, B] layout, in
+    the same order. Computed on the host from the batch's host tensors: no device read."""
+    cp_size, cp_rank = cp_size_rank()
+    full = response_mask(start.cpu(), length.cpu(), padded_seq_len(seq_len, cp_size))
+    mask = split_for_cp(full, cp_size, cp_rank, dim=1)
+    batch_size, local_len = mask.shape
+    rows_bs = mask.reshape(-1).nonzero().squeeze(1)
+    rows_sb = (rows_bs % local_len) * batch_size + rows_bs // local_len
+    return rows_bs, rows_sb
+
+
+def check_lm_head(lm_head: str) -> None:
+    if lm_head not in LM_HEADS:
+        raise ValueError(f"lm_head must be one of {', '.join(LM_HEADS)}; got {lm_head!r}")
+
+
+def _sparse_teacher_topk(teacher, batch: DistillBatch, k: int, temperature: float, tp_group,
+                         vocab_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-K [B, s_local, K] on this CP rank's part of its sequence, computed only at
+    the positions of the second y (elsewhere 0: those positions are never read)."""
+    hidden = final_hidden_states(teacher, cp_local_batch(batch.teacher_ids))  # [s_local, B, H]
+    rows_bs, rows_sb = local_response_rows(batch.teacher_start, batch.response_len, batch.teacher_ids.shape[1])
+    logprobs, ids = fused_linear_teacher_topk(
+        rows_at(hidden, rows_sb), output_weight(teacher), k, temperature=temperature, tp_group=tp_group,
+        vocab_size=real_vocab_size(teacher), vocab_chunk=vocab_chunk,
+    )
+    local_len, batch_size = hidden.shape[:2]
+    rows_bs = rows_bs.to(hidden.device)
+    logprobs = logprobs.new_zeros(batch_size * local_len, k).index_copy_(0, rows_bs, logprobs)
+    ids = ids.new_zeros(batch_size * local_len, k).index_copy_(0, rows_bs, ids)
+    return logprobs.view(batch_size, local_len, k), ids.view(batch_size, local_len, k)
+
+
 @torch.no_grad()
 def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float = 1.0,
-                    logits: Optional[torch.Tensor] = None) -> TeacherTargets:
+                    logits: Optional[torch.Tensor] = None, lm_head: str = "dense",
+                    vocab_chunk: int = VOCAB_CHUNK) -> TeacherTargets:
     """Run the teacher on its sequences (or take its vocab-parallel ``logits`` on them) and place
     its top-K log-probs at the student's positions.
 
     Positions without a loss (prompt, padding) get a harmless uniform distribution over ids 0..K-1,
     so the kernels see finite inputs everywhere and the mask alone decides what counts.
+    ``lm_head="sparse"`` applies the output layer only at the response positions, one vocabulary
+    chunk of ``vocab_chunk`` ids at a time (the module doc).
     """
+    check_lm_head(lm_head)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     teacher_len = batch.teacher_ids.shape[1]
-    if logits is None:
-        logits = teacher_logits(teacher, batch)
-    logprobs, ids = teacher_topk(logits, k, temperature=temperature, tp_group=tp_group)
+    if lm_head == "sparse" and logits is None:
+        logprobs, ids = _sparse_teacher_topk(teacher, batch, k, temperature, tp_group, vocab_chunk)
+    else:
+        if logits is None:
+            logits = teacher_logits(teacher, batch)
+        logprobs, ids = teacher_topk(logits, k, temperature=temperature, tp_group=tp_group)
     logprobs = gather_from_cp(logprobs, dim=1)[:, :teacher_len]
     ids = gather_from_cp(ids, dim=1)[:, :teacher_len]
 
@@ -131,13 +196,22 @@ def teacher_logits(teacher, batch: DistillBatch) -> torch.Tensor:
     return vocab_parallel_logits(teacher, cp_local_batch(batch.teacher_ids))
 
 
-def teacher_targets_for(teacher, batches: Sequence[DistillBatch], *, k: int,
-                        temperature: float = 1.0) -> list[Optional[TeacherTargets]]:
+def lm_head_for(lm_head: str) -> str:
+    """The head that runs for ``distill.lm_head``: ``sparse`` needs the whole model on one pipeline
+    stage (:func:`~sdzero_mcore.models.forward.final_hidden_states`); at pipeline-parallel size > 1
+    the dense head runs."""
+    check_lm_head(lm_head)
+    return lm_head if pipeline_parallel_size() == 1 else "dense"
+
+
+def teacher_targets_for(teacher, batches: Sequence[DistillBatch], *, k: int, temperature: float = 1.0,
+                        lm_head: str = "dense") -> list[Optional[TeacherTargets]]:
     """:func:`teacher_targets` of each batch. At pipeline-parallel size > 1 the batches go through
     megatron-core's forward-only schedule as micro-batches, and the targets are computed on the
-    last stage, where the student's loss runs; the other stages get None for each."""
+    last stage, where the student's loss runs; the other stages get None for each (and the dense
+    head runs: :func:`lm_head_for`)."""
     if pipeline_parallel_size() == 1:
-        return [teacher_targets(teacher, batch, k=k, temperature=temperature) for batch in batches]
+        return [teacher_targets(teacher, batch, k=k, temperature=temperature, lm_head=lm_head) for batch in batches]
     targets = forward_only_outputs(
         teacher, batches, teacher_logits,
         lambda logits, batch: teacher_targets(teacher, batch, k=k, temperature=temperature, logits=logits),
@@ -183,5 +257,67 @@ def distill_loss(
         temperature=temperature,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
     )
+    loss_sum, num_tokens = masked_token_sum(per_token, mask)
+    return DistillLoss(loss_sum=loss_sum, num_tokens=num_tokens, per_token=per_token.detach() * mask, loss_mask=mask)
+
+
+@dataclass
+class StudentHead:
+    """The student's side of the sparse head for one micro-batch: the output weight (a parameter,
+    tied or not) and where this rank's response positions sit in its [B, s_local] layout."""
+
+    weight: torch.Tensor  # [V_padded / TP, H]
+    rows: torch.Tensor  # [T_local] flat indices into [B, s_local], row-major
+    local_shape: tuple[int, int]  # (B, s_local)
+    vocab_size: Optional[int]  # real ids; the rows above are megatron's padding
+
+
+def student_response_hidden(student, batch: DistillBatch) -> tuple[torch.Tensor, StudentHead]:
+    """The student's final-norm hidden states [T_local, H] at this rank's positions that predict
+    response tokens (x + y, its CP part), and the :class:`StudentHead` its loss needs."""
+    hidden = final_hidden_states(student, cp_local_batch(batch.student_ids))  # [s_local, B, H]
+    rows_bs, rows_sb = local_response_rows(batch.student_start, batch.response_len, batch.student_ids.shape[1])
+    local_len, batch_size = hidden.shape[:2]
+    head = StudentHead(weight=output_weight(student), rows=rows_bs.to(hidden.device),
+                       local_shape=(batch_size, local_len), vocab_size=real_vocab_size(student))
+    return rows_at(hidden, rows_sb), head
+
+
+def sparse_distill_loss(
+    hidden: torch.Tensor,
+    head: StudentHead,
+    targets: TeacherTargets,
+    *,
+    kl: str = "reverse",
+    mixed_weight: float = 0.5,
+    tail: str = "renorm",
+    temperature: float = 1.0,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> DistillLoss:
+    """:func:`distill_loss` from the student's hidden states at its response positions
+    (:func:`student_response_hidden`): ``fused_linear_topk_kl`` on those rows only, the per-token
+    loss placed back in the [B, s_local] layout (0 elsewhere)."""
+    cp_size, cp_rank = cp_size_rank()
+    mask = split_for_cp(targets.loss_mask, cp_size, cp_rank, dim=1)
+    k = targets.ids.shape[-1]
+
+    def at_rows(full: torch.Tensor) -> torch.Tensor:
+        return split_for_cp(full, cp_size, cp_rank, dim=1).reshape(-1, k).index_select(0, head.rows)
+
+    per_row = fused_linear_topk_kl(
+        hidden,
+        head.weight,
+        at_rows(targets.logprobs),
+        at_rows(targets.ids),
+        kl=kl,
+        mixed_weight=mixed_weight,
+        tail=tail,
+        temperature=temperature,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        vocab_size=head.vocab_size,
+        vocab_chunk=vocab_chunk,
+    )
+    batch_size, local_len = head.local_shape
+    per_token = per_row.new_zeros(batch_size * local_len).index_copy(0, head.rows, per_row).view(batch_size, local_len)
     loss_sum, num_tokens = masked_token_sum(per_token, mask)
     return DistillLoss(loss_sum=loss_sum, num_tokens=num_tokens, per_token=per_token.detach() * mask, loss_mask=mask)

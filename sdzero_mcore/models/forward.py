@@ -4,6 +4,11 @@ Every rank of a context-parallel group passes the same full [B, S] batch; :func:
 pads it to a multiple of 2 x CP and keeps this rank's load-balanced part (chunks r and 2*CP-1-r),
 which is what megatron-core's RoPE and the attention expect.
 
+Two ways out of the model: :func:`vocab_parallel_logits` (the whole forward, logits [B, s, V/TP]
+at every position) and :func:`final_hidden_states` + :func:`output_weight` (the model's own parts
+up to the final norm, and the vocab-parallel output weight, tied or not), for losses that apply
+the output layer themselves, only where they need it (``sdzero_kernels``' fused-linear ops).
+
 At pipeline-parallel size > 1 the logits exist on the last stage only (``parallel.pipeline``):
 :func:`causal_lm_logits` runs megatron-core's forward-only schedule and returns them there.
 """
@@ -52,6 +57,61 @@ def vocab_parallel_logits(model, local: Mapping[str, torch.Tensor]) -> torch.Ten
     """Logits [B, s_local, V_padded / TP] for a batch prepared by :func:`cp_local_batch` (moved to the model's device)."""
     device = model_device(model)
     return model(local["input_ids"].to(device), local["position_ids"].to(device), attention_mask=None)
+
+
+def gpt_model(model):
+    """The GPTModel inside wrappers such as megatron-core's DDP (``.module`` chains)."""
+    while not hasattr(model, "decoder") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def final_hidden_states(model, local: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Hidden states [s_local, B, H] after the final norm, for a batch prepared by :func:`cp_local_batch`.
+
+    The GPTModel's own forward up to the output layer: ``_preprocess`` (embedding, RoPE) and the
+    decoder (which ends with the final norm); ``output_layer(h, weight=output_weight(model))``
+    on them gives :func:`vocab_parallel_logits`' values. A model split into pipeline stages has
+    its output layer on the last stage only, which this does not handle.
+    """
+    gpt = gpt_model(model)
+    if not (gpt.pre_process and gpt.post_process):
+        raise ValueError("final_hidden_states needs the whole model on one pipeline stage")
+    device = model_device(gpt)
+    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = gpt._preprocess(
+        input_ids=local["input_ids"].to(device), position_ids=local["position_ids"].to(device)
+    )[:6]
+    return gpt.decoder(
+        hidden_states=decoder_input,
+        attention_mask=None,
+        rotary_pos_emb=rotary_pos_emb,
+        rotary_pos_cos=rotary_pos_cos,
+        rotary_pos_sin=rotary_pos_sin,
+        sequence_len_offset=sequence_len_offset,
+        padding_mask=padding_mask,
+    )
+
+
+def output_weight(model) -> torch.Tensor:
+    """The output layer's weight [V_padded / TP, H] on this rank: the embedding's when tied (one
+    parameter, so both uses' gradients add up in it), the output layer's otherwise."""
+    gpt = gpt_model(model)
+    if gpt.output_layer.bias is not None:
+        raise ValueError("output_weight: an output layer with a bias is not supported by the fused-linear losses")
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def real_vocab_size(model) -> Optional[int]:
+    """The number of real ids (megatron pads the vocabulary); None for a model built without ``hf_arch``."""
+    arch = getattr(gpt_model(model), "hf_arch", None)
+    return arch.vocab_size if arch is not None else None
+
+
+def rows_at(hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """[len(rows), H]: the hidden states [s, B, H] at flat (position x B + row) indices ``rows``."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.to(hidden.device))
 
 
 def causal_lm_logits(model, input_ids: torch.Tensor) -> Optional[torch.Tensor]:

@@ -26,7 +26,16 @@ from sdzero_mcore.data.prompts import RunPrompts, control_ids, solution_ids
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.float64_reductions import float64_sum
-from sdzero_mcore.losses.distill import DistillLoss, collate_distill, distill_loss, student_logits, teacher_targets_for
+from sdzero_mcore.losses.distill import (
+    DistillLoss,
+    collate_distill,
+    distill_loss,
+    lm_head_for,
+    sparse_distill_loss,
+    student_logits,
+    student_response_hidden,
+    teacher_targets_for,
+)
 from sdzero_mcore.models.forward import model_device
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
@@ -120,7 +129,7 @@ def distill_micro_batches(teacher, samples: Sequence[Sample], tokenizer, dcfg) -
     batches = [collate_distill(chunk, pad_id(tokenizer)) for chunk, _ in chunks]
     micro = []
     for (chunk, is_filler), batch, targets in zip(chunks, batches, teacher_targets_for(
-            teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature)):
+            teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature, lm_head=lm_head_for(dcfg.lm_head))):
         if is_filler and targets is not None:
             targets.loss_mask.zero_()
         micro.append((batch, targets, torch.tensor([s.reward for s in chunk], device=device)))
@@ -141,14 +150,24 @@ def kl_by_reward(loss: DistillLoss, rewards: torch.Tensor) -> dict[str, torch.Te
 
 def distill_forward_step(dcfg):
     """The student's forward step: logits on x + y, then ``topk_kl`` summed over its response
-    tokens; the logs split the KL by the reward of the response (r = 0 / r = 1)."""
+    tokens; the logs split the KL by the reward of the response (r = 0 / r = 1). With
+    ``distill.lm_head=sparse`` the output is the final-norm hidden states at the response
+    positions and the loss applies the output layer to them (losses/distill.py)."""
+    options = dict(kl=dcfg.kl, mixed_weight=dcfg.mixed_weight, tail=dcfg.tail, temperature=dcfg.temperature)
 
     def forward_step(model, micro_batch):
         batch, targets, rewards = micro_batch
+        if lm_head_for(dcfg.lm_head) == "sparse":
+            hidden, head = student_response_hidden(model, batch)
+
+            def sparse_loss_fn(hidden):
+                loss = sparse_distill_loss(hidden, head, targets, **options)
+                return loss.loss_sum, loss.num_tokens, kl_by_reward(loss, rewards)
+
+            return hidden, sparse_loss_fn
 
         def loss_fn(logits):
-            loss = distill_loss(logits, targets, kl=dcfg.kl, mixed_weight=dcfg.mixed_weight, tail=dcfg.tail,
-                                temperature=dcfg.temperature)
+            loss = distill_loss(logits, targets, **options)
             return loss.loss_sum, loss.num_tokens, kl_by_reward(loss, rewards)
 
         return student_logits(model, batch), loss_fn

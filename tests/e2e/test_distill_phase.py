@@ -45,11 +45,24 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics" / "distill.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def tp2_runs(hf_dir, tmp_path_factory):
+    """Phase 2 at TP=2 with each LM head (sparse: the default), three steps each."""
+    root = tmp_path_factory.mktemp("tp2")
+    for head in ("sparse", "dense"):
+        overrides = ["parallel.tensor_model_parallel_size=2", f"distill.lm_head={head}"]
+        run_local_workers(distill_worker, 2, str(hf_dir), str(root / head), overrides, 3)
+    return root
+
+
 @pytest.mark.parametrize("tp,cp", [(1, 1), (2, 1), (1, 2)])
-def test_end_to_end_and_teacher_sync(hf_dir, tmp_path, tp, cp):
-    run = tmp_path / "run"
-    layout = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.context_parallel_size={cp}"]
-    run_local_workers(distill_worker, tp * cp, str(hf_dir), str(run), layout, 3)
+def test_end_to_end_and_teacher_sync(hf_dir, tmp_path, tp, cp, request):
+    if (tp, cp) == (2, 1):
+        run = request.getfixturevalue("tp2_runs") / "sparse"
+    else:
+        run = tmp_path / "run"
+        layout = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.context_parallel_size={cp}"]
+        run_local_workers(distill_worker, tp * cp, str(hf_dir), str(run), layout, 3)
     metrics = _metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["kl_per_token"] > 0 and m["response_tokens"] > 0 for m in metrics)
@@ -62,6 +75,20 @@ def test_end_to_end_and_teacher_sync(hf_dir, tmp_path, tp, cp):
     meta = json.loads((final / "sdzero_checkpoint.json").read_text())
     assert meta["final"] and meta["tensor_parallel_size"] == tp
     assert (final / "teacher" / "sdzero_checkpoint.json").is_file()
+
+
+def test_sparse_head_gives_the_dense_losses_step_by_step_at_tp2(tp2_runs):
+    """The same rollouts, KL and gradient norm at every step with the LM head applied only at the
+    response positions (teacher top-K over vocabulary chunks, student K rows) as with full logits."""
+    sparse, dense = _metrics(tp2_runs / "sparse"), _metrics(tp2_runs / "dense")
+    assert [m["step"] for m in sparse] == [m["step"] for m in dense] == [1, 2, 3]
+    for a, b in zip(sparse, dense):
+        print(f"step {a['step']}: kl_per_token sparse {a['kl_per_token']:.8f} dense {b['kl_per_token']:.8f}; "
+              f"grad_norm {a['grad_norm']:.8f} / {b['grad_norm']:.8f}")
+        assert a["response_tokens"] == b["response_tokens"] > 0 and a["generated_tokens"] == b["generated_tokens"]
+        assert a["kl_per_token"] == pytest.approx(b["kl_per_token"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["teacher_checksum"] == pytest.approx(b["teacher_checksum"], rel=1e-6)
 
 
 def test_resume_continues_with_identical_losses(hf_dir, tmp_path):

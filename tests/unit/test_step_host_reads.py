@@ -10,6 +10,10 @@ from megatron.core import parallel_state
 from sdzero_mcore.config import load_config
 from sdzero_mcore.losses.distill import DistillBatch, TeacherTargets, distill_loss
 from sdzero_mcore.models import attention
+from sdzero_mcore.models.builder import build_gpt_model
+from sdzero_mcore.models.forward import output_weight
+from sdzero_mcore.models.hf_config import ModelArch
+from sdzero_mcore.models.tiny import tiny_hf_config
 from sdzero_mcore.phases.distill import distill_forward_step
 from sdzero_kernels import teacher_topk
 
@@ -52,7 +56,7 @@ def _micro_batch():
 def test_distill_loss_logs_stay_on_the_device(megatron_single_rank):
     batch, targets, rewards = _micro_batch()
     student = FixedLogits(torch.randn(BATCH, SEQ, VOCAB, generator=torch.Generator().manual_seed(1)))
-    dcfg = load_config(overrides=["distill.kl=mixed", "distill.tail=bucket"]).distill
+    dcfg = load_config(overrides=["distill.kl=mixed", "distill.tail=bucket", "distill.lm_head=dense"]).distill
     output, loss_fn = distill_forward_step(dcfg)(student, (batch, targets, rewards))
     result = {}
 
@@ -70,6 +74,29 @@ def test_distill_loss_logs_stay_on_the_device(megatron_single_rank):
         torch.testing.assert_close(logs[f"kl_sum_r{r}"], loss.per_token[rows].sum())
         assert int(logs[f"tokens_r{r}"]) == int(loss.loss_mask[rows].sum())
     assert int(logs["tokens_r0"]) + int(logs["tokens_r1"]) == int(result["num_tokens"]) == 10
+
+
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+def test_sparse_head_loss_logs_stay_on_the_device(megatron_single_rank, tail):
+    """The sparse head's loss function (the output layer inside the loss) and its backward into the
+    hidden states and the output weight read nothing on the host either."""
+    arch = ModelArch.from_hf_config(tiny_hf_config("Qwen3ForCausalLM", vocab_size=VOCAB).to_dict())
+    torch.manual_seed(0)
+    student = build_gpt_model(arch, transformer_impl="local", on_cpu=True)
+    batch, targets, rewards = _micro_batch()
+    dcfg = load_config(overrides=["distill.kl=mixed", f"distill.tail={tail}"]).distill
+    assert dcfg.lm_head == "sparse"  # the default
+    output, loss_fn = distill_forward_step(dcfg)(student, (batch, targets, rewards))
+    hidden = output.detach().requires_grad_()  # the loss function and its backward, not the decoder's
+    result = {}
+
+    def loss_and_backward():
+        result["loss_sum"], result["num_tokens"], result["logs"] = loss_fn(hidden)
+        result["loss_sum"].backward()
+
+    assert host_reads(loss_and_backward) == []
+    assert int(result["num_tokens"]) == 10 == int(result["logs"]["tokens_r0"]) + int(result["logs"]["tokens_r1"])
+    assert hidden.grad is not None and output_weight(student).grad.abs().sum() > 0
 
 
 def test_cp_chunk_order_index_is_built_once(megatron_single_rank, monkeypatch):
