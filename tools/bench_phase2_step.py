@@ -19,9 +19,9 @@ FLOPs are counted analytically (2 per multiply-add; attention scores and values 
 half of the square, what flash attention kernels compute), per part: the teacher's and the student's transformer
 trunks, and their LM heads. The FLOP table is also printed for the two GPU shapes.
 
-On a GPU, ``--baseline`` (on by default there) also times a plain transformers + PyTorch step (the
-measurement of ../shared/docs/ENVIRONMENT.md: bf16, SDPA, gradient checkpointing, full logits,
-top-64, chunked renorm reverse KL, fused AdamW) for a ratio in the same run.
+On a GPU, ``--baseline`` (on by default there) also times a plain transformers + PyTorch step (as
+measured on an H100 before this project, 749 ms and 21.9K tok/s at the 0.6B shape: bf16, SDPA,
+gradient checkpointing, full logits, top-64, chunked renorm reverse KL, fused AdamW) for a ratio in the same run.
 """
 
 from __future__ import annotations
