@@ -208,6 +208,17 @@ def check_hidden_and_weight(hidden, weight, hidden_name: str = "hidden", weight_
     check_same_device(**{hidden_name: hidden, weight_name: weight})
 
 
+def check_fused_topk_loss_args(hidden, weight, teacher_logprobs, teacher_ids, kl, mixed_weight, temperature,
+                               tp_group) -> tuple[float, float]:
+    """The checks of a fused-linear top-K loss's arguments; returns (forward-KL weight, 1 / temperature)."""
+    check_hidden_and_weight(hidden, weight)
+    check_choice("kl", kl, KL_MODES)
+    mixed_weight = check_mixed_weight(mixed_weight)
+    temperature = check_temperature(temperature)
+    check_topk_targets("hidden", hidden, (hidden.shape[0],), weight.shape[0], teacher_logprobs, teacher_ids, tp_group)
+    return forward_weight(kl, mixed_weight), 1.0 / temperature
+
+
 def check_vocab_chunk(vocab_chunk) -> int:
     if not isinstance(vocab_chunk, int) or isinstance(vocab_chunk, bool) or vocab_chunk < 1:
         raise ValueError(f"vocab_chunk must be a positive int, got {vocab_chunk!r}")

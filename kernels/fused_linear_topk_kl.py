@@ -28,19 +28,14 @@ import torch
 import torch.distributed as dist
 
 from sdzero_kernels._common import (
-    KL_MODES,
     TAIL_MODES,
     VOCAB_CHUNK,
     all_reduce_sum,
     check_choice,
-    check_hidden_and_weight,
-    check_mixed_weight,
-    check_temperature,
-    check_topk_targets,
+    check_fused_topk_loss_args,
     check_vocab_chunk,
     chunk_logits,
     combine_lse,
-    forward_weight,
     local_teacher_ids,
     merge_max_sum,
     row_max_sum,
@@ -125,15 +120,12 @@ def fused_linear_topk_kl(
     if tail == "renorm":
         return sparse_topk_kl(hidden, weight, teacher_logprobs, teacher_ids, kl=kl, mixed_weight=mixed_weight,
                               temperature=temperature, tp_group=tp_group)
-    check_hidden_and_weight(hidden, weight)
-    check_choice("kl", kl, KL_MODES)
-    mixed_weight = check_mixed_weight(mixed_weight)
-    temperature = check_temperature(temperature)
+    w_forward, inv_temp = check_fused_topk_loss_args(hidden, weight, teacher_logprobs, teacher_ids, kl, mixed_weight,
+                                                     temperature, tp_group)
     vocab_chunk = check_vocab_chunk(vocab_chunk)
-    check_topk_targets("hidden", hidden, (hidden.shape[0],), weight.shape[0], teacher_logprobs, teacher_ids, tp_group)
     return _FusedLinearBucketKL.apply(
-        hidden, weight, teacher_logprobs.detach(), teacher_ids.detach().long(), forward_weight(kl, mixed_weight),
-        1.0 / temperature, tp_group, vocab_size, vocab_chunk,
+        hidden, weight, teacher_logprobs.detach(), teacher_ids.detach().long(), w_forward, inv_temp, tp_group,
+        vocab_size, vocab_chunk,
     )
 
 

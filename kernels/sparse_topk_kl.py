@@ -29,14 +29,8 @@ import torch
 import torch.distributed as dist
 
 from sdzero_kernels._common import (
-    KL_MODES,
     all_reduce_sum,
-    check_choice,
-    check_hidden_and_weight,
-    check_mixed_weight,
-    check_topk_targets,
-    check_temperature,
-    forward_weight,
+    check_fused_topk_loss_args,
     local_teacher_ids,
 )
 from sdzero_kernels.topk_kl import _topk_rows, topk_kl_reference
@@ -104,19 +98,10 @@ def sparse_topk_kl(
     Returns the loss [T] float32, the same on every TP rank; differentiable w.r.t. ``hidden`` (its
     gradient summed over the TP group) and ``weight`` (this shard's rows).
     """
-    check_hidden_and_weight(hidden, weight)
-    check_choice("kl", kl, KL_MODES)
-    mixed_weight = check_mixed_weight(mixed_weight)
-    temperature = check_temperature(temperature)
-    check_topk_targets("hidden", hidden, (hidden.shape[0],), weight.shape[0], teacher_logprobs, teacher_ids, tp_group)
+    w_forward, inv_temp = check_fused_topk_loss_args(hidden, weight, teacher_logprobs, teacher_ids, kl, mixed_weight,
+                                                     temperature, tp_group)
     return _SparseTopKKL.apply(
-        hidden,
-        weight,
-        teacher_logprobs.detach(),
-        teacher_ids.detach().long(),
-        forward_weight(kl, mixed_weight),
-        1.0 / temperature,
-        tp_group,
+        hidden, weight, teacher_logprobs.detach(), teacher_ids.detach().long(), w_forward, inv_temp, tp_group
     )
 
 
