@@ -180,6 +180,11 @@ class ParallelConfig(_Section):
     # pipeline stages (megatron-core's 1F1B schedule): each holds num_layers / PP consecutive layers,
     # the first the embedding, the last the final norm, the output layer and the loss
     pipeline_model_parallel_size: int = _checked(1, _AT_LEAST_1)
+    # virtual (interleaved) pipeline stages: each rank holds this many model chunks of
+    # num_layers / (PP x VPP) layers (megatron-core's interleaved 1F1B schedule); null = off.
+    # Needs PP >= 2 and must divide num_layers / PP (checked against the model's config.json)
+    virtual_pipeline_model_parallel_size: Optional[int] = _checked(None, _Rule(lambda v: v is None or v >= 2,
+                                                                                "null (off) or >= 2"))
     context_parallel_size: int = _checked(1, _AT_LEAST_1)
     # TransformerEngine's CP scheme; the local spec's SDPA attention always all-gathers K and V
     cp_comm_type: str = _checked("p2p", _one_of("p2p", "all_gather", "a2a", "a2a+p2p"))
@@ -194,6 +199,12 @@ class ParallelConfig(_Section):
     handoff_timeout_minutes: int = _checked(24 * 60, _AT_LEAST_1)
 
     def _check_relations(self, prefix: str) -> None:
+        if self.virtual_pipeline_model_parallel_size is not None and self.pipeline_model_parallel_size < 2:
+            raise ConfigError(
+                f"{prefix}virtual_pipeline_model_parallel_size: {self.virtual_pipeline_model_parallel_size} needs "
+                f"{prefix}pipeline_model_parallel_size >= 2 (megatron-core interleaves the chunks of several "
+                f"pipeline stages), got {self.pipeline_model_parallel_size}; set it to null"
+            )
         sizes = self.hierarchical_context_parallel_sizes
         uses_hierarchy = self.cp_comm_type == "a2a+p2p" and self.context_parallel_size > 1
         key = f"{prefix}hierarchical_context_parallel_sizes"

@@ -59,9 +59,10 @@ def megatron_optimizer_config(optim_cfg, params_dtype: torch.dtype) -> MegatronO
 
 def build_distributed_optimizer(ddp, optim_cfg):
     """megatron-core's DistributedOptimizer over ``ddp`` (a DDP built with
-    ``use_distributed_optimizer=True``)."""
-    params_dtype = next(ddp.module.parameters()).dtype
-    optimizer = get_megatron_optimizer(megatron_optimizer_config(optim_cfg, params_dtype), [ddp])
+    ``use_distributed_optimizer=True``, or a list of them: one per model chunk)."""
+    chunks = ddp if isinstance(ddp, list) else [ddp]
+    params_dtype = next(chunks[0].module.parameters()).dtype
+    optimizer = get_megatron_optimizer(megatron_optimizer_config(optim_cfg, params_dtype), chunks)
     # megatron-core's parameter scheduler sets each group's decay as weight_decay x wd_mult (0 for
     # norms and biases); the Trainer schedules only the learning rate, so the decay is set once
     for group in optimizer.param_groups:

@@ -61,12 +61,9 @@ from __future__ import annotations
 import io
 import math
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
-
-import yaml
 
 from sdzero_mcore.config import ConfigError, SDZeroConfig, load_config
 from sdzero_mcore.models.hf_config import ModelArch, pad_vocab_size
@@ -414,63 +411,21 @@ def rollout_turn(cfg: SDZeroConfig, estimate: Estimate, gpu_bytes: float) -> tup
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading a config with a layout key the trainer does not know
-
-
-# Read by the planner itself and removed from the file and the overrides before the config is
-# validated: the trainer has no virtual pipeline stages yet, the planner can still size them. Every
-# other layout key (PP, recompute, each phase's optimizer.distributed) is the validated config's.
-LAYOUT_KEYS = ("parallel.virtual_pipeline_model_parallel_size",)
-
-
-def _layout_key(key: str) -> bool:
-    return key in LAYOUT_KEYS
+# Loading the config
 
 
 def load_plan_config(path: str, overrides: Sequence[str]) -> tuple[SDZeroConfig, dict]:
-    """The validated config without the layout keys, and the layout keys' values (dotted key -> value)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML in {path}: {err}") from None
-    layout: dict = {}
-
-    def strip(node, prefix: str):
-        for key in list(node) if isinstance(node, dict) else []:
-            dotted = f"{prefix}{key}"
-            if _layout_key(dotted):
-                layout[dotted] = node.pop(key)
-            else:
-                strip(node[key], dotted + ".")
-
-    strip(data, "")
-    kept = []
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if sep and _layout_key(key.strip()):
-            layout[key.strip()] = yaml.safe_load(value)
-        else:
-            kept.append(item)
-    with tempfile.TemporaryDirectory() as tmp:
-        stripped = Path(tmp) / Path(path).name
-        stripped.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-        try:
-            cfg = load_config(stripped, kept)
-        except ConfigError as err:
-            raise ConfigError(str(err).replace(str(stripped), str(path))) from None
-    return cfg, layout
+    """The validated config and the layout keys the command line sets beside it (dotted key ->
+    value; ``--recompute`` fills it). Every layout key of the file and the overrides, the virtual
+    pipeline size included, is the config's own, validated like the rest."""
+    return load_config(path, overrides), {}
 
 
 def config_layout(cfg: SDZeroConfig, layout_keys: dict, gpus: Optional[int]) -> Layout:
     """The layout the config (and the layout keys) describe on ``gpus`` GPUs (default: DP 1)."""
     tp, cp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.context_parallel_size
     pp = int(layout_keys.get("parallel.pipeline_model_parallel_size", cfg.parallel.pipeline_model_parallel_size))
-    vpp = layout_keys.get("parallel.virtual_pipeline_model_parallel_size",
-                          getattr(cfg.parallel, "virtual_pipeline_model_parallel_size", None))
+    vpp = layout_keys.get("parallel.virtual_pipeline_model_parallel_size", cfg.parallel.virtual_pipeline_model_parallel_size)
     recompute = layout_keys.get("model.recompute", cfg.model.recompute)
     if recompute not in RECOMPUTE:
         raise ConfigError(f"model.recompute: {recompute!r} is not one of: {', '.join(RECOMPUTE)}")

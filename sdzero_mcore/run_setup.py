@@ -35,7 +35,7 @@ def params_dtype(cfg: SDZeroConfig) -> torch.dtype:
 
 
 def check_layout(cfg: SDZeroConfig, source: ModelSource) -> None:
-    """TP must divide the heads, PP the layers, and full recompute cannot span more layers than the
+    """TP must divide the heads, PP the layers, VPP each stage's layers, and full recompute cannot span more layers than the
     model has: checked from config.json before any process group exists."""
     arch = ModelArch.from_hf_dir(source.hf_files_dir)
     try:
@@ -46,6 +46,12 @@ def check_layout(cfg: SDZeroConfig, source: ModelSource) -> None:
         arch.check_pipeline_parallel(cfg.parallel.pipeline_model_parallel_size)
     except ValueError as error:
         raise ConfigError(f"parallel.pipeline_model_parallel_size: {error}") from None
+    try:
+        arch.check_virtual_pipeline_parallel(cfg.parallel.pipeline_model_parallel_size,
+                                             cfg.parallel.virtual_pipeline_model_parallel_size)
+    except ValueError as error:
+        raise ConfigError(f"parallel.virtual_pipeline_model_parallel_size: {error} "
+                          f"({source.hf_files_dir / 'config.json'})") from None
     try:
         recompute_config(cfg.model.recompute, cfg.model.recompute_method, cfg.model.recompute_num_layers, arch.num_layers)
     except ValueError as error:
@@ -58,6 +64,7 @@ def setup_parallel(cfg: SDZeroConfig):
         tensor_model_parallel_size=cfg.parallel.tensor_model_parallel_size,
         context_parallel_size=cfg.parallel.context_parallel_size,
         pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline_model_parallel_size,
         timeout_minutes=cfg.parallel.timeout_minutes,
         seed=cfg.seed,
         hierarchical_context_parallel_sizes=cfg.parallel.hierarchical_context_parallel_sizes,

@@ -21,6 +21,11 @@ The contract (megatron-core's forward-step / loss-function contract with per-tok
   the model's output). ``finalize_model_grads`` broadcasts the token count from the last stage and
   all-reduces the gradients of tied embeddings between the first and last stage; the logs are
   reduced on the last stage and broadcast to the others, so every rank returns the same metrics.
+* Virtual pipeline stages (``parallel.virtual_pipeline_model_parallel_size``): the model is a
+  list of chunks (``parallel.pipeline.ModelChunks``), each in its own DDP, and megatron-core's
+  interleaved schedule runs them; everything above holds per chunk. That schedule runs a multiple
+  of PP micro-batches: a step with fewer repeats its last micro-batch, whose loss and logs are
+  multiplied by zero (no gradient, no tokens), up to the next multiple.
 
 Nothing in a micro-batch runs a collective across data-parallel ranks, so ranks may run different
 numbers of micro-batches (each needs at least one; a rank without data runs one with no loss tokens).
@@ -79,7 +84,14 @@ from sdzero_mcore.distributed_optimizer import (
 )
 from sdzero_mcore.fileio import atomic_write_text
 from sdzero_mcore.float64_reductions import float64_sum_of_squares
-from sdzero_mcore.parallel.pipeline import broadcast_from_last_stage, is_last_stage, pipeline_parallel_size
+from sdzero_mcore.parallel.pipeline import (
+    broadcast_from_last_stage,
+    data_iterators,
+    is_last_stage,
+    model_chunks,
+    pad_to_pipeline_multiple,
+    pipeline_parallel_size,
+)
 
 # loss_fn(output) -> (masked loss sum, token count, additive logs)
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -173,45 +185,60 @@ def _start_wandb(wandb_cfg, run_dir: Path, phase: str):
                       mode=wandb_cfg.mode, dir=str(directory), reinit="create_new")
 
 
-def per_token_ddp(model, *, use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+def per_token_ddp(model, *, use_distributed_optimizer: bool = False):
     """``model`` wrapped in megatron-core's DDP for the per-token loss contract: DDP sums gradients
     over DP x CP (``calculate_per_token_loss`` must be set before DDP reads it) and the schedule's
     ``finalize_model_grads`` divides them by the step's global token count.
     ``use_distributed_optimizer``: reduce-scatter instead of all-reduce, for megatron-core's
-    DistributedOptimizer."""
+    DistributedOptimizer. A model in chunks (virtual pipeline stages) gets a list of DDPs, one per
+    chunk, as megatron-core's interleaved schedule and ``finalize_model_grads`` take them (only
+    the first buckets its gradients, as in Megatron-LM)."""
     config = model.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = None  # no loss scaling: bf16 and fp32 only (the Trainer refuses fp16)
-    ddp = DistributedDataParallel(
-        config=config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer,
-        ),
-        module=model,
-    )
-    config.no_sync_func = ddp.no_sync
-    return ddp
+    chunked = isinstance(model, list)
+    ddps = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer,
+            ),
+            module=chunk,
+            **({"disable_bucketing": index > 0} if chunked else {}),
+        )
+        for index, chunk in enumerate(model_chunks(model))
+    ]
+    if not chunked:
+        config.no_sync_func = ddps[0].no_sync
+        return ddps[0]
+    config.no_sync_func = [ddp.no_sync for ddp in ddps]
+    return ddps
 
 
-def forward_backward(ddp: DistributedDataParallel, micro_batches: Sequence[Any], forward_step: ForwardStep,
+def forward_backward(ddp, micro_batches: Sequence[Any], forward_step: ForwardStep,
                      *, forward_only: bool = False) -> dict:
     """Forward and backward of this rank's micro-batches through megatron-core's schedule, gradients
     reduced and token-normalised in ``main_grad`` (``forward_only``: no backward, for validation).
+    ``ddp``: what :func:`per_token_ddp` returned (a list for a model in chunks).
     Returns the logs summed over the global batch, with ``loss`` (the global token mean) and ``num_tokens``."""
     if not micro_batches:
         raise ValueError("every rank needs at least one micro-batch (one with no loss tokens keeps a rank "
                          "without data in step)")
+    padded, real = pad_to_pipeline_multiple(micro_batches, ddp)
 
     def megatron_forward_step(data_iterator, model):
-        output, loss_fn = forward_step(model, next(data_iterator))
+        index, micro_batch = next(data_iterator)
+        output, loss_fn = forward_step(model, micro_batch)
+        if index >= real:  # a repeat that only fills the interleaved schedule: counts for nothing
+            return output, lambda out: _with_token_logs(*_zero_weight(*loss_fn(out)))
         return output, lambda out: _with_token_logs(*loss_fn(out))
 
     logs = get_forward_backward_func()(
         forward_step_func=megatron_forward_step,
-        data_iterator=iter(micro_batches),
+        data_iterator=data_iterators(list(enumerate(padded)), ddp),
         model=ddp,
-        num_microbatches=len(micro_batches),
+        num_microbatches=len(padded),
         seq_length=0,  # unused without pipelining; with it, each activation's shape is sent first
         micro_batch_size=0,
         forward_only=forward_only,
@@ -256,7 +283,8 @@ class Trainer:
         self.ckpt_cfg = checkpoint_cfg
         self.distributed_optimizer = getattr(optim_cfg, "distributed", False)
         self.ddp = per_token_ddp(model, use_distributed_optimizer=self.distributed_optimizer)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        parameters = _chunk_parameters(model)
+        named = [(name, p) for name, _, _, p in parameters if p.requires_grad]
         if any(p.dtype == torch.float16 for _, p in named):
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; use bfloat16 or float32")
         self._named = named
@@ -287,9 +315,10 @@ class Trainer:
             tensorboard=getattr(logging_cfg, "tensorboard", False),
             wandb_cfg=getattr(logging_cfg, "wandb", None),
         )
-        self._replicated = _replicated_param_names(model)
+        self._replicated = _replicated_param_names(parameters)
         # the last pipeline stage's copy of a tied embedding: counted once, on the first stage
-        self._pipeline_copies = {name for name, _ in named if is_tied_output_copy(model, name)}
+        self._pipeline_copies = {name for name, chunk, chunk_name, p in parameters
+                                 if p.requires_grad and is_tied_output_copy(chunk, chunk_name)}
         self._last_log = time.perf_counter()
         # checkpoint names that keep_last pruning leaves alone whatever their age (the best ones by validation)
         self.protected: set[str] = set()
@@ -329,7 +358,8 @@ class Trainer:
         the step's metrics: ``loss`` (global token mean), ``num_tokens``, every log summed over
         the global batch, ``grad_norm``, ``lr``, ``skipped``."""
         self.model.train()
-        self.ddp.zero_grad_buffer()
+        for ddp in model_chunks(self.ddp):
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad(set_to_none=True)
 
         totals = forward_backward(self.ddp, micro_batches, forward_step)
@@ -460,6 +490,7 @@ class Trainer:
                     model.hf_arch,
                     tensor_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
                     pipeline_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+                    **_virtual_pipeline_meta(),
                     padded_vocab_size=model.padded_vocab_size,
                     params_dtype=next(model.parameters()).dtype,
                     phase=self.phase,
@@ -488,6 +519,14 @@ class Trainer:
         meta = mcore_io.load_model(self.model, ckpt_dir)
         for subdir, model in (extra_models or {}).items():
             mcore_io.load_model(model, ckpt_dir / subdir)
+        written_virtual = meta.get(VIRTUAL_PIPELINE_META_KEY)
+        if written_virtual != parallel_state.get_virtual_pipeline_model_parallel_world_size():
+            # the optimizer's state follows the model chunks' parameters
+            raise ValueError(
+                f"{ckpt_dir}: its optimizer state was written at parallel.virtual_pipeline_model_parallel_size="
+                f"{written_virtual} and this run has {parallel_state.get_virtual_pipeline_model_parallel_world_size()}; "
+                "resume at the same setting (the model weights alone load at any layout: start a new run from them)"
+            )
         if self.distributed_optimizer or (ckpt_dir / DISTRIBUTED_OPTIMIZER_DIR).is_dir():
             self._load_distributed_optimizer(ckpt_dir, meta)
         else:
@@ -563,9 +602,26 @@ def prune_checkpoints(root: Path, keep_last: int, protect: Iterable[str] = ()) -
     return doomed
 
 
-def _replicated_param_names(model) -> set[str]:
-    table = model_param_mappings(model)
-    return {name for name, _ in model.named_parameters() if table[name].kind is Kind.REPLICATED}
+def _chunk_parameters(model) -> list[tuple[str, Any, str, torch.nn.Parameter]]:
+    """(name in the Trainer, its chunk, name in the chunk, parameter) for every parameter: the
+    GPTModel's own names, prefixed with ``chunk<v>.`` for a model in chunks (each chunk names its
+    layers from 0)."""
+    if not isinstance(model, list):
+        return [(name, model, name, param) for name, param in model.named_parameters()]
+    return [(f"chunk{index}.{name}", chunk, name, param)
+            for index, chunk in enumerate(model) for name, param in chunk.named_parameters()]
+
+
+def _replicated_param_names(parameters) -> set[str]:
+    """The names (in the Trainer) among :func:`_chunk_parameters` of the tensors replicated over TP."""
+    tables = {id(chunk): model_param_mappings(chunk) for _, chunk, _, _ in parameters}
+    return {name for name, chunk, chunk_name, _ in parameters if tables[id(chunk)][chunk_name].kind is Kind.REPLICATED}
+
+
+def _zero_weight(loss_sum: torch.Tensor, num_tokens, logs: dict):
+    """A loss result times zero: gradients of zero through the whole graph (the schedule still runs
+    its backward), no tokens, every additive log zero."""
+    return loss_sum * 0.0, num_tokens * 0, {key: value * 0 for key, value in logs.items()}
 
 
 def _with_token_logs(loss_sum: torch.Tensor, num_tokens, logs: dict):
@@ -614,6 +670,15 @@ def split_micro_batches(items: Sequence, micro_batch_size: int, max_tokens: Opti
     if current:
         batches.append(current)
     return batches
+
+
+VIRTUAL_PIPELINE_META_KEY = "virtual_pipeline_parallel_size"
+
+
+def _virtual_pipeline_meta() -> dict:
+    """The virtual pipeline size for a checkpoint's metadata, when there are virtual stages."""
+    size = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    return {} if size is None else {VIRTUAL_PIPELINE_META_KEY: size}
 
 
 def _optimizer_file_name() -> str:

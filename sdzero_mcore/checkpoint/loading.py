@@ -14,6 +14,7 @@ from sdzero_mcore.checkpoint.hf_io import CheckpointError, HFCheckpointReader
 from sdzero_mcore.checkpoint.mapping import expected_hf_shapes, hf_to_local, model_param_mappings
 from sdzero_mcore.models.builder import build_gpt_model
 from sdzero_mcore.models.hf_config import ModelArch
+from sdzero_mcore.parallel.pipeline import model_chunks
 
 
 def open_hf_checkpoint(hf_dir: str | Path) -> tuple[ModelArch, HFCheckpointReader]:
@@ -30,20 +31,22 @@ def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -
     """Copy this TP rank's shard of every parameter from the HF checkpoint into ``model``: at
     pipeline-parallel size > 1 the stage's own layers (at their global indices), the embedding on
     the first stage, and on the last the final norm and the output layer (with tied embeddings,
-    from the embedding)."""
+    from the embedding); with virtual pipeline stages, each model chunk's."""
     arch = model.hf_arch
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    try:
-        table = model_param_mappings(model)
-    except ValueError as error:
-        raise CheckpointError(f"{reader.dir}: {error}") from None
-    params = list(model.named_parameters())
-    for name, param in tqdm(params, desc="loading HF weights", unit="tensor", disable=not progress):
-        shard = hf_to_local(table[name], reader, arch, tp_rank, tp_size, model.padded_vocab_size)
+    params = []
+    for chunk in model_chunks(model):
+        try:
+            table = model_param_mappings(chunk)
+        except ValueError as error:
+            raise CheckpointError(f"{reader.dir}: {error}") from None
+        params += [(name, table[name], param) for name, param in chunk.named_parameters()]
+    for name, mapping, param in tqdm(params, desc="loading HF weights", unit="tensor", disable=not progress):
+        shard = hf_to_local(mapping, reader, arch, tp_rank, tp_size, model.padded_vocab_size)
         if shard.shape != param.shape:
             raise CheckpointError(
-                f"{reader.dir}: {table[name].hf} give a shard of shape {list(shard.shape)} for "
+                f"{reader.dir}: {mapping.hf} give a shard of shape {list(shard.shape)} for "
                 f"'{name}', whose TP-{tp_size} shard has shape {list(param.shape)}"
             )
         param.copy_(shard)

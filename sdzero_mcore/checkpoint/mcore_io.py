@@ -106,7 +106,16 @@ def save_model(model, ckpt_dir: Path) -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(ckpt_dir))
+    dist_checkpointing.save(_sharded_state_dict(model), str(ckpt_dir))
+
+
+def _sharded_state_dict(model) -> dict:
+    """megatron-core's sharded state dict of ``model``; of model chunks (virtual pipeline stages),
+    one per chunk under ``chunk<v>``. Either way the tensors' keys are global (layers at megatron's
+    offset), so the checkpoint loads at any pipeline layout."""
+    if not isinstance(model, list):
+        return model.sharded_state_dict()
+    return {f"chunk{index}": chunk.sharded_state_dict() for index, chunk in enumerate(model)}
 
 
 def load_model(model, ckpt_dir: str | Path) -> dict:
@@ -126,15 +135,18 @@ def load_model(model, ckpt_dir: str | Path) -> dict:
     # RETURN_ALL: megatron drops the keys the checkpoint lacks from the request and returns both
     # kinds of mismatch, so extra-state keys can be let through while every other mismatch fails.
     state_dict, checkpoint_only, model_only = dist_checkpointing.load(
-        model.sharded_state_dict(), str(ckpt_dir), strict=StrictHandling.RETURN_ALL
+        _sharded_state_dict(model), str(ckpt_dir), strict=StrictHandling.RETURN_ALL
     )
     _refuse_mismatched_keys(ckpt_dir, checkpoint_only=checkpoint_only, model_only=model_only)
-    # strict=False: a module whose extra state the checkpoint lacks keeps its own (TE's fresh FP8
-    # metadata); the keys torch reports are checked the same way
-    incompatible = model.load_state_dict(state_dict, strict=False)
-    _refuse_mismatched_keys(
-        ckpt_dir, checkpoint_only=incompatible.unexpected_keys, model_only=incompatible.missing_keys
-    )
+    chunks = [(model, state_dict)] if not isinstance(model, list) else [
+        (chunk, state_dict[f"chunk{index}"]) for index, chunk in enumerate(model)]
+    for chunk, chunk_state in chunks:
+        # strict=False: a module whose extra state the checkpoint lacks keeps its own (TE's fresh FP8
+        # metadata); the keys torch reports are checked the same way
+        incompatible = chunk.load_state_dict(chunk_state, strict=False)
+        _refuse_mismatched_keys(
+            ckpt_dir, checkpoint_only=incompatible.unexpected_keys, model_only=incompatible.missing_keys
+        )
     return meta
 
 

@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from sdzero_mcore.models.attention import SDPACoreAttention
 from sdzero_mcore.models.hf_config import SLIDING_ATTENTION, ModelArch
 from sdzero_mcore.models.olmo3 import olmo3_layer_spec
+from sdzero_mcore.parallel.pipeline import ModelChunks
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 # Core attention of the local spec: SDPA (fused kernels, context parallelism) or megatron-core's own
@@ -87,6 +88,7 @@ def transformer_config_for(
     tensor_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
     perform_initialization: bool = True,
     recompute: str = "none",
     recompute_method: str = "uniform",
@@ -98,6 +100,7 @@ def transformer_config_for(
     (``recompute_method`` and ``recompute_num_layers`` apply to full), megatron-core's activation recompute."""
     arch.check_tensor_parallel(tensor_model_parallel_size)
     arch.check_pipeline_parallel(pipeline_model_parallel_size)
+    arch.check_virtual_pipeline_parallel(pipeline_model_parallel_size, virtual_pipeline_model_parallel_size)
     if cp_comm_type is not None and cp_comm_type not in CP_COMM_TYPES:
         raise ValueError(f"cp_comm_type must be one of {', '.join(CP_COMM_TYPES)}; got {cp_comm_type!r}")
     recompute_kwargs = recompute_config(recompute, recompute_method, recompute_num_layers, arch.num_layers)
@@ -123,6 +126,7 @@ def transformer_config_for(
         context_parallel_size=context_parallel_size,
         cp_comm_type=cp_comm_type if context_parallel_size > 1 else None,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
@@ -196,11 +200,11 @@ def layer_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attent
     return spec
 
 
-def stage_layers(config: TransformerConfig) -> range:
+def stage_layers(config: TransformerConfig, vp_stage: Optional[int] = None) -> range:
     """The 0-based global indices of the layers this pipeline stage builds (Olmo-3's layer types
-    and windows go by global index)."""
-    offset = get_transformer_layer_offset(config)
-    return range(offset, offset + get_num_layers_to_build(config))
+    and windows go by global index); with virtual stages, those of its model chunk ``vp_stage``."""
+    offset = get_transformer_layer_offset(config, vp_stage)
+    return range(offset, offset + get_num_layers_to_build(config, vp_stage))
 
 
 def block_spec_for(arch: ModelArch, transformer_impl: str = "auto", local_attention: str = "sdpa",
@@ -254,7 +258,10 @@ def build_gpt_model(
     At pipeline-parallel size PP > 1 it is this rank's stage: layers [offset, offset + L / PP)
     (``TransformerLayer.layer_number`` - 1 is a layer's global index), the embedding on the first
     stage, the final norm and the output layer on the last (with tied embeddings, the last stage's
-    output layer is a copy of the embedding that megatron-core keeps in step).
+    output layer is a copy of the embedding that megatron-core keeps in step). With virtual
+    pipeline stages (VPP set in parallel_state) it is a :class:`ModelChunks` of VPP GPTModels, chunk
+    v built with ``vp_stage=v`` (its L / (PP x VPP) layers at megatron-core's global offset; the
+    embedding in the first stage's chunk 0, the output layer in the last stage's last chunk).
 
     ``parallel_output=True`` returns vocab-parallel logits [b, s, V_padded / TP] (what the
     distillation kernels take); False gathers them to [b, s, V_padded]. Either way the padded ids
@@ -268,6 +275,7 @@ def build_gpt_model(
     tp = parallel_state.get_tensor_model_parallel_world_size()
     cp = parallel_state.get_context_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     impl = resolve_transformer_impl_for(arch, transformer_impl)
     if impl == "local":
         if cp > 1 and local_attention != "sdpa":
@@ -282,6 +290,7 @@ def build_gpt_model(
         tensor_model_parallel_size=tp,
         context_parallel_size=cp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         perform_initialization=perform_initialization,
         recompute=recompute,
         recompute_method=recompute_method,
@@ -290,13 +299,29 @@ def build_gpt_model(
         cp_comm_type=cp_comm_type,
     )
     padded_vocab_size = arch.padded_vocab_size(tp, make_vocab_size_divisible_by)
+    build = dict(arch=arch, config=config, impl=impl, local_attention=local_attention, padded_vocab_size=padded_vocab_size,
+                 max_sequence_length=max_sequence_length, parallel_output=parallel_output, on_cpu=on_cpu)
+    if vpp is None:
+        return _build_stage(**build, pipelined=pp > 1)
+    # the chunks share one config: the schedule and the DDP wrappers read it from the first
+    return ModelChunks(_build_stage(**build, pipelined=True, vp_stage=vp_stage) for vp_stage in range(vpp))
+
+
+def _build_stage(*, arch: ModelArch, config: TransformerConfig, impl: str, local_attention: str, padded_vocab_size: int,
+                 max_sequence_length: Optional[int], parallel_output: bool, on_cpu: bool, pipelined: bool,
+                 vp_stage: Optional[int] = None):
+    """One GPTModel: the whole model, this rank's pipeline stage (``pipelined``), or its model chunk
+    ``vp_stage`` of virtual pipeline stages."""
     stage = {}
-    if pp > 1:  # at PP = 1 megatron's defaults (one stage with everything) are what is built
-        stage = {"pre_process": parallel_state.is_pipeline_first_stage(),
-                 "post_process": parallel_state.is_pipeline_last_stage()}
+    if pipelined:  # at PP = 1 megatron's defaults (one stage with everything) are what is built
+        stage = {"pre_process": parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                 "post_process": parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)}
+    if vp_stage is not None:
+        stage["vp_stage"] = vp_stage
     model = GPTModel(
         config=config,
-        transformer_layer_spec=block_spec_for(arch, impl, local_attention, stage_layers(config) if pp > 1 else None),
+        transformer_layer_spec=block_spec_for(arch, impl, local_attention,
+                                              stage_layers(config, vp_stage) if pipelined else None),
         vocab_size=padded_vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         parallel_output=parallel_output,

@@ -201,6 +201,20 @@ class ModelArch:
                 f"valid sizes for this model: {', '.join(map(str, valid))}"
             )
 
+    def check_virtual_pipeline_parallel(self, pipeline_parallel_size: int, virtual_size: Optional[int]) -> None:
+        """Refuse a virtual pipeline size (model chunks per stage) that does not split each stage's
+        layers evenly (None: no virtual stages)."""
+        if virtual_size is None:
+            return
+        per_stage = self.num_layers // pipeline_parallel_size
+        if virtual_size < 1 or per_stage % virtual_size:
+            valid = [n for n in range(2, per_stage + 1) if per_stage % n == 0]
+            raise ValueError(
+                f"{virtual_size} does not divide the {per_stage} layers per pipeline stage (num_hidden_layers="
+                f"{self.num_layers} / pipeline-parallel size {pipeline_parallel_size}); valid sizes at this "
+                f"pipeline-parallel size: {', '.join(map(str, valid)) or 'none'}"
+            )
+
     @classmethod
     def from_hf_dir(cls, hf_dir: str | Path) -> "ModelArch":
         path = Path(hf_dir) / "config.json"

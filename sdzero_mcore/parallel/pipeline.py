@@ -7,16 +7,78 @@ log-probs of a frozen model, evaluation logits) go through :func:`forward_only_o
 runs megatron-core's forward-only schedule and returns what a collector computed from each
 micro-batch's output on the last stage. At PP = 1 none of this is used: the callers keep calling
 the model directly, as they did before pipeline parallelism existed.
+
+Virtual (interleaved) pipeline stages (``parallel.virtual_pipeline_model_parallel_size`` = VPP):
+each rank holds VPP model chunks, megatron-core's list of GPTModels built with their ``vp_stage``
+(chunk v of stage p holds the global layers of virtual stage v x PP + p); the model is then a
+:class:`ModelChunks`, and megatron-core's interleaved schedule (what ``get_forward_backward_func``
+returns when VPP is set) runs them, with one data iterator per chunk over the same micro-batches.
+That schedule needs a number of micro-batches that is a multiple of PP:
+:func:`pad_to_pipeline_multiple` repeats the last one, and its callers make the repeats count for
+nothing (their losses and logs are multiplied by zero, their outputs dropped).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import itertools
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+class ModelChunks(list):
+    """A rank's model chunks at virtual pipeline size VPP (megatron-core's list of GPTModels, chunk v
+    built with ``vp_stage=v``), with what callers ask of a whole model: its parameters (for the
+    device and dtype), ``train``/``eval``/``requires_grad_`` on every chunk, and the ``hf_arch``,
+    ``padded_vocab_size`` and ``config`` the chunks share. Parameter *names* are per chunk (each
+    names its layers from 0): code that needs them iterates the chunks (:func:`model_chunks`)."""
+
+    @property
+    def hf_arch(self):
+        return self[0].hf_arch
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self[0].padded_vocab_size
+
+    @property
+    def config(self):
+        return self[0].config
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        return itertools.chain.from_iterable(chunk.parameters() for chunk in self)
+
+    def train(self, mode: bool = True) -> "ModelChunks":
+        for chunk in self:
+            chunk.train(mode)
+        return self
+
+    def eval(self) -> "ModelChunks":
+        return self.train(False)
+
+    def requires_grad_(self, requires_grad: bool = True) -> "ModelChunks":
+        for chunk in self:
+            chunk.requires_grad_(requires_grad)
+        return self
+
+
+def model_chunks(model) -> list:
+    """The chunks of ``model``: those of a :class:`ModelChunks` (or list), else ``[model]``."""
+    return list(model) if isinstance(model, list) else [model]
+
+
+def pad_to_pipeline_multiple(micro_batches: Sequence[Any], model) -> tuple[list, int]:
+    """``micro_batches`` and, for a model in chunks (megatron-core's interleaved schedule, which
+    runs a multiple of PP micro-batches only), repeats of the last one up to the next multiple of
+    PP; returns them and the number of real ones (the callers discount the repeats)."""
+    padded = list(micro_batches)
+    if isinstance(model, list):
+        pp = pipeline_parallel_size()
+        padded += [padded[-1]] * (-len(padded) % pp)
+    return padded, len(micro_batches)
 
 
 def pipeline_parallel_size() -> int:
@@ -71,13 +133,23 @@ def forward_only_outputs(model, micro_batches: Sequence[Any], forward: Callable[
         # megatron calls this with non_loss_data=True: what it returns is kept as is
         return forward(stage_model, micro_batch), lambda output, non_loss_data=True: collect(output, micro_batch)
 
-    return get_forward_backward_func()(
+    padded, real = pad_to_pipeline_multiple(micro_batches, model)
+    outputs = get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=iter(micro_batches),
+        data_iterator=data_iterators(padded, model),
         model=model,
-        num_microbatches=len(micro_batches),
+        num_microbatches=len(padded),
         seq_length=0,  # the stages send each activation's shape first (config.variable_seq_lengths)
         micro_batch_size=0,
         forward_only=True,
         collect_non_loss_data=True,
     )
+    return outputs[:real]  # the repeats' outputs come last (the last stage sees micro-batches in order)
+
+
+def data_iterators(micro_batches: Sequence[Any], model):
+    """What megatron-core's schedule takes as ``data_iterator``: one iterator over the micro-batches,
+    or for a model in chunks one per chunk (each chunk's forward step reads every micro-batch)."""
+    if isinstance(model, list):
+        return [iter(micro_batches) for _ in model]
+    return iter(micro_batches)

@@ -16,7 +16,9 @@ each broadcasting its TP-gathered global tensors over the pipeline group (their 
 layer indices, and shapes first), so that every rank still receives every tensor in the order of
 the unsplit model: the embedding from the first stage, the final norm and the output layer from
 the last. With tied embeddings the last stage's copy of the embedding is not sent (HF has no
-``lm_head`` then; the first stage's embedding is the one weight).
+``lm_head`` then; the first stage's embedding is the one weight). With virtual pipeline stages
+the turns go chunk by chunk, stage by stage within each (chunk 0 of every stage, then chunk 1, ...):
+the order of the global layers.
 """
 
 from __future__ import annotations
@@ -69,8 +71,12 @@ def _gather_tp(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> list
 def iter_hf_tensors(model, tp_group: Optional[dist.ProcessGroup] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) for every weight, in the model's parameter order; a collective over TP
     (and over the pipeline stages at PP > 1)."""
-    model = _unwrap(model)
     group = tp_group if tp_group is not None else _tp_group()
+    if isinstance(model, list):  # model chunks: virtual stage after virtual stage
+        for chunk in model:
+            yield from _iter_pipeline_hf_tensors(_unwrap(chunk), group)
+        return
+    model = _unwrap(model)
     if pipeline_parallel_size() > 1:
         yield from _iter_pipeline_hf_tensors(model, group)
         return
@@ -85,7 +91,8 @@ def iter_hf_tensors(model, tp_group: Optional[dist.ProcessGroup] = None) -> Iter
 
 
 def _iter_pipeline_hf_tensors(model, group: Optional[dist.ProcessGroup]) -> Iterator[tuple[str, torch.Tensor]]:
-    """:func:`iter_hf_tensors` at PP > 1: stage after stage, each tensor broadcast from its stage."""
+    """:func:`iter_hf_tensors` at PP > 1: stage after stage, each tensor broadcast from its stage
+    (``model``: this stage's GPTModel, or its chunk of the virtual stage every stage is at)."""
     table = model_param_mappings(model)
     tp_size = dist.get_world_size(group) if group is not None else 1
     device = next(model.parameters()).device

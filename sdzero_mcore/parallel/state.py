@@ -56,6 +56,7 @@ class ParallelSizes:
     context: int
     data: int
     pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
 
 
 def _int_env(environ: Mapping[str, str], name: str) -> int:
@@ -146,6 +147,7 @@ def initialize_model_parallel(
     tensor_model_parallel_size: int = 1,
     context_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
     timeout_minutes: int = 30,
     seed: int = 1234,
     hierarchical_context_parallel_sizes: Optional[Sequence[int]] = None,
@@ -155,7 +157,9 @@ def initialize_model_parallel(
     (megatron's layers fork the model-parallel RNG even with dropout off).
 
     ``hierarchical_context_parallel_sizes`` (their product is the CP size) also creates the
-    hierarchical CP groups that TransformerEngine's ``a2a+p2p`` scheme runs in. The hand-off group
+    hierarchical CP groups that TransformerEngine's ``a2a+p2p`` scheme runs in.
+    ``virtual_pipeline_model_parallel_size`` (None: off) is the number of model chunks per pipeline
+    stage (megatron-core's interleaved schedule; needs PP >= 2). The hand-off group
     gets ``handoff_timeout_minutes``. Groups of a previous call are destroyed first."""
     if tensor_model_parallel_size < 1 or context_parallel_size < 1 or pipeline_model_parallel_size < 1:
         raise ValueError(
@@ -167,6 +171,12 @@ def initialize_model_parallel(
         raise ValueError(
             f"hierarchical_context_parallel_sizes={list(hierarchical_context_parallel_sizes)} must multiply to "
             f"context_parallel_size={context_parallel_size}"
+        )
+    if virtual_pipeline_model_parallel_size is not None and (
+            virtual_pipeline_model_parallel_size < 2 or pipeline_model_parallel_size < 2):
+        raise ValueError(
+            f"virtual_pipeline_model_parallel_size={virtual_pipeline_model_parallel_size} needs a value >= 2 and "
+            f"pipeline_model_parallel_size >= 2 (got {pipeline_model_parallel_size}); None turns it off"
         )
     world = dist.get_world_size()
     model_parallel = tensor_model_parallel_size * context_parallel_size * pipeline_model_parallel_size
@@ -181,6 +191,7 @@ def initialize_model_parallel(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
         context_parallel_size=context_parallel_size,
         hierarchical_context_parallel_sizes=(
             list(hierarchical_context_parallel_sizes) if hierarchical_context_parallel_sizes else None
@@ -199,6 +210,7 @@ def initialize_model_parallel(
         context=context_parallel_size,
         data=world // model_parallel,
         pipeline=pipeline_model_parallel_size,
+        virtual_pipeline=virtual_pipeline_model_parallel_size,
     )
 
 

@@ -14,6 +14,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from sdzero_mcore.parallel.pipeline import model_chunks
+
 
 def release_cached_blocks() -> None:
     """Give the blocks PyTorch's caching allocator holds but nothing uses back to the device, so
@@ -75,7 +77,8 @@ class TrainStateOffload:
         for tensor in kept:
             self._offloaded.append((tensor, tensor.untyped_storage().nbytes()))
             tensor.untyped_storage().resize_(0)
-        self.trainer.ddp.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
+        for ddp in model_chunks(self.trainer.ddp):  # one DDP per model chunk with virtual pipeline stages
+            ddp.offload_grad_buffers(synchronize=cuda, empty_cache=cuda)
         self.offloaded = True
 
     @torch.no_grad()
@@ -83,7 +86,8 @@ class TrainStateOffload:
         if not self.offloaded:
             return
         cuda = torch.cuda.is_available()
-        self.trainer.ddp.restore_grad_buffers(synchronize=False)
+        for ddp in model_chunks(self.trainer.ddp):
+            ddp.restore_grad_buffers(synchronize=False)
         for (tensor, nbytes), host in zip(self._offloaded, self._host):
             tensor.untyped_storage().resize_(nbytes)
             tensor.copy_(host, non_blocking=cuda)

@@ -186,3 +186,184 @@ def test_grpo_update_equals_pp1(results):
         got = results[rank][2]["grpo"]
         for key in ref:
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), key
+
+
+# --- virtual (interleaved) pipeline stages: PP = 2 x VPP = 2 -------------------------------------
+# One launch, four layouts in turn: PP = 1, PP = 2 x VPP = 2 (each rank two chunks of one layer:
+# rank 0 global layers 1 and 3, rank 1 layers 2 and 4), plain PP = 2 (Olmo-3 only), PP = 1 again
+# (loading what PP = 2 x VPP = 2 saved). Three micro-batches: the interleaved schedule runs a
+# multiple of PP, so the trainer repeats the last one at zero weight.
+
+VPP_LAYOUTS = (("pp1", 1, None), ("vpp", 2, 2), ("pp2", 2, None), ("pp1_load", 1, None))
+
+
+def _chunk_grads(model) -> dict:
+    """:func:`_grads` over the chunks of a model (one chunk without virtual stages)."""
+    from sdzero_mcore.parallel.pipeline import model_chunks
+
+    return {name: grad for chunk in model_chunks(model) for name, grad in _grads(chunk).items()}
+
+
+def _chunk_param(model, name: str):
+    """This rank's parameter ``name`` (a GPTModel name) from whichever chunk holds it, else None."""
+    from sdzero_mcore.parallel.pipeline import model_chunks
+
+    for chunk in model_chunks(model):
+        params = dict(chunk.named_parameters())
+        if name in params:
+            return params[name].detach().clone()
+    return None
+
+
+def virtual_pipeline_worker(hf_dir: str, olmo_dir: str, run_dir: str, out_path: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
+    from sdzero_mcore.config import GRPOConfig, OptimizerConfig
+    from sdzero_mcore.models.forward import causal_lm_logits, cp_local_batch
+    from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
+    from sdzero_mcore.parallel.pipeline import model_chunks
+    from sdzero_mcore.parallel.resharding import iter_hf_tensors
+    from sdzero_mcore.phases.grpo import train_on_groups
+    from sdzero_mcore.trainer import Trainer, forward_backward
+
+    init_distributed("gloo")
+    rank = dist.get_rank()
+    batches = _batches()
+    ids = batches[1][0]
+    gcfg = GRPOConfig(updates_per_batch=2, kl_coef=0.1, micro_batch_size=2, entropy_coef=0.01)
+    build = dict(params_dtype=torch.float32, transformer_impl="local")
+    results = {}
+    for layout, pp, vpp in VPP_LAYOUTS:
+        initialize_model_parallel(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp, seed=3)
+        out = results[layout] = {}
+        with torch.no_grad():
+            out["olmo_logits"] = causal_lm_logits(build_model_from_hf(olmo_dir, **build), ids)
+        if layout == "pp2":
+            continue
+        if layout == "pp1_load":  # what PP = 2 x VPP = 2 saved after its step, read at PP = 1
+            with torch.no_grad():
+                out["logits"] = causal_lm_logits(build_model_from_mcore(results["vpp"]["ckpt"], **build), ids)
+            continue
+        micro = [cp_local_batch(ids_, {"labels": labels, "mask": mask}) for ids_, labels, mask in batches]
+        model = build_model_from_hf(hf_dir, **build)
+        out["chunk_layers"] = [[layer.layer_number for layer in chunk.decoder.layers] for chunk in model_chunks(model)]
+        out["hf_tensors"] = [(name, tensor.clone()) for name, tensor in iter_hf_tensors(model)]
+        with torch.no_grad():
+            out["logits"] = causal_lm_logits(model, ids)
+        trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=0.0), total_steps=4,
+                          run_dir=f"{run_dir}/{layout}", phase="vpp", hf_files_dir=hf_dir)
+        out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
+        out["grads"] = _chunk_grads(model)
+        step = trainer.train_step(micro, ce_forward_step)
+        out["step"] = {k: step[k] for k in ("loss", "grad_norm", "num_tokens")}
+        out["embedding_after_step"] = _chunk_param(model, "embedding.word_embeddings.weight")
+        out["tied_copy_after_step"] = _chunk_param(model, "output_layer.weight")
+        with torch.no_grad():
+            out["logits_after_step"] = causal_lm_logits(model, ids)
+        out["ckpt"] = str(trainer.save_checkpoint())
+        # resuming: weights, AdamW state and masters into a fresh model at the same layout
+        resumed = Trainer(build_model_from_hf(hf_dir, **build), OptimizerConfig(lr=1e-2, clip_grad=0.0), total_steps=4,
+                          run_dir=f"{run_dir}/{layout}_resumed", phase="vpp", hf_files_dir=hf_dir)
+        resumed.load_checkpoint(trainer.latest_checkpoint())
+        out["resumed_equal"] = all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), model.parameters()))
+        out["resumed_step"] = resumed.train_step(micro, ce_forward_step)["loss"]
+        out["step2"] = trainer.train_step(micro, ce_forward_step)["loss"]
+        # GRPO: forward-only log-probs of the old policy and the reference (one micro-batch per
+        # update: the interleaved schedule repeats it), two updates
+        reference = build_model_from_hf(hf_dir, **build).eval()
+        grpo = train_on_groups(trainer, reference, _grpo_samples(), trainer.model.hf_arch.vocab_size, 0, gcfg)
+        out["grpo"] = {k: grpo[k] for k in ("loss", "grad_norm", "pg_loss", "kl", "entropy")}
+        # the distributed optimizer with clipping over both chunks
+        sharded = Trainer(build_model_from_hf(hf_dir, **build), OptimizerConfig(lr=1e-2, clip_grad=0.05, distributed=True),
+                          total_steps=4, run_dir=f"{run_dir}/{layout}_dist", phase="vpp", hf_files_dir=hf_dir)
+        out["dist_step"] = {k: v for k, v in sharded.train_step(micro, ce_forward_step).items() if k in ("loss", "grad_norm")}
+        out["dist_embedding_after_step"] = _chunk_param(sharded.model, "embedding.word_embeddings.weight")
+        out["vpp_size"] = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    torch.save(results, f"{out_path}.{rank}")
+    destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def vpp_results(tmp_path_factory):
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("vpp")
+    hf_dir = save_tiny_hf_model(root / "hf", "Qwen3ForCausalLM", vocab_size=VOCAB, num_hidden_layers=LAYERS)
+    olmo_dir = save_tiny_hf_model(root / "olmo", "Olmo3ForCausalLM", vocab_size=VOCAB, num_hidden_layers=LAYERS,
+                                  layer_types=["sliding_attention", "full_attention"] * (LAYERS // 2))
+    run_local_workers(virtual_pipeline_worker, 2, str(hf_dir), str(olmo_dir), str(root / "run"), str(root / "out.pt"))
+    return [torch.load(root / f"out.pt.{rank}", weights_only=False) for rank in range(2)]
+
+
+def test_vpp_chunks_hold_the_interleaved_layers(vpp_results):
+    assert vpp_results[0]["vpp"]["vpp_size"] == 2
+    assert vpp_results[0]["vpp"]["chunk_layers"] == [[1], [3]]
+    assert vpp_results[1]["vpp"]["chunk_layers"] == [[2], [4]]
+    assert vpp_results[0]["pp1"]["chunk_layers"] == [[1, 2, 3, 4]]
+
+
+def test_vpp_logits_loss_and_gradients_equal_pp1(vpp_results):
+    ref = vpp_results[0]["pp1"]
+    assert vpp_results[0]["vpp"]["logits"] is None  # logits live on the last stage's last chunk
+    logits = vpp_results[1]["vpp"]["logits"]
+    assert max_rel(logits, ref["logits"]) < 1e-5
+    for rank in range(2):
+        logs = vpp_results[rank]["vpp"]["logs"]
+        assert logs["num_tokens"] * 2 == ref["logs"]["num_tokens"]  # PP = 1 ran as DP = 2: twice the tokens
+        assert logs["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
+    grads = {**vpp_results[0]["vpp"]["grads"], **vpp_results[1]["vpp"]["grads"]}
+    assert set(grads) == set(ref["grads"]) | {"output_layer.weight"}
+    worst = max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
+    print(f"PP=2 x VPP=2 (tied): logits rel {max_rel(logits, ref['logits']):.2e}, max relative grad error {worst:.2e}")
+    assert worst < 1e-5
+    assert torch.equal(grads["output_layer.weight"], grads["embedding.word_embeddings.weight"])
+
+
+def test_vpp_trainer_steps_equal_pp1(vpp_results):
+    ref = vpp_results[0]["pp1"]
+    for rank in range(2):
+        got = vpp_results[rank]["vpp"]
+        assert got["step"]["loss"] == pytest.approx(ref["step"]["loss"], rel=1e-6)
+        assert got["step"]["grad_norm"] == pytest.approx(ref["step"]["grad_norm"], rel=1e-5)
+        assert got["step2"] == pytest.approx(ref["step2"], rel=1e-5)
+        for key in ref["grpo"]:
+            assert got["grpo"][key] == pytest.approx(ref["grpo"][key], rel=1e-5, abs=1e-7), key
+        for key in ("loss", "grad_norm"):
+            assert got["dist_step"][key] == pytest.approx(ref["dist_step"][key], rel=1e-5), key
+    first, last = vpp_results[0]["vpp"], vpp_results[1]["vpp"]
+    assert torch.equal(last["tied_copy_after_step"], first["embedding_after_step"])
+    assert max_rel(first["embedding_after_step"], ref["embedding_after_step"]) < 1e-5
+    assert max_rel(first["dist_embedding_after_step"], ref["dist_embedding_after_step"]) < 1e-5
+    assert max_rel(last["logits_after_step"], ref["logits_after_step"]) < 1e-5
+
+
+def test_vpp_checkpoint_loads_at_pp1_and_resumes(vpp_results):
+    vpp = vpp_results[1]["vpp"]
+    loaded = vpp_results[0]["pp1_load"]["logits"]
+    assert torch.equal(loaded, vpp_results[1]["pp1_load"]["logits"])
+    print(f"PP=2 x VPP=2 checkpoint at PP=1: logits rel {max_rel(loaded, vpp['logits_after_step']):.2e}")
+    assert max_rel(loaded, vpp["logits_after_step"]) < 1e-5
+    for rank in range(2):
+        got = vpp_results[rank]["vpp"]
+        assert got["resumed_equal"]
+        assert got["resumed_step"] == got["step2"]  # the same weights, optimizer state and masters
+
+
+def test_vpp_resharding_streams_the_pp1_weights(vpp_results):
+    ref = vpp_results[0]["pp1"]["hf_tensors"]
+    for rank in range(2):
+        got = vpp_results[rank]["vpp"]["hf_tensors"]
+        assert [name for name, _ in got] == [name for name, _ in ref]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, ref))
+
+
+@pytest.mark.parametrize("layout", ["pp2", "vpp"])
+def test_olmo3_pipeline_logits_equal_pp1(vpp_results, layout):
+    """Olmo-3's per-layer types (sliding / full window, RoPE per type) go by global layer index."""
+    ref = vpp_results[0]["pp1"]["olmo_logits"]
+    assert vpp_results[0][layout]["olmo_logits"] is None
+    got = vpp_results[1][layout]["olmo_logits"]
+    print(f"Olmo-3 {layout}: logits rel {max_rel(got, ref):.2e}")
+    assert max_rel(got, ref) < 1e-5

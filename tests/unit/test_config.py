@@ -25,7 +25,7 @@ from sdzero_mcore.config import (
 EXAMPLES = REPO_ROOT / "examples"
 PARALLEL_KEYS = (
     "backend, context_parallel_size, cp_comm_type, handoff_timeout_minutes, hierarchical_context_parallel_sizes, "
-    "pipeline_model_parallel_size, tensor_model_parallel_size, timeout_minutes"
+    "pipeline_model_parallel_size, tensor_model_parallel_size, timeout_minutes, virtual_pipeline_model_parallel_size"
 )
 
 
@@ -320,6 +320,35 @@ def test_global_batch_not_multiple_of_micro_batch(section):
 def test_pipeline_parallel_size_at_least_one():
     message = config_error("parallel.pipeline_model_parallel_size=0")
     assert "parallel.pipeline_model_parallel_size: 0" in message and ">= 1" in message
+
+
+def test_virtual_pipeline_size():
+    """null (off) by default; when set, >= 2 and only beside PP >= 2 (megatron-core interleaves the
+    chunks of several stages); the layers it must divide are checked against the model (run_setup)."""
+    assert load_config().parallel.virtual_pipeline_model_parallel_size is None
+    cfg = load_config(overrides=["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"])
+    assert cfg.parallel.virtual_pipeline_model_parallel_size == 2
+    message = config_error("parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=1")
+    assert message.startswith("parallel.virtual_pipeline_model_parallel_size: 1 ") and "null (off) or >= 2" in message
+    message = config_error("parallel.virtual_pipeline_model_parallel_size=2")
+    assert message.startswith("parallel.virtual_pipeline_model_parallel_size: 2 needs "
+                              "parallel.pipeline_model_parallel_size >= 2")
+
+
+def test_virtual_pipeline_size_must_divide_the_stage_layers(tmp_path):
+    """check_layout: VPP must divide num_layers / PP of the model's config.json (the key is named)."""
+    from sdzero_mcore.checkpoint.source import ModelSource
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+    from sdzero_mcore.run_setup import check_layout
+
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", "Qwen3ForCausalLM", num_hidden_layers=4)
+    source = ModelSource(hf_dir, "hf")
+    good = load_config(overrides=["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"])
+    check_layout(good, source)
+    bad = load_config(overrides=["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=4"])
+    with pytest.raises(ConfigError, match=r"^parallel.virtual_pipeline_model_parallel_size: 4 does not divide the 2 layers "
+                                          r"per pipeline stage"):
+        check_layout(bad, source)
 
 
 def test_hierarchical_cp_needs_its_group_sizes():
