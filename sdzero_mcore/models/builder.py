@@ -151,6 +151,13 @@ def transformer_config_for(
         # TransformerConfig refuses it beside its default MoE token dispatcher, which a dense model
         # never builds.
         config.variable_seq_lengths = True
+    if virtual_pipeline_model_parallel_size is not None:
+        # The interleaved schedule as Megatron-LM runs it: each exchange in one direction, started
+        # early and waited for late, instead of one batch for both. With variable lengths the shapes
+        # go first in one batch per exchange, and at PP = 2 the previous and the next stage are the
+        # same rank: a batch that sent both ways would pair the activation's shape with the gradient's.
+        config.overlap_p2p_comm = True
+        config.batch_p2p_comm = False
     return config
 
 
