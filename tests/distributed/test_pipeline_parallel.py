@@ -263,12 +263,15 @@ def virtual_pipeline_worker(hf_dir: str, olmo_dir: str, run_dir: str, out_path: 
         with torch.no_grad():
             out["logits_after_step"] = causal_lm_logits(model, ids)
         out["ckpt"] = str(trainer.save_checkpoint())
-        # resuming: weights, AdamW state and masters into a fresh model at the same layout
-        resumed = Trainer(build_model_from_hf(hf_dir, **build), OptimizerConfig(lr=1e-2, clip_grad=0.0), total_steps=4,
-                          run_dir=f"{run_dir}/{layout}_resumed", phase="vpp", hf_files_dir=hf_dir)
-        resumed.load_checkpoint(trainer.latest_checkpoint())
-        out["resumed_equal"] = all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), model.parameters()))
-        out["resumed_step"] = resumed.train_step(micro, ce_forward_step)["loss"]
+        if layout == "vpp":
+            with torch.no_grad():  # what PP = 1 saved after its step, read at PP = 2 x VPP = 2
+                out["logits_from_pp1"] = causal_lm_logits(build_model_from_mcore(results["pp1"]["ckpt"], **build), ids)
+            # resuming: weights, AdamW state and masters into a fresh model at the same layout
+            resumed = Trainer(build_model_from_hf(hf_dir, **build), OptimizerConfig(lr=1e-2, clip_grad=0.0),
+                              total_steps=4, run_dir=f"{run_dir}/{layout}_resumed", phase="vpp", hf_files_dir=hf_dir)
+            resumed.load_checkpoint(trainer.latest_checkpoint())
+            out["resumed_equal"] = all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), model.parameters()))
+            out["resumed_step"] = resumed.train_step(micro, ce_forward_step)["loss"]
         out["step2"] = trainer.train_step(micro, ce_forward_step)["loss"]
         # GRPO: forward-only log-probs of the old policy and the reference (one micro-batch per
         # update: the interleaved schedule repeats it), two updates
@@ -339,12 +342,16 @@ def test_vpp_trainer_steps_equal_pp1(vpp_results):
     assert max_rel(last["logits_after_step"], ref["logits_after_step"]) < 1e-5
 
 
-def test_vpp_checkpoint_loads_at_pp1_and_resumes(vpp_results):
+def test_vpp_checkpoints_load_at_pp1_and_back_and_resume(vpp_results):
     vpp = vpp_results[1]["vpp"]
     loaded = vpp_results[0]["pp1_load"]["logits"]
     assert torch.equal(loaded, vpp_results[1]["pp1_load"]["logits"])
     print(f"PP=2 x VPP=2 checkpoint at PP=1: logits rel {max_rel(loaded, vpp['logits_after_step']):.2e}")
     assert max_rel(loaded, vpp["logits_after_step"]) < 1e-5
+    assert vpp_results[0]["vpp"]["logits_from_pp1"] is None
+    from_pp1 = vpp["logits_from_pp1"]
+    print(f"PP=1 checkpoint at PP=2 x VPP=2: logits rel {max_rel(from_pp1, vpp_results[0]['pp1']['logits_after_step']):.2e}")
+    assert max_rel(from_pp1, vpp_results[0]["pp1"]["logits_after_step"]) < 1e-5
     for rank in range(2):
         got = vpp_results[rank]["vpp"]
         assert got["resumed_equal"]
