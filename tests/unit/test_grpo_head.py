@@ -15,7 +15,7 @@ import json
 
 import pytest
 import torch
-from helpers import wide_tensors
+from helpers import host_reads, wide_tensors
 from sdzero_kernels import fused_linear_logprobs_entropy, fused_linear_logprobs_entropy_reference
 
 from sdzero_mcore.checkpoint.source import ModelSource
@@ -206,6 +206,22 @@ def test_sparse_grpo_step_holds_no_vocabulary_wide_tensor(policy):
     assert saved == [] and outputs == [], (saved, outputs[:5])
     saved, outputs = wide_tensors(step("dense"), MODEL_CHUNK)  # the recorder can fail
     assert any(shape[-1] == policy.padded_vocab_size for shape in saved)
+    policy.zero_grad(set_to_none=True)
+
+
+def test_sparse_grpo_loss_reads_nothing_on_the_host(policy):
+    """The sparse head's loss function, forward and backward, never waits for the device (its rows
+    were computed on the host when the micro-batch was prepared)."""
+    mb = _micro_batch(_samples())
+    hidden, lm_head = response_hidden(policy, mb, *mb["response_rows"])
+
+    def loss_step():
+        logprobs, entropy = sparse_logprobs_entropy(hidden, lm_head, mb["labels"], vocab_chunk=MODEL_CHUNK)
+        loss = grpo_loss(logprobs, logprobs.detach(), mb["advantages"], mb["mask"], entropy=entropy,
+                         entropy_coef=0.01, num_tokens=1)
+        loss.objective.backward()
+
+    assert host_reads(loss_step) == []
     policy.zero_grad(set_to_none=True)
 
 
