@@ -22,17 +22,15 @@ import torch.distributed as dist
 from sdzero_kernels._common import (
     KL_MODES,
     VOCAB_CHUNK,
-    all_reduce_sum,
+    OnlineSoftmax,
     check_choice,
     check_hidden_and_weight,
     check_mixed_weight,
     check_temperature,
     check_vocab_chunk,
     chunk_logits,
-    combine_lse,
     forward_weight,
-    merge_max_sum,
-    row_max_sum,
+    fused_linear_grads,
     shard_vocab_rows,
     vocab_chunks,
 )
@@ -44,25 +42,17 @@ class _FusedLinearFullKL(torch.autograd.Function):
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, w_forward, inv_temp, tp_group, vocab_size,
                 vocab_chunk):
         _, real_rows = shard_vocab_rows(weight.shape[0], vocab_size, tp_group)
-        num_rows, device = hidden.shape[0], hidden.device
-
-        def empty_stats():
-            return [torch.full((num_rows,), float("-inf"), dtype=torch.float64, device=device),
-                    torch.zeros(num_rows, dtype=torch.float64, device=device),
-                    torch.zeros(num_rows, dtype=torch.float64, device=device)]
-
-        student, teacher = empty_stats(), empty_stats()
+        # float64 statistics: the KL is a small difference of O(log V) terms
+        student, teacher = (OnlineSoftmax(hidden.shape[0], 1, hidden.device, max_dtype=torch.float64) for _ in "st")
         chunks = vocab_chunks(real_rows, vocab_chunk)
         for start, stop in chunks:
-            # float64 statistics: the KL is a small difference of O(log V) terms
             zs = chunk_logits(hidden, weight, start, stop).double() * inv_temp
             zt = chunk_logits(teacher_hidden, teacher_weight, start, stop).double() * inv_temp
-            for stats, x, f in ((student, zs, zs - zt), (teacher, zt, zt - zs)):
-                chunk_max, chunk_sum, chunk_weighted = row_max_sum(x, f)
-                stats[:] = merge_max_sum(stats[0], stats[1], chunk_max, chunk_sum, (stats[2], chunk_weighted))
+            student.add(zs, zs - zt)
+            teacher.add(zt, zt - zs)
             del zs, zt
-        lse_s, mean_s_diff = combine_lse(student[0], student[1], tp_group, student[2])
-        lse_t, mean_t_diff = combine_lse(teacher[0], teacher[1], tp_group, teacher[2])
+        lse_s, mean_s_diff = student.combine(tp_group)
+        lse_t, mean_t_diff = teacher.combine(tp_group)
         reverse = mean_s_diff - (lse_s - lse_t)
         forward = mean_t_diff - (lse_t - lse_s)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, lse_s.float(), lse_t.float(),
@@ -75,22 +65,18 @@ class _FusedLinearFullKL(torch.autograd.Function):
         hidden, weight, teacher_hidden, teacher_weight, lse_s, lse_t, reverse = ctx.saved_tensors
         scale = (grad_loss.float() * ctx.inv_temp)[:, None]
         w_forward = ctx.w_forward
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros_like(weight)  # padding rows keep zero
-        for start, stop in ctx.chunks:
+
+        def chunk_grad(start, stop):
             zs = chunk_logits(hidden, weight, start, stop).float() * ctx.inv_temp
             zt = chunk_logits(teacher_hidden, teacher_weight, start, stop).float() * ctx.inv_temp
             p = torch.exp(zs - lse_s[:, None])
             q = torch.exp(zt - lse_t[:, None])
             rev_grad = torch.where(p > 0, p * ((zs - zt) - (lse_s - lse_t)[:, None] - reverse[:, None]), 0.0)
             del zs, zt
-            grad = (scale * (w_forward * (p - q) + (1.0 - w_forward) * rev_grad)).to(weight.dtype)
-            del p, q, rev_grad
-            grad_hidden += (grad @ weight[start:stop]).float()
-            grad_weight[start:stop] = grad.t() @ hidden
-            del grad
-        all_reduce_sum(grad_hidden, ctx.tp_group)
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None, None
+            return scale * (w_forward * (p - q) + (1.0 - w_forward) * rev_grad)
+
+        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_linear_full_kl(

@@ -267,3 +267,32 @@ def host_reads(fn) -> list[str]:
     with _HostReadRecorder() as recorder:
         fn()
     return recorder.reads
+
+
+class _OutputShapes(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [(str(func), tuple(t.shape)) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def wide_tensors(step, width: int) -> tuple[list, list]:
+    """(shapes of the tensors saved for backward, (op, shape) of the op outputs) of ``step()``,
+    forward and backward, whose last dimension exceeds ``width``: saved-tensor hooks see the
+    first, a dispatch mode every op's outputs."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _OutputShapes() as outputs:
+        step()
+    assert saved and outputs.shapes  # the recorders saw the step
+    return [s for s in saved if s and s[-1] > width], [(f, s) for f, s in outputs.shapes if s and s[-1] > width]
