@@ -8,7 +8,8 @@ E_p[z_s - z_t] - (L_s - L_t) is a small difference of terms of size log V, which
 with relative errors of 1e-5 at KL ~ 0.03 (``full_kl``, float32, has them); then the log-sum-exps
 and expectations combined over TP (MAX then SUM all-reduces). backward: the chunk's logits
 recomputed, the gradient of the chunk's logits, then dh += g @ W_chunk and dW_chunk = g.T @ h for
-the student; dh is summed over TP. The teacher gets no gradient. At most one [T, chunk] block of
+the student (``_common.chunked_linear_backward``: into megatron DDP's ``main_grad`` when the
+weight has one); dh is summed over TP. The teacher gets no gradient. At most one [T, chunk] block of
 each model's logits is alive.
 """
 
@@ -22,15 +23,16 @@ import torch.distributed as dist
 from sdzero_kernels._common import (
     KL_MODES,
     VOCAB_CHUNK,
-    all_reduce_sum,
     check_choice,
     check_hidden_and_weight,
     check_mixed_weight,
     check_temperature,
     check_vocab_chunk,
+    chunked_linear_backward,
     chunk_logits,
     combine_lse,
     forward_weight,
+    main_grad_of,
     merge_max_sum,
     row_max_sum,
     shard_vocab_rows,
@@ -68,6 +70,7 @@ class _FusedLinearFullKL(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, lse_s.float(), lse_t.float(),
                               reverse.float())
         ctx.w_forward, ctx.inv_temp, ctx.tp_group, ctx.chunks = w_forward, inv_temp, tp_group, chunks
+        ctx.main_grad = main_grad_of(weight)
         return (w_forward * forward + (1.0 - w_forward) * reverse).float()
 
     @staticmethod
@@ -75,22 +78,19 @@ class _FusedLinearFullKL(torch.autograd.Function):
         hidden, weight, teacher_hidden, teacher_weight, lse_s, lse_t, reverse = ctx.saved_tensors
         scale = (grad_loss.float() * ctx.inv_temp)[:, None]
         w_forward = ctx.w_forward
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros_like(weight)  # padding rows keep zero
-        for start, stop in ctx.chunks:
+
+        def chunk_grad(start, stop):
             zs = chunk_logits(hidden, weight, start, stop).float() * ctx.inv_temp
             zt = chunk_logits(teacher_hidden, teacher_weight, start, stop).float() * ctx.inv_temp
             p = torch.exp(zs - lse_s[:, None])
             q = torch.exp(zt - lse_t[:, None])
             rev_grad = torch.where(p > 0, p * ((zs - zt) - (lse_s - lse_t)[:, None] - reverse[:, None]), 0.0)
             del zs, zt
-            grad = (scale * (w_forward * (p - q) + (1.0 - w_forward) * rev_grad)).to(weight.dtype)
-            del p, q, rev_grad
-            grad_hidden += (grad @ weight[start:stop]).float()
-            grad_weight[start:stop] = grad.t() @ hidden
-            del grad
-        all_reduce_sum(grad_hidden, ctx.tp_group)
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None, None
+            return (scale * (w_forward * (p - q) + (1.0 - w_forward) * rev_grad)).to(weight.dtype)
+
+        grad_hidden, grad_weight = chunked_linear_backward(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
+                                                           ctx.main_grad, ctx.needs_input_grad[1])
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_linear_full_kl(
