@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 ARCHITECTURES = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "Olmo3ForCausalLM"]
 VOCAB = 1111  # not a multiple of 128: padding differs between TP=1 (1152) and TP=2 (1280)
@@ -267,3 +268,19 @@ def host_reads(fn) -> list[str]:
     with _HostReadRecorder() as recorder:
         fn()
     return recorder.reads
+
+
+class OpOutputShapes(TorchDispatchMode):
+    """Records (op, shape) of every tensor an op creates while the mode is on; an in-place op's
+    output (its own input, e.g. ``index_add_`` into ``main_grad``) creates nothing and is skipped."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[str, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        self.shapes += [(str(func), tuple(t.shape)) for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and not any(t is i for i in inputs)]
+        return out

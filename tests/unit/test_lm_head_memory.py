@@ -5,8 +5,6 @@ or backward (a dispatch mode sees every one). The dense head, under the same rec
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses import collate_distill, sparse_distill_loss, student_response_hidden, teacher_targets
@@ -15,20 +13,11 @@ from sdzero_mcore.models.builder import build_gpt_model
 from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.models.tiny import tiny_hf_config
 
+from helpers import OpOutputShapes
+
 VOCAB, K = 1111, 8
 # above every other width of the tiny model (qkv 256, fc1 192, hidden 64), below the vocabulary
 CHUNK = 320
-
-
-class _OutputShapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [(str(func), tuple(t.shape)) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
 
 
 def _wide_tensors(step) -> tuple[list, list]:
@@ -39,7 +28,7 @@ def _wide_tensors(step) -> tuple[list, list]:
         saved.append(tuple(tensor.shape))
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _OutputShapes() as outputs:
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), OpOutputShapes() as outputs:
         step()
     assert saved and outputs.shapes  # the recorders saw the step
     return [s for s in saved if s and s[-1] > CHUNK], [(f, s) for f, s in outputs.shapes if s and s[-1] > CHUNK]

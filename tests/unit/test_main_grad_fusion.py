@@ -10,8 +10,6 @@ output weight's [V_padded, H] shape; and ``.grad`` stays None.
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses import collate_distill, sparse_distill_loss, student_response_hidden, teacher_targets
@@ -21,21 +19,9 @@ from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.models.tiny import tiny_hf_config
 from sdzero_mcore.trainer import per_token_ddp
 
+from helpers import OpOutputShapes
+
 VOCAB, K, CHUNK = 1111, 8, 320
-
-
-class _OutputShapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[str, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        # new tensors only: an in-place op (index_add_ into main_grad) returns its input
-        self.shapes += [(str(func), tuple(t.shape)) for t in tree_leaves(out)
-                        if isinstance(t, torch.Tensor) and not any(t is i for i in inputs)]
-        return out
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,7 +65,7 @@ def test_main_grad_equals_unfused_grad(megatron_single_rank, tail, tied, monkeyp
     ddp = per_token_ddp(student)
     ddp.zero_grad_buffer()
     weight_shape = tuple(output_weight(student).shape)
-    with _OutputShapes() as outputs:
+    with OpOutputShapes() as outputs:
         loss_fused = step(ddp)
     assert loss_fused == loss_unfused
     wide = [(op, shape) for op, shape in outputs.shapes if shape == weight_shape]
