@@ -17,6 +17,8 @@ The fused-linear ops take the final hidden states [T, H] and this TP rank's outp
                          temperature, tp_group, vocab_size, vocab_chunk) -> per-token loss [T] (autograd)
     fused_linear_full_kl(hidden, weight, teacher_hidden, teacher_weight, *, kl, mixed_weight,
                          temperature, tp_group, vocab_size, vocab_chunk) -> per-token loss [T] (autograd)
+    fused_linear_logprobs_entropy(hidden, weight, labels, *, temperature, tp_group, vocab_size,
+                                  vocab_chunk) -> (logprobs [T], entropy [T]) fp32 (autograd; GRPO)
 
 Logits are [T, V_local] or [..., V_local] in bf16, fp16 or fp32; under tensor parallelism each rank
 passes its vocab shard and the TP group. CUDA tensors run the Triton kernels; CPU tensors run a
@@ -27,6 +29,10 @@ has a ``*_reference`` beside it: the definition written directly, the oracle of 
 from sdzero_kernels._common import KL_MODES, MAX_K, TAIL_MODES, VOCAB_CHUNK, main_grad_of
 from sdzero_kernels.full_kl import full_kl, full_kl_reference
 from sdzero_kernels.fused_linear_full_kl import fused_linear_full_kl, fused_linear_full_kl_reference
+from sdzero_kernels.fused_linear_logprobs import (
+    fused_linear_logprobs_entropy,
+    fused_linear_logprobs_entropy_reference,
+)
 from sdzero_kernels.fused_linear_topk import fused_linear_teacher_topk, fused_linear_teacher_topk_reference
 from sdzero_kernels.fused_linear_topk_kl import fused_linear_topk_kl, fused_linear_topk_kl_reference
 from sdzero_kernels.sparse_topk_kl import sparse_topk_kl, sparse_topk_kl_reference
@@ -43,6 +49,8 @@ __all__ = [
     "full_kl_reference",
     "fused_linear_full_kl",
     "fused_linear_full_kl_reference",
+    "fused_linear_logprobs_entropy",
+    "fused_linear_logprobs_entropy_reference",
     "fused_linear_teacher_topk",
     "fused_linear_teacher_topk_reference",
     "fused_linear_topk_kl",

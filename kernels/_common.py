@@ -275,6 +275,54 @@ def row_max_sum(x: torch.Tensor, *weights: torch.Tensor):
     )
 
 
+class OnlineSoftmax:
+    """Per-row softmax statistics of logits streamed in vocabulary chunks: the running (max, sum of
+    exp(x - max), sums of exp(x - max) * f for ``num_weighted`` functions f), the sums in float64
+    (:func:`row_max_sum`), folded chunk by chunk (:func:`merge_max_sum`) and combined over TP at
+    the end (:func:`combine_lse`)."""
+
+    def __init__(self, num_rows: int, num_weighted: int, device, max_dtype: torch.dtype = torch.float32):
+        self.row_max = torch.full((num_rows,), float("-inf"), dtype=max_dtype, device=device)
+        self.row_sum = torch.zeros(num_rows, dtype=torch.float64, device=device)
+        self.weighted = [torch.zeros(num_rows, dtype=torch.float64, device=device) for _ in range(num_weighted)]
+
+    def add(self, x: torch.Tensor, *weights: torch.Tensor) -> None:
+        """Fold one chunk's logits x [T, chunk] (and f(x) for each weighted sum) in."""
+        chunk_max, chunk_sum, *chunk_weighted = row_max_sum(x, *weights)
+        self.row_max, self.row_sum, *self.weighted = merge_max_sum(
+            self.row_max, self.row_sum, chunk_max, chunk_sum, *zip(self.weighted, chunk_weighted))
+
+    def combine(self, tp_group):
+        """(log-sum-exp, *expectations of each f under the softmax) over the whole vocabulary."""
+        return combine_lse(self.row_max, self.row_sum, tp_group, *self.weighted)
+
+
+def fused_linear_grads(hidden: torch.Tensor, weight: torch.Tensor, chunks, chunk_grad, tp_group, *,
+                       main_grad: Optional[torch.Tensor] = None, weight_grad_needed: bool = True):
+    """The backward of a fused-linear op: for each vocabulary chunk (start, stop), the gradient of
+    its logits ``chunk_grad(start, stop)`` [T, stop - start] (recomputed from h and W by the
+    caller), then dh += g @ W_chunk and dW_chunk = g.T @ h; dh summed over the TP group, as the
+    output layer's input gradient is. One chunk's gradient is alive at a time (a function's
+    temporaries are freed when it returns). Returns (dh in h's dtype, dW; padding rows zero).
+
+    ``main_grad`` (:func:`main_grad_of` the weight, captured in the forward): dW_chunk is added
+    into it instead and dW is returned as None (gradient-accumulation fusion); so it is when
+    ``weight_grad_needed`` is False (``ctx.needs_input_grad``), and then nothing is formed."""
+    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    fused = main_grad is not None and weight_grad_needed
+    grad_weight = torch.zeros_like(weight) if weight_grad_needed and not fused else None  # padding rows keep zero
+    for start, stop in chunks:
+        grad = chunk_grad(start, stop).to(weight.dtype)
+        grad_hidden += (grad @ weight[start:stop]).float()
+        if fused:
+            main_grad[start:stop] += grad.t() @ hidden
+        elif grad_weight is not None:
+            grad_weight[start:stop] = grad.t() @ hidden
+        del grad
+    all_reduce_sum(grad_hidden, tp_group)
+    return grad_hidden.to(hidden.dtype), grad_weight
+
+
 def all_reduce_sum(tensor: torch.Tensor, tp_group) -> torch.Tensor:
     if tp_size_rank(tp_group)[0] > 1:
         dist.all_reduce(tensor, group=tp_group)
@@ -309,27 +357,3 @@ def main_grad_of(weight: torch.Tensor) -> Optional[torch.Tensor]:
     if isinstance(main_grad, torch.Tensor) and main_grad.shape == weight.shape:
         return main_grad
     return None
-
-
-def chunked_linear_backward(hidden: torch.Tensor, weight: torch.Tensor, chunks, chunk_grad, tp_group,
-                            main_grad: Optional[torch.Tensor], weight_grad_needed: bool = True):
-    """The input and weight gradients of the chunked output layer, logits[:, start:stop] =
-    ``hidden @ weight[start:stop].T``, from dLoss/dlogits of each chunk, ``chunk_grad(start, stop)``
-    ([T, stop - start] in the weight's dtype, computed when asked: one chunk alive at a time).
-
-    Returns (dhidden [T, H] in the hidden dtype, accumulated in float32 and summed over the TP
-    group; dweight: a tensor of the weight's shape, padding rows zero, or None when it went into
-    ``main_grad`` (:func:`main_grad_of`) or is not needed)."""
-    grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    fused = main_grad is not None and weight_grad_needed
-    grad_weight = torch.zeros_like(weight) if weight_grad_needed and not fused else None
-    for start, stop in chunks:
-        grad = chunk_grad(start, stop)
-        grad_hidden += (grad @ weight[start:stop]).float()
-        if fused:
-            main_grad[start:stop] += grad.t() @ hidden
-        elif grad_weight is not None:
-            grad_weight[start:stop] = grad.t() @ hidden
-        del grad
-    all_reduce_sum(grad_hidden, tp_group)
-    return grad_hidden.to(hidden.dtype), grad_weight

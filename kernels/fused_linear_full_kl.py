@@ -8,8 +8,7 @@ E_p[z_s - z_t] - (L_s - L_t) is a small difference of terms of size log V, which
 with relative errors of 1e-5 at KL ~ 0.03 (``full_kl``, float32, has them); then the log-sum-exps
 and expectations combined over TP (MAX then SUM all-reduces). backward: the chunk's logits
 recomputed, the gradient of the chunk's logits, then dh += g @ W_chunk and dW_chunk = g.T @ h for
-the student (``_common.chunked_linear_backward``: into megatron DDP's ``main_grad`` when the
-weight has one); dh is summed over TP. The teacher gets no gradient. At most one [T, chunk] block of
+the student; dh is summed over TP. The teacher gets no gradient. At most one [T, chunk] block of
 each model's logits is alive.
 """
 
@@ -23,18 +22,16 @@ import torch.distributed as dist
 from sdzero_kernels._common import (
     KL_MODES,
     VOCAB_CHUNK,
+    OnlineSoftmax,
     check_choice,
     check_hidden_and_weight,
     check_mixed_weight,
     check_temperature,
     check_vocab_chunk,
-    chunked_linear_backward,
     chunk_logits,
-    combine_lse,
     forward_weight,
+    fused_linear_grads,
     main_grad_of,
-    merge_max_sum,
-    row_max_sum,
     shard_vocab_rows,
     vocab_chunks,
 )
@@ -46,25 +43,17 @@ class _FusedLinearFullKL(torch.autograd.Function):
     def forward(ctx, hidden, weight, teacher_hidden, teacher_weight, w_forward, inv_temp, tp_group, vocab_size,
                 vocab_chunk):
         _, real_rows = shard_vocab_rows(weight.shape[0], vocab_size, tp_group)
-        num_rows, device = hidden.shape[0], hidden.device
-
-        def empty_stats():
-            return [torch.full((num_rows,), float("-inf"), dtype=torch.float64, device=device),
-                    torch.zeros(num_rows, dtype=torch.float64, device=device),
-                    torch.zeros(num_rows, dtype=torch.float64, device=device)]
-
-        student, teacher = empty_stats(), empty_stats()
+        # float64 statistics: the KL is a small difference of O(log V) terms
+        student, teacher = (OnlineSoftmax(hidden.shape[0], 1, hidden.device, max_dtype=torch.float64) for _ in "st")
         chunks = vocab_chunks(real_rows, vocab_chunk)
         for start, stop in chunks:
-            # float64 statistics: the KL is a small difference of O(log V) terms
             zs = chunk_logits(hidden, weight, start, stop).double() * inv_temp
             zt = chunk_logits(teacher_hidden, teacher_weight, start, stop).double() * inv_temp
-            for stats, x, f in ((student, zs, zs - zt), (teacher, zt, zt - zs)):
-                chunk_max, chunk_sum, chunk_weighted = row_max_sum(x, f)
-                stats[:] = merge_max_sum(stats[0], stats[1], chunk_max, chunk_sum, (stats[2], chunk_weighted))
+            student.add(zs, zs - zt)
+            teacher.add(zt, zt - zs)
             del zs, zt
-        lse_s, mean_s_diff = combine_lse(student[0], student[1], tp_group, student[2])
-        lse_t, mean_t_diff = combine_lse(teacher[0], teacher[1], tp_group, teacher[2])
+        lse_s, mean_s_diff = student.combine(tp_group)
+        lse_t, mean_t_diff = teacher.combine(tp_group)
         reverse = mean_s_diff - (lse_s - lse_t)
         forward = mean_t_diff - (lse_t - lse_s)
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, lse_s.float(), lse_t.float(),
@@ -86,10 +75,11 @@ class _FusedLinearFullKL(torch.autograd.Function):
             q = torch.exp(zt - lse_t[:, None])
             rev_grad = torch.where(p > 0, p * ((zs - zt) - (lse_s - lse_t)[:, None] - reverse[:, None]), 0.0)
             del zs, zt
-            return (scale * (w_forward * (p - q) + (1.0 - w_forward) * rev_grad)).to(weight.dtype)
+            return scale * (w_forward * (p - q) + (1.0 - w_forward) * rev_grad)
 
-        grad_hidden, grad_weight = chunked_linear_backward(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
-                                                           ctx.main_grad, ctx.needs_input_grad[1])
+        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
+                                                      main_grad=ctx.main_grad,
+                                                      weight_grad_needed=ctx.needs_input_grad[1])
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

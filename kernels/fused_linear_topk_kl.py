@@ -10,7 +10,7 @@
   (each id lives on one rank), and ``topk_kl``'s per-row math over the K lanes (``_topk_rows``:
   the loss, dLoss/dz on the K ids and the tail coefficient c with dLoss/dz_v = c p_v outside them).
   backward: the chunk's logits recomputed, its gradient c p_v (the K ids' own values written over
-  it), then dh += g @ W_chunk and dW_chunk = g.T @ h (``_common.chunked_linear_backward``; into
+  it), then dh += g @ W_chunk and dW_chunk = g.T @ h (``_common.fused_linear_grads``; into
   megatron DDP's ``main_grad`` when the weight has one). dh is summed over the TP group, as the
   output layer's input gradient is.
 
@@ -35,9 +35,9 @@ from sdzero_kernels._common import (
     check_choice,
     check_fused_topk_loss_args,
     check_vocab_chunk,
-    chunked_linear_backward,
     chunk_logits,
     combine_lse,
+    fused_linear_grads,
     local_teacher_ids,
     main_grad_of,
     merge_max_sum,
@@ -92,8 +92,9 @@ class _FusedLinearBucketKL(torch.autograd.Function):
             del x, hits
             return grad.to(weight.dtype)
 
-        grad_hidden, grad_weight = chunked_linear_backward(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
-                                                           ctx.main_grad, ctx.needs_input_grad[1])
+        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
+                                                      main_grad=ctx.main_grad,
+                                                      weight_grad_needed=ctx.needs_input_grad[1])
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

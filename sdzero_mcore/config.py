@@ -613,6 +613,11 @@ class GRPOConfig(_Section):
     clip_high: float = _checked(0.2, _POSITIVE)
     kl_coef: float = _checked(0.001, _NON_NEGATIVE)
     entropy_coef: float = _checked(0.001, _NON_NEGATIVE)
+    # where the output layer runs for the log-probs and the entropy (training, old and reference
+    # passes): sparse = only at the positions predicting response tokens, over vocabulary chunks, no
+    # [T, V] logits; dense = full logits at every position (the reference: docs/kernels.md "The LM
+    # head"). At pipeline-parallel size > 1 dense runs.
+    lm_head: str = _checked("sparse", _one_of("sparse", "dense"))
     max_response_tokens: int = _checked(8192, _AT_LEAST_1)
     # cap on generations (a matched budget); null = one pass over both phases' questions
     max_generations: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)
@@ -638,6 +643,10 @@ class EvalConfig(_Section):
     questions: Optional[int] = _checked(None, _NULL_OR_AT_LEAST_1)  # null = all (synthetic: 200)
     revise: bool = True  # generate-then-revise on the first sample of each question
     localization_responses: int = _checked(200, _NON_NEGATIVE)  # 0 = skip the KL analysis
+    # the localisation's output layer: sparse = only at the response positions, over vocabulary
+    # chunks (fused_linear_full_kl), no [T, V] logits of the whole sequences; dense = the full
+    # logits gathered over TP and CP, then full_kl (the reference). At pipeline-parallel size > 1 dense runs.
+    lm_head: str = _checked("sparse", _one_of("sparse", "dense"))
     seed: int = 0
 
 

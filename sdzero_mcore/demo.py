@@ -57,7 +57,7 @@ QUICK_OVERRIDES = (
     "srt_collect.target_kept=16", "srt_train.stage2_size=4", "srt_train.epochs=1",
     "distill.prompts_per_step=8", "distill.global_batch_size=8", "distill.micro_batch_size=8", "distill.epochs=1",
     "distill.validation.questions=8", "distill.validation.k=2",
-    "rft.epochs=1", "eval.k=4", "eval.questions=32", "eval.localization_responses=16",
+    "rft.epochs=1", "eval.k=4", "eval.questions=16", "eval.localization_responses=8",
 )
 # (row name, the run directory under the arm's, the phases whose generations it used)
 ROWS = (

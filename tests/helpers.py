@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 ARCHITECTURES = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "Olmo3ForCausalLM"]
 VOCAB = 1111  # not a multiple of 128: padding differs between TP=1 (1152) and TP=2 (1280)
@@ -270,17 +269,40 @@ def host_reads(fn) -> list[str]:
     return recorder.reads
 
 
-class OpOutputShapes(TorchDispatchMode):
-    """Records (op, shape) of every tensor an op creates while the mode is on; an in-place op's
-    output (its own input, e.g. ``index_add_`` into ``main_grad``) creates nothing and is skipped."""
-
+class _OutputShapes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.shapes: list[tuple[str, tuple]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_leaves
+
         out = func(*args, **(kwargs or {}))
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        # tensors the op creates: an in-place op's output is its input (index_add_ into main_grad)
         self.shapes += [(str(func), tuple(t.shape)) for t in tree_leaves(out)
                         if isinstance(t, torch.Tensor) and not any(t is i for i in inputs)]
         return out
+
+
+def op_output_shapes(step) -> list[tuple[str, tuple]]:
+    """(op, shape) of every tensor ``step()`` creates, forward and backward (a dispatch mode)."""
+    with _OutputShapes() as outputs:
+        step()
+    return outputs.shapes
+
+
+def wide_tensors(step, width: int) -> tuple[list, list]:
+    """(shapes of the tensors saved for backward, (op, shape) of the op outputs) of ``step()``,
+    forward and backward, whose last dimension exceeds ``width``: saved-tensor hooks see the
+    first, a dispatch mode every op's outputs."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), _OutputShapes() as outputs:
+        step()
+    assert saved and outputs.shapes  # the recorders saw the step
+    return [s for s in saved if s and s[-1] > width], [(f, s) for f, s in outputs.shapes if s and s[-1] > width]

@@ -9,6 +9,10 @@
    reviser (default: the same checkpoint) pi_R(. | x, y, P_r, y_<t), on megatron models at the
    configured TP / CP, over the full vocabulary; sorted into 20 buckets per response, separately
    for r = 0 and r = 1 -> CSV, PNG and an HTML page colouring one response's tokens by KL.
+   ``eval.lm_head``: ``dense`` takes both models' logits at every position of their sequences
+   (gathered over TP and CP) and ``full_kl`` at the response positions; ``sparse`` (the default)
+   runs both to the final norm and ``fused_linear_full_kl`` applies the output layers at the
+   response positions only, over vocabulary chunks: the same KL (its sums in float64), no [T, V] logits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-from sdzero_kernels import full_kl
+from megatron.core import parallel_state
+from sdzero_kernels import full_kl, fused_linear_full_kl
 
 from sdzero_mcore.checkpoint.source import resolve_model_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
@@ -29,7 +34,15 @@ from sdzero_mcore.data.question_sets import heldout_questions
 from sdzero_mcore.eval.budget import read_budget
 from sdzero_mcore.eval.metrics import avg_at_k, correction_rate, keyword_stats, localization_buckets, pass_at_k_dataset
 from sdzero_mcore.eval.report import plot_localization, token_kl_html, write_localization_csv, write_run
-from sdzero_mcore.models.forward import causal_lm_logits
+from sdzero_mcore.losses.distill import lm_head_for
+from sdzero_mcore.models.forward import (
+    causal_lm_logits,
+    cp_local_batch,
+    final_hidden_states,
+    output_weight,
+    real_vocab_size,
+)
+from sdzero_mcore.parallel.context_parallel import gather_from_cp
 from sdzero_mcore.parallel.pipeline import broadcast_from_last_stage
 from sdzero_mcore.parallel.rank0 import barrier, is_rank0, run_on_rank0
 from sdzero_mcore.rewards import reward_fn_for, reward_target
@@ -97,16 +110,33 @@ def _generate_and_score(cfg: SDZeroConfig, engine, run: RunPrompts, questions: S
     return result
 
 
+def _hidden_at(model, ids: list[int], start: int, stop: int) -> torch.Tensor:
+    """The final-norm hidden states [stop - start, H] at positions [start, stop) of one sequence,
+    gathered over CP (hidden states: H numbers per position, not V)."""
+    hidden = final_hidden_states(model, cp_local_batch(torch.tensor([ids])))  # [s_local, 1, H]
+    return gather_from_cp(hidden.transpose(0, 1).contiguous(), dim=1)[0, start:stop]
+
+
 @torch.no_grad()
-def token_reverse_kl(student, reviser, attempts: Sequence[dict], run: RunPrompts) -> list[list[float]]:
+def token_reverse_kl(student, reviser, attempts: Sequence[dict], run: RunPrompts,
+                     lm_head: str = "dense") -> list[list[float]]:
     """Per response token: KL(student(. | x, y_<t) || reviser(. | x, y, P_r, y_<t)), full vocabulary;
     the reviser reads the Phase 2 teacher's context around the eval prompt x. At pipeline-parallel
     size > 1 the logits and the KL are computed on the last stage, and the KL lists (not the
-    logits) are sent to the other stages."""
+    logits) are sent to the other stages. ``lm_head="sparse"`` (whole model on one pipeline stage)
+    applies the output layers at the response positions only (the module doc)."""
     per_token = []
     for attempt in attempts:
         x, y = attempt["x_ids"], attempt["y_ids"]
         context = run.teacher("", y, attempt["reward"], x_ids=x)
+        if lm_head == "sparse":
+            kl = fused_linear_full_kl(
+                _hidden_at(student, x + y, len(x) - 1, len(x) + len(y) - 1), output_weight(student),
+                _hidden_at(reviser, context.ids, context.response_start - 1, context.response_end - 1),
+                output_weight(reviser), kl="reverse", tp_group=parallel_state.get_tensor_model_parallel_group(),
+                vocab_size=real_vocab_size(student))
+            per_token.append(kl.clamp_min(0.0).tolist())
+            continue
         s_logits = causal_lm_logits(student, torch.tensor([x + y]))
         t_logits = causal_lm_logits(reviser, torch.tensor([context.ids]))
         if s_logits is None:  # not the last pipeline stage
@@ -126,7 +156,7 @@ def localization(cfg: SDZeroConfig, source, reviser_source, attempts: Sequence[d
     tokenizer = run.tokenizer
     student = build_model(cfg, source).eval()
     reviser = student if reviser_source is None else build_model(cfg, reviser_source).eval()
-    kls = token_reverse_kl(student, reviser, attempts, run)
+    kls = token_reverse_kl(student, reviser, attempts, run, lm_head=lm_head_for(cfg.eval.lm_head))
     buckets = {r: localization_buckets([kl for kl, a in zip(kls, attempts) if a["reward"] == r])
                for r in (0, 1) if any(a["reward"] == r for a in attempts)}
     if is_rank0():

@@ -197,9 +197,9 @@ def teacher_logits(teacher, batch: DistillBatch) -> torch.Tensor:
 
 
 def lm_head_for(lm_head: str) -> str:
-    """The head that runs for ``distill.lm_head``: ``sparse`` needs the whole model on one pipeline
-    stage (:func:`~sdzero_mcore.models.forward.final_hidden_states`); at pipeline-parallel size > 1
-    the dense head runs."""
+    """The head that runs for ``distill.lm_head`` (and ``grpo.lm_head``, ``eval.lm_head``): ``sparse``
+    needs the whole model on one pipeline stage (:func:`~sdzero_mcore.models.forward.final_hidden_states`);
+    at pipeline-parallel size > 1 the dense head runs."""
     check_lm_head(lm_head)
     return lm_head if pipeline_parallel_size() == 1 else "dense"
 
@@ -272,15 +272,22 @@ class StudentHead:
     vocab_size: Optional[int]  # real ids; the rows above are megatron's padding
 
 
+def response_hidden(model, local, rows_bs: torch.Tensor, rows_sb: torch.Tensor) -> tuple[torch.Tensor, StudentHead]:
+    """The model's final-norm hidden states [T_local, H] at the rows ``rows_bs`` / ``rows_sb`` (as
+    :func:`local_response_rows` gives them) of a batch prepared by ``cp_local_batch``, and the
+    :class:`StudentHead` that applies the output layer to them."""
+    hidden = final_hidden_states(model, local)  # [s_local, B, H]
+    local_len, batch_size = hidden.shape[:2]
+    head = StudentHead(weight=output_weight(model), rows=rows_bs.to(hidden.device),
+                       local_shape=(batch_size, local_len), vocab_size=real_vocab_size(model))
+    return rows_at(hidden, rows_sb), head
+
+
 def student_response_hidden(student, batch: DistillBatch) -> tuple[torch.Tensor, StudentHead]:
     """The student's final-norm hidden states [T_local, H] at this rank's positions that predict
     response tokens (x + y, its CP part), and the :class:`StudentHead` its loss needs."""
-    hidden = final_hidden_states(student, cp_local_batch(batch.student_ids))  # [s_local, B, H]
     rows_bs, rows_sb = local_response_rows(batch.student_start, batch.response_len, batch.student_ids.shape[1])
-    local_len, batch_size = hidden.shape[:2]
-    head = StudentHead(weight=output_weight(student), rows=rows_bs.to(hidden.device),
-                       local_shape=(batch_size, local_len), vocab_size=real_vocab_size(student))
-    return rows_at(hidden, rows_sb), head
+    return response_hidden(student, cp_local_batch(batch.student_ids), rows_bs, rows_sb)
 
 
 def sparse_distill_loss(

@@ -1,7 +1,10 @@
 """Policy-gradient pieces for the GRPO baseline (DAPO style) on megatron-core models.
 
 * :func:`vocab_parallel_logprobs_entropy`: log p(label) and the softmax entropy from vocab-parallel
-  logits [B, S, V_padded / TP], exact at any TP size.
+  logits [B, S, V_padded / TP], exact at any TP size (``grpo.lm_head: dense``, the reference).
+* :func:`sparse_logprobs_entropy`: the same numbers at the response positions only, from the
+  final-norm hidden states there and the output weight (``grpo.lm_head: sparse``): the kernel
+  ``fused_linear_logprobs_entropy`` streams the vocabulary in chunks, no [T, V] logits.
 * :func:`group_advantages`: rewards normalised within each group of rollouts of one prompt.
 * :func:`grpo_loss`: the clipped surrogate with a k3 KL penalty and an entropy bonus, aggregated
   over tokens (DAPO): every masked token of the batch weighs the same, whatever its sequence's length.
@@ -16,6 +19,9 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
+from sdzero_kernels import VOCAB_CHUNK, fused_linear_logprobs_entropy
+
+from sdzero_mcore.losses.distill import StudentHead
 
 
 # Tokens per chunk when the caller does not choose: a [chunk, V / TP] float32 temporary of at most
@@ -181,6 +187,28 @@ def vocab_parallel_logprobs_entropy(
         chunk_tokens,
     )
     return logprobs.view(labels.shape), entropy.view(labels.shape)
+
+
+def sparse_logprobs_entropy(
+    hidden: torch.Tensor,
+    head: StudentHead,
+    labels: torch.Tensor,
+    tp_group: Optional[dist.ProcessGroup] = None,
+    vocab_chunk: int = VOCAB_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`vocab_parallel_logprobs_entropy` at the response rows only: ``hidden`` [T_local, H]
+    the final-norm hidden states at ``head.rows`` (``losses.distill.response_hidden``), ``labels``
+    [B, s_local] this rank's labels. Returns (logprobs, entropy) [B, s_local] float32, 0 off the
+    rows (positions the loss masks out)."""
+    flat_labels = labels.reshape(-1).index_select(0, head.rows)
+    logprobs, entropy = fused_linear_logprobs_entropy(
+        hidden, head.weight, flat_labels, tp_group=tp_group, vocab_size=head.vocab_size, vocab_chunk=vocab_chunk)
+    batch_size, local_len = head.local_shape
+
+    def placed(per_row: torch.Tensor) -> torch.Tensor:
+        return per_row.new_zeros(batch_size * local_len).index_copy(0, head.rows, per_row).view(batch_size, local_len)
+
+    return placed(logprobs), placed(entropy)
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6, normalize_std: bool = True) -> torch.Tensor:

@@ -7,12 +7,19 @@ with token-level aggregation, a low-variance KL to the frozen starting model and
 (``losses.policy``). With one update per batch the old policy is the current one (ratio 1).
 Then the new weights go to the engine. ``grpo.max_generations`` caps the generations so that the
 baseline can be run at the same budget as SD-Zero.
+
+``grpo.lm_head``: ``dense`` runs the whole model to logits [B, s, V/TP] and takes the log-probs and
+the entropy from them (``vocab_parallel_logprobs_entropy``); ``sparse`` runs it to the final norm
+and applies the output layer only at the positions that predict response tokens, over vocabulary
+chunks (``sparse_logprobs_entropy``), in the training step and in the old / reference log-prob
+passes alike. At pipeline-parallel size > 1 the dense head runs (``lm_head_for``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,8 +30,14 @@ from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
+from sdzero_mcore.losses.distill import lm_head_for, local_response_rows, response_hidden
 from sdzero_mcore.losses.masked import masked_token_sum
-from sdzero_mcore.losses.policy import group_advantages, grpo_loss, vocab_parallel_logprobs_entropy
+from sdzero_mcore.losses.policy import (
+    group_advantages,
+    grpo_loss,
+    sparse_logprobs_entropy,
+    vocab_parallel_logprobs_entropy,
+)
 from sdzero_mcore.models.forward import cp_local_batch, model_device
 from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
@@ -64,6 +77,14 @@ def _policy_logprobs(model, mb: dict, vocab_size: int, logits: Optional[torch.Te
     if logits is None:
         logits = model(mb["input_ids"], mb["position_ids"], None)
     return vocab_parallel_logprobs_entropy(logits, mb["labels"], parallel_state.get_tensor_model_parallel_group(), vocab_size)
+
+
+def _sparse_policy_logprobs(model, mb: dict, hidden: Optional[torch.Tensor] = None, head=None):
+    """(logprobs, entropy) [B, s_local] from the sparse head: the final-norm hidden states at the
+    micro-batch's ``response_rows`` (run here unless given with their ``head``), 0 elsewhere."""
+    if hidden is None:
+        hidden, head = response_hidden(model, mb, *mb["response_rows"])
+    return sparse_logprobs_entropy(hidden, head, mb["labels"], parallel_state.get_tensor_model_parallel_group())
 
 
 def grpo_step(loop: OnPolicyLoop, reference, step: int, *, vocab_size: int, pad_id: int, gcfg) -> dict:
@@ -121,11 +142,13 @@ def run_grpo(cfg: SDZeroConfig, init_from: Optional[str] = None, *, max_steps: O
 
 def grpo_forward_step(gcfg, vocab_size: int):
     """The policy's forward step: logits, then the clipped surrogate (+ KL, - entropy) summed over
-    this rank's response tokens; the logs are the parts' sums."""
+    this rank's response tokens; the logs are the parts' sums. With ``grpo.lm_head=sparse`` the
+    output is the final-norm hidden states at the response positions and the loss applies the
+    output layer to them (``sparse_logprobs_entropy``)."""
+    sparse = lm_head_for(gcfg.lm_head) == "sparse"
 
     def forward_step(model, mb):
-        def loss_fn(logits):
-            logprobs, entropy = _policy_logprobs(model, mb, vocab_size, logits)
+        def policy_loss(logprobs, entropy):
             loss = grpo_loss(
                 logprobs, mb.get("old_logprobs", logprobs.detach()), mb["advantages"], mb["mask"].bool(),
                 clip_low=gcfg.clip_low, clip_high=gcfg.clip_high, ref_logprobs=mb.get("ref_logprobs"),
@@ -138,7 +161,11 @@ def grpo_forward_step(gcfg, vocab_size: int):
                 logs["kl"] = loss.kl
             return loss.objective, num_tokens, logs
 
-        return model(mb["input_ids"], mb["position_ids"], None), loss_fn
+        if sparse:
+            hidden, head = response_hidden(model, mb, *mb["response_rows"])
+            return hidden, lambda hidden: policy_loss(*_sparse_policy_logprobs(model, mb, hidden, head))
+        return (model(mb["input_ids"], mb["position_ids"], None),
+                lambda logits: policy_loss(*_policy_logprobs(model, mb, vocab_size, logits)))
 
     return forward_step
 
@@ -147,6 +174,7 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
     """``updates_per_batch`` optimizer steps over the rollout batch, each on an equal slice of it."""
     device = model_device(trainer.model)
     per_update = math.ceil(len(samples) / gcfg.updates_per_batch)
+    sparse = lm_head_for(gcfg.lm_head) == "sparse"
 
     def prepare(chunk: Sequence[Sample], filler: bool) -> dict:
         batch = collate_policy(chunk, pad_id)
@@ -155,6 +183,10 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
         extra = {k: v.to(device) for k, v in batch.items() if k not in ("input_ids", "advantages")}
         mb = cp_local_batch(batch["input_ids"].to(device), extra)
         mb["advantages"] = batch["advantages"].to(device)
+        if sparse:  # this rank's positions of the mask (collate_policy's), from host tensors
+            starts = torch.tensor([len(s.prompt_ids) for s in chunk])
+            lengths = torch.tensor([0 if filler else len(s.response_ids) for s in chunk])
+            mb["response_rows"] = local_response_rows(starts, lengths, batch["input_ids"].shape[1])
         return mb
 
     slices = [samples[i : i + per_update] for i in range(0, len(samples), per_update)]
@@ -168,12 +200,13 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
             _pipelined_fixed_logprobs(trainer.model, reference, prepared, vocab_size, gcfg)
             prepared_slices.append(prepared)
             continue
+        fixed_logprobs = _sparse_policy_logprobs if sparse else partial(_policy_logprobs, vocab_size=vocab_size)
         with torch.no_grad():
             for mb in prepared:
                 if gcfg.updates_per_batch > 1:
-                    mb["old_logprobs"] = _policy_logprobs(trainer.model, mb, vocab_size)[0]
+                    mb["old_logprobs"] = fixed_logprobs(trainer.model, mb)[0]
                 if reference is not None:
-                    mb["ref_logprobs"] = _policy_logprobs(reference, mb, vocab_size)[0]
+                    mb["ref_logprobs"] = fixed_logprobs(reference, mb)[0]
         prepared_slices.append(prepared)
     while len(prepared_slices) < gcfg.updates_per_batch:  # fewer samples than updates: repeat the last slice
         prepared_slices.append(prepared_slices[-1])

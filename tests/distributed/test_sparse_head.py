@@ -1,5 +1,7 @@
 """The sparse LM head against the dense one (fp32, gloo ranks): teacher top-K, per-token loss and
-every parameter's gradient, for each KL x tail and for full_kl, at TP=1, TP=2, CP=2, TP=2 x CP=2.
+every parameter's gradient, for each KL x tail and for full_kl, at TP=1, TP=2, CP=2, TP=2 x CP=2;
+and with them GRPO's log-prob and entropy head (values and every gradient) and the eval's
+token-KL localisation (``token_reverse_kl``), sparse against dense.
 
 Both heads run on the same megatron models in the same layout, and each loss is back-propagated
 into every parameter (each rank's own gradients, before any DP x CP reduction: equal there, equal
@@ -9,6 +11,8 @@ sequences of different prompt, response and teacher-context lengths. The vocabul
 padded to 1152 or 1280) is streamed in chunks of 256 ids, so chunks end mid-shard and at the
 padding. One world of ranks runs every layout of its size and every loss variant.
 """
+
+import json
 
 import pytest
 import torch
@@ -74,6 +78,9 @@ def _worker(layouts: list, out_path: str) -> None:
     from megatron.core import parallel_state
     from sdzero_kernels import full_kl, full_kl_reference, fused_linear_full_kl, topk_kl_reference
 
+    from sdzero_mcore.checkpoint.source import ModelSource
+    from sdzero_mcore.config import load_config
+    from sdzero_mcore.eval.evaluate import token_reverse_kl
     from sdzero_mcore.losses import (
         collate_distill,
         distill_loss,
@@ -90,14 +97,23 @@ def _worker(layouts: list, out_path: str) -> None:
         output_weight,
         real_vocab_size,
     )
+    from sdzero_mcore.losses.policy import sparse_logprobs_entropy, vocab_parallel_logprobs_entropy
     from sdzero_mcore.models.hf_config import ModelArch
-    from sdzero_mcore.models.tiny import tiny_hf_config
+    from sdzero_mcore.models.tiny import build_char_tokenizer, tiny_hf_config
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
     from sdzero_mcore.parallel.context_parallel import split_for_cp
+    from sdzero_mcore.run_setup import run_prompts
 
     os.environ["SDZERO_KERNELS_BACKEND"] = "torch"  # the Triton paths: tests/unit/test_fused_head.py
     init_distributed("gloo")
     batch = collate_distill(_samples(), pad_id=0)
+    # GRPO's labels on the student's sequences: the next token (the response rows predict y)
+    labels = torch.cat([batch.student_ids[:, 1:], torch.zeros_like(batch.student_ids[:, :1])], dim=1)
+    # the eval's reviser context around each response (its P_r phrases from the config.json's architecture)
+    model_dir = os.path.dirname(out_path)
+    run = run_prompts(load_config(), ModelSource(model_dir, "hf"), build_char_tokenizer())
+    attempts = [{"x_ids": s.prompt_ids, "y_ids": s.response_ids, "reward": reward}
+                for s, reward in zip(_samples(), (0, 1))]
     results = {}
 
     def worst_over_ranks(value: float) -> float:
@@ -188,6 +204,29 @@ def _worker(layouts: list, out_path: str) -> None:
                                               vocab_chunk=CHUNK, **options)
                 compare(f"full_{kl}", dense.sum(), dense.detach(), sparse.sum(), sparse.detach(),
                         full_kl_reference(oracle_logits, oracle_teacher, **options))
+
+            # GRPO: the sampled token's log-prob and the entropy at the response rows, each output
+            # weighted, into every parameter
+            local_labels = cp_local_batch(batch.student_ids, {"labels": labels})["labels"]
+            dense_lp, dense_ent = vocab_parallel_logprobs_entropy(logits, local_labels, tp_group, VOCAB)
+            sparse_lp, sparse_ent = sparse_logprobs_entropy(hidden_rows, head, local_labels, tp_group,
+                                                            vocab_chunk=CHUNK)
+            dense_lp, dense_ent = dense_lp.reshape(-1)[rows], dense_ent.reshape(-1)[rows]
+            sparse_lp, sparse_ent = sparse_lp.reshape(-1)[rows], sparse_ent.reshape(-1)[rows]
+            weights = torch.linspace(-1.0, 2.0, len(rows))
+            dense_grads = grads_of((dense_lp * weights + dense_ent * weights.flip(0)).sum())
+            sparse_grads = grads_of((sparse_lp * weights + sparse_ent * weights.flip(0)).sum())
+            record["grpo"] = {
+                "logprob_rel": worst_over_ranks(_max_rel(sparse_lp.detach(), dense_lp.detach())),
+                "entropy_rel": worst_over_ranks(_max_rel(sparse_ent.detach(), dense_ent.detach())),
+                "grad_rel": {key: worst_over_ranks(_max_rel(sparse_grads[key], dense_grads[key]))
+                             for key in dense_grads},
+            }
+            # the eval's localisation: the student as generator, the teacher as reviser
+            dense_kl = sum(token_reverse_kl(student, teacher, attempts, run, lm_head="dense"), [])
+            sparse_kl = sum(token_reverse_kl(student, teacher, attempts, run, lm_head="sparse"), [])
+            record["eval_kl"] = {"tokens": len(sparse_kl), "min": min(dense_kl), "rel": worst_over_ranks(
+                _max_rel(torch.tensor(sparse_kl), torch.tensor(dense_kl)))}
             results[(tp, cp, arch_name)] = record
     if dist.get_rank() == 0:
         torch.save(results, out_path)
@@ -197,6 +236,7 @@ def _worker(layouts: list, out_path: str) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse_head")
+    (root / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))  # the eval's prompts
     run_local_workers(_worker, 2, [(1, 1), (2, 1), (1, 2)], str(root / "two.pt"))
     run_local_workers(_worker, 4, [(2, 2)], str(root / "four.pt"))
     return {**torch.load(root / "two.pt"), **torch.load(root / "four.pt")}
@@ -232,3 +272,22 @@ def test_student_loss_and_every_gradient_are_the_dense_ones(results, tp, cp, arc
         assert sorted(grads) == record["params"], name
         assert "embedding.word_embeddings.weight" in grads and ("output_layer.weight" in grads) != record["tied"]
         assert all(err < 1e-5 for err in grads.values()), (name, {k: v for k, v in grads.items() if v >= 1e-5})
+
+
+@pytest.mark.parametrize("tp,cp,arch", CASES)
+def test_grpo_head_and_every_gradient_are_the_dense_ones(results, tp, cp, arch):
+    record = results[(tp, cp, arch)]["grpo"]
+    grads = record["grad_rel"]
+    print(f"TP={tp} CP={cp} {arch} GRPO head: logprob rel {record['logprob_rel']:.1e}, entropy rel "
+          f"{record['entropy_rel']:.1e}, worst grad rel {max(grads.values()):.1e}")
+    assert record["logprob_rel"] < 1e-6 and record["entropy_rel"] < 1e-6
+    assert sorted(grads) == results[(tp, cp, arch)]["params"]  # every parameter, the tied embedding among them
+    assert all(err < 1e-5 for err in grads.values()), {k: v for k, v in grads.items() if v >= 1e-5}
+
+
+@pytest.mark.parametrize("tp,cp,arch", CASES)
+def test_eval_localisation_is_the_dense_one(results, tp, cp, arch):
+    record = results[(tp, cp, arch)]["eval_kl"]
+    print(f"TP={tp} CP={cp} {arch} eval token KL: sparse vs dense rel {record['rel']:.1e}")
+    assert record["tokens"] == 7 + 12 and record["min"] > 0
+    assert record["rel"] < 1e-6

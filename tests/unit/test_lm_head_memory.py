@@ -5,6 +5,7 @@ or backward (a dispatch mode sees every one). The dense head, under the same rec
 
 import pytest
 import torch
+from helpers import wide_tensors
 
 from sdzero_mcore.data.sample import Sample
 from sdzero_mcore.losses import collate_distill, sparse_distill_loss, student_response_hidden, teacher_targets
@@ -13,25 +14,9 @@ from sdzero_mcore.models.builder import build_gpt_model
 from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.models.tiny import tiny_hf_config
 
-from helpers import OpOutputShapes
-
 VOCAB, K = 1111, 8
 # above every other width of the tiny model (qkv 256, fc1 192, hidden 64), below the vocabulary
 CHUNK = 320
-
-
-def _wide_tensors(step) -> tuple[list, list]:
-    """(tensors saved for backward, op outputs) of ``step()`` whose last dimension exceeds CHUNK."""
-    saved = []
-
-    def pack(tensor):
-        saved.append(tuple(tensor.shape))
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), OpOutputShapes() as outputs:
-        step()
-    assert saved and outputs.shapes  # the recorders saw the step
-    return [s for s in saved if s and s[-1] > CHUNK], [(f, s) for f, s in outputs.shapes if s and s[-1] > CHUNK]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +48,7 @@ def test_sparse_step_holds_no_vocabulary_wide_tensor(models, tail, monkeypatch):
         loss = sparse_distill_loss(hidden, head, targets, kl="mixed", tail=tail, vocab_chunk=CHUNK)
         loss.loss_sum.backward()
 
-    saved, outputs = _wide_tensors(step)
+    saved, outputs = wide_tensors(step, CHUNK)
     assert saved == [] and outputs == [], (saved, outputs[:5])
 
 
@@ -76,7 +61,7 @@ def test_dense_step_does_hold_them(models, monkeypatch):
         targets = teacher_targets(teacher, batch, k=K, lm_head="dense")
         distill_loss(student_logits(student, batch), targets, kl="mixed", tail="bucket").loss_sum.backward()
 
-    saved, outputs = _wide_tensors(step)
+    saved, outputs = wide_tensors(step, CHUNK)
     padded = student.padded_vocab_size
     assert any(shape[-1] == padded for shape in saved)
     assert any(shape[-1] == padded for _, shape in outputs)
