@@ -26,7 +26,7 @@ chunked PyTorch path (or the Triton kernels under TRITON_INTERPRET=1, as the tes
 has a ``*_reference`` beside it: the definition written directly, the oracle of the tests.
 """
 
-from sdzero_kernels._common import KL_MODES, MAX_K, TAIL_MODES, VOCAB_CHUNK
+from sdzero_kernels._common import KL_MODES, MAX_K, TAIL_MODES, VOCAB_CHUNK, main_grad_of
 from sdzero_kernels.full_kl import full_kl, full_kl_reference
 from sdzero_kernels.fused_linear_full_kl import fused_linear_full_kl, fused_linear_full_kl_reference
 from sdzero_kernels.fused_linear_logprobs import (
@@ -55,6 +55,7 @@ __all__ = [
     "fused_linear_teacher_topk_reference",
     "fused_linear_topk_kl",
     "fused_linear_topk_kl_reference",
+    "main_grad_of",
     "sparse_topk_kl",
     "sparse_topk_kl_reference",
     "teacher_topk",

@@ -297,18 +297,27 @@ class OnlineSoftmax:
         return combine_lse(self.row_max, self.row_sum, tp_group, *self.weighted)
 
 
-def fused_linear_grads(hidden: torch.Tensor, weight: torch.Tensor, chunks, chunk_grad, tp_group):
+def fused_linear_grads(hidden: torch.Tensor, weight: torch.Tensor, chunks, chunk_grad, tp_group, *,
+                       main_grad: Optional[torch.Tensor] = None, weight_grad_needed: bool = True):
     """The backward of a fused-linear op: for each vocabulary chunk (start, stop), the gradient of
     its logits ``chunk_grad(start, stop)`` [T, stop - start] (recomputed from h and W by the
     caller), then dh += g @ W_chunk and dW_chunk = g.T @ h; dh summed over the TP group, as the
     output layer's input gradient is. One chunk's gradient is alive at a time (a function's
-    temporaries are freed when it returns). Returns (dh in h's dtype, dW; padding rows zero)."""
+    temporaries are freed when it returns). Returns (dh in h's dtype, dW; padding rows zero).
+
+    ``main_grad`` (:func:`main_grad_of` the weight, captured in the forward): dW_chunk is added
+    into it instead and dW is returned as None (gradient-accumulation fusion); so it is when
+    ``weight_grad_needed`` is False (``ctx.needs_input_grad``), and then nothing is formed."""
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    grad_weight = torch.zeros_like(weight)  # padding rows keep zero
+    fused = main_grad is not None and weight_grad_needed
+    grad_weight = torch.zeros_like(weight) if weight_grad_needed and not fused else None  # padding rows keep zero
     for start, stop in chunks:
         grad = chunk_grad(start, stop).to(weight.dtype)
         grad_hidden += (grad @ weight[start:stop]).float()
-        grad_weight[start:stop] = grad.t() @ hidden
+        if fused:
+            main_grad[start:stop] += grad.t() @ hidden
+        elif grad_weight is not None:
+            grad_weight[start:stop] = grad.t() @ hidden
         del grad
     all_reduce_sum(grad_hidden, tp_group)
     return grad_hidden.to(hidden.dtype), grad_weight
@@ -325,3 +334,26 @@ def local_teacher_ids(teacher_ids: torch.Tensor, local_vocab: int, tp_group):
     local_ids = teacher_ids - tp_size_rank(tp_group)[1] * local_vocab
     owned = (local_ids >= 0) & (local_ids < local_vocab)
     return local_ids.clamp(0, local_vocab - 1), owned
+
+
+# ------------------------------------------------------------------------------------------
+# Gradient-accumulation fusion (megatron-core DDP's ``main_grad``) and the chunked backward
+
+
+def main_grad_of(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """The gradient buffer megatron-core's DDP gives ``weight`` (``weight.main_grad``: a view of its
+    contiguous fp32 buffer with ``grad_reduce_in_fp32``), or None (no DDP).
+
+    A fused-linear op whose weight has one adds its weight gradient into it in the backward and
+    returns no gradient (None) for the weight, instead of allocating a [V_local, H] gradient that
+    DDP's post-accumulation hook would then add into the same buffer. Unlike megatron's own fused
+    linear layers it does not set ``weight.grad_added_to_main_grad`` nor return a dummy [V, H]
+    gradient: with a tied embedding the lookup's gradient still arrives as ``weight.grad``, and
+    the hook adds ``weight.grad`` only while that flag is False. The autograd engine runs the
+    hook with an undefined gradient too (``weight.grad`` stays None, nothing is added); DDP's
+    ``overlap_grad_reduce=True`` asserts a gradient there, so that mode needs the unfused path
+    (the trainer runs with it off)."""
+    main_grad = getattr(weight, "main_grad", None)
+    if isinstance(main_grad, torch.Tensor) and main_grad.shape == weight.shape:
+        return main_grad
+    return None

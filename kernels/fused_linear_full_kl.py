@@ -31,6 +31,7 @@ from sdzero_kernels._common import (
     chunk_logits,
     forward_weight,
     fused_linear_grads,
+    main_grad_of,
     shard_vocab_rows,
     vocab_chunks,
 )
@@ -58,6 +59,7 @@ class _FusedLinearFullKL(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, teacher_hidden, teacher_weight, lse_s.float(), lse_t.float(),
                               reverse.float())
         ctx.w_forward, ctx.inv_temp, ctx.tp_group, ctx.chunks = w_forward, inv_temp, tp_group, chunks
+        ctx.main_grad = main_grad_of(weight)
         return (w_forward * forward + (1.0 - w_forward) * reverse).float()
 
     @staticmethod
@@ -75,7 +77,9 @@ class _FusedLinearFullKL(torch.autograd.Function):
             del zs, zt
             return scale * (w_forward * (p - q) + (1.0 - w_forward) * rev_grad)
 
-        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group)
+        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
+                                                      main_grad=ctx.main_grad,
+                                                      weight_grad_needed=ctx.needs_input_grad[1])
         return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 

@@ -38,6 +38,7 @@ from sdzero_kernels._common import (
     check_vocab_chunk,
     chunk_logits,
     fused_linear_grads,
+    main_grad_of,
     local_teacher_ids,
     shard_vocab_rows,
     vocab_chunks,
@@ -69,6 +70,7 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
         entropy = (lse - mean_logit).float()
         ctx.save_for_backward(hidden, weight, columns, owned, lse.float(), mean_logit.float())
         ctx.inv_temp, ctx.tp_group, ctx.chunks = inv_temp, tp_group, chunks
+        ctx.main_grad = main_grad_of(weight)
         return logprobs, entropy
 
     @staticmethod
@@ -86,7 +88,9 @@ class _FusedLinearLogprobsEntropy(torch.autograd.Function):
             in_chunk, column = _label_in_chunk(columns, owned, start, stop)
             return grad.scatter_add_(1, column[:, None], torch.where(in_chunk[:, None], grad_logprobs, 0.0))
 
-        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group)
+        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
+                                                      main_grad=ctx.main_grad,
+                                                      weight_grad_needed=ctx.needs_input_grad[1])
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

@@ -10,7 +10,8 @@
   (each id lives on one rank), and ``topk_kl``'s per-row math over the K lanes (``_topk_rows``:
   the loss, dLoss/dz on the K ids and the tail coefficient c with dLoss/dz_v = c p_v outside them).
   backward: the chunk's logits recomputed, its gradient c p_v (the K ids' own values written over
-  it), then dh += g @ W_chunk and dW_chunk = g.T @ h. dh is summed over the TP group, as the
+  it), then dh += g @ W_chunk and dW_chunk = g.T @ h (``_common.fused_linear_grads``; into
+  megatron DDP's ``main_grad`` when the weight has one). dh is summed over the TP group, as the
   output layer's input gradient is.
 
   Saved for the backward: h, the weight (the parameter itself), the log-sum-exp, dLoss/dz [T, K]
@@ -36,7 +37,9 @@ from sdzero_kernels._common import (
     check_vocab_chunk,
     chunk_logits,
     combine_lse,
+    fused_linear_grads,
     local_teacher_ids,
+    main_grad_of,
     merge_max_sum,
     row_max_sum,
     shard_vocab_rows,
@@ -68,6 +71,7 @@ class _FusedLinearBucketKL(torch.autograd.Function):
         loss, grad_z, tail_coef = _topk_rows(z, teacher_logprobs.float().contiguous(), lse, True, w_forward)
         ctx.save_for_backward(hidden, weight, rows, owned, grad_z, tail_coef, lse.float())
         ctx.inv_temp, ctx.tp_group, ctx.chunks = inv_temp, tp_group, chunks
+        ctx.main_grad = main_grad_of(weight)
         return loss
 
     @staticmethod
@@ -75,9 +79,8 @@ class _FusedLinearBucketKL(torch.autograd.Function):
         hidden, weight, rows, owned, grad_z, tail_coef, lse = ctx.saved_tensors
         scale = grad_loss.float() * ctx.inv_temp  # d(student logit) = d(z) / temperature
         coef, values = (scale * tail_coef)[:, None], grad_z * scale[:, None]
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros_like(weight)  # padding rows keep zero
-        for start, stop in ctx.chunks:
+
+        def chunk_grad(start, stop):
             x = chunk_logits(hidden, weight, start, stop).float() * ctx.inv_temp
             grad = coef * torch.exp(x - lse[:, None])  # c p_v, right outside the teacher's ids
             # the teacher's ids in this chunk take their own gradient instead: clear their columns
@@ -87,12 +90,12 @@ class _FusedLinearBucketKL(torch.autograd.Function):
             hits = x.zero_().scatter_add_(1, columns, in_chunk.float())
             grad.masked_fill_(hits > 0, 0.0).scatter_add_(1, columns, torch.where(in_chunk, values, 0.0))
             del x, hits
-            grad = grad.to(weight.dtype)
-            grad_hidden += (grad @ weight[start:stop]).float()
-            grad_weight[start:stop] = grad.t() @ hidden
-            del grad
-        all_reduce_sum(grad_hidden, ctx.tp_group)
-        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None, None, None
+            return grad.to(weight.dtype)
+
+        grad_hidden, grad_weight = fused_linear_grads(hidden, weight, ctx.chunks, chunk_grad, ctx.tp_group,
+                                                      main_grad=ctx.main_grad,
+                                                      weight_grad_needed=ctx.needs_input_grad[1])
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
 
 
 def fused_linear_topk_kl(

@@ -10,7 +10,9 @@ z_k = h . W[id_k] / temperature. So instead of [T, V] logits:
   (``_topk_rows``: float64, the loss and dLoss/dz).
 * backward: g = dLoss/dz x grad_out / temperature on the owned ids; dh = sum_k g_k W[id_k], summed
   over the TP group (as the output layer's input gradient is); dW[id_k] += g_k h, an ``index_add_``
-  into a float32 buffer of the shard's shape, cast to the weight's dtype at the end.
+  into a float32 buffer of the shard's shape, cast to the weight's dtype at the end; or, when the
+  weight has megatron-core DDP's ``main_grad`` (``_common.main_grad_of``), straight into it, and
+  no [V_local, H] gradient is allocated (gradient-accumulation fusion).
 
 FLOPs: 2 x T x K x H forward and 4 x T x K x H backward, against 2 x T x V x H and 4 x T x V x H
 for the dense head. The gathered rows [rows, K, H] exist for one chunk of rows at a time
@@ -32,11 +34,12 @@ from sdzero_kernels._common import (
     all_reduce_sum,
     check_fused_topk_loss_args,
     local_teacher_ids,
+    main_grad_of,
 )
 from sdzero_kernels.topk_kl import _topk_rows, topk_kl_reference
 
 # Elements of the gathered weight rows [rows, K, H] alive at once on the PyTorch path.
-ROW_ELEMENTS = 1 << 24
+ROW_ELEMENTS = 1 << 22
 
 
 def _row_chunks(num_rows: int, k: int, hidden_size: int):
@@ -61,6 +64,7 @@ class _SparseTopKKL(torch.autograd.Function):
         loss, grad_z, _ = _topk_rows(z, teacher_logprobs.float().contiguous(), None, False, w_forward)
         ctx.save_for_backward(hidden, weight, rows, owned, grad_z)
         ctx.inv_temp, ctx.tp_group = inv_temp, tp_group
+        ctx.main_grad = main_grad_of(weight)
         return loss
 
     @staticmethod
@@ -68,16 +72,26 @@ class _SparseTopKKL(torch.autograd.Function):
         hidden, weight, rows, owned, grad_z = ctx.saved_tensors
         g = torch.where(owned, grad_z * (grad_loss.float() * ctx.inv_temp)[:, None], 0.0)
         grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # the weight gradient: straight into megatron DDP's main_grad when the weight has one
+        # (gradient-accumulation fusion, _common.main_grad_of), else into a float32 buffer
+        main_grad = ctx.main_grad if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1] and main_grad is None:
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        accumulator = main_grad if main_grad is not None else grad_weight
         for chunk in _row_chunks(*rows.shape, hidden.shape[1]):
             gathered = weight[rows[chunk]].float()  # [rows, K, H]
             grad_hidden[chunk] = torch.bmm(g[chunk, None, :], gathered)[:, 0]
             del gathered
-            outer = g[chunk, :, None] * hidden[chunk, None, :].float()  # [rows, K, H]
-            # ids another rank owns carry g = 0: adding them to their clamped row changes nothing
-            grad_weight.index_add_(0, rows[chunk].reshape(-1), outer.reshape(-1, hidden.shape[1]))
+            if accumulator is not None:
+                outer = g[chunk, :, None] * hidden[chunk, None, :].float()  # [rows, K, H]
+                # ids another rank owns carry g = 0: adding them to their clamped row changes nothing
+                accumulator.index_add_(0, rows[chunk].reshape(-1),
+                                       outer.reshape(-1, hidden.shape[1]).to(accumulator.dtype))
+                del outer
         all_reduce_sum(grad_hidden, ctx.tp_group)
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None, None
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return grad_hidden.to(hidden.dtype), grad_weight, None, None, None, None, None
 
 
 def sparse_topk_kl(

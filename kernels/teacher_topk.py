@@ -143,12 +143,13 @@ def _shard_topk_torch(rows: torch.Tensor, k: int, inv_temp: float, id_offset: in
     ids = torch.arange(vocab, device=rows.device) + id_offset
     local_k = min(k, vocab)
     for chunk in rows.split(max(1, CHUNK_ELEMENTS // vocab)):
-        x = chunk.float() * inv_temp
-        chunk_max = x.max(dim=1).values
+        x = chunk.float()
+        if inv_temp != 1.0:  # x * 1.0 is x: skip a pass over the chunk
+            x = x * inv_temp
+        top, chunk_max = _top_keys(x, ids, local_k)
         shifted = torch.where(torch.isneginf(chunk_max), 0.0, chunk_max)
         row_sum.append(torch.exp(x - shifted[:, None]).sum(dim=1))
         row_max.append(chunk_max)
-        top = pack_keys(x, ids.expand_as(x)).topk(local_k, dim=1).values
         if local_k < k:  # a shard narrower than k: empty slots never win the merge
             top = torch.cat([top, top.new_full((top.shape[0], k - local_k), MIN_KEY)], dim=1)
         keys.append(top)
@@ -156,6 +157,26 @@ def _shard_topk_torch(rows: torch.Tensor, k: int, inv_temp: float, id_offset: in
         empty = torch.empty(0, device=rows.device)
         return torch.empty(0, k, dtype=torch.int64, device=rows.device), empty, empty
     return torch.cat(keys), torch.cat(row_max), torch.cat(row_sum)
+
+
+def _top_keys(x: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the k largest packed keys of each row of ``x`` [T, V] with ids ``ids`` [V], sorted
+    descending; the row max): ``pack_keys(x, ids).topk(k).values`` and ``x.max(dim=1).values``
+    without packing all T x V elements.
+
+    A float top-(k + 1) of the row: where its k-th value is strictly above its (k + 1)-th, the
+    row's top-k set is fixed whatever the order of ties, and only those k elements are packed.
+    The other rows (ties across the k-th value, -0.0 beside +0.0, NaN) are packed in full, so the
+    keys are those of the full packing. The first value is the row max (NaN first, as ``max``)."""
+    if k >= x.shape[1]:
+        return pack_keys(x, ids.expand_as(x)).topk(k, dim=1).values, x.max(dim=1).values
+    values, columns = x.topk(k + 1, dim=1)
+    keys = pack_keys(values[:, :k], ids[columns[:, :k]]).sort(dim=1, descending=True).values
+    ambiguous = ~(values[:, k - 1] > values[:, k]) | values.isnan().any(dim=1)
+    rows = ambiguous.nonzero().squeeze(1)
+    if rows.numel():
+        keys[rows] = pack_keys(x[rows], ids.expand(len(rows), -1)).topk(k, dim=1).values
+    return keys, values[:, 0]
 
 
 # ------------------------------------------------------------------------------------------

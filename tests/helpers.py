@@ -278,8 +278,18 @@ class _OutputShapes(TorchDispatchMode):
         from torch.utils._pytree import tree_leaves
 
         out = func(*args, **(kwargs or {}))
-        self.shapes += [(str(func), tuple(t.shape)) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        # tensors the op creates: an in-place op's output is its input (index_add_ into main_grad)
+        self.shapes += [(str(func), tuple(t.shape)) for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and not any(t is i for i in inputs)]
         return out
+
+
+def op_output_shapes(step) -> list[tuple[str, tuple]]:
+    """(op, shape) of every tensor ``step()`` creates, forward and backward (a dispatch mode)."""
+    with _OutputShapes() as outputs:
+        step()
+    return outputs.shapes
 
 
 def wide_tensors(step, width: int) -> tuple[list, list]:

@@ -8,10 +8,14 @@ LM head in the same run: time, working memory and the FLOPs of each part.
     python tools/bench_phase2_step.py --shape qwen3-4b
 
 The step is what ``distill_step`` runs per micro-batch on megatron-core models (random weights,
-TP = CP = 1): ``teacher_targets`` on the teacher sequence x + y + P_r + y (P_r: 20 tokens), the
-student forward on x + y, ``distill_loss`` (dense) or ``sparse_distill_loss`` (sparse) and the
-backward; no optimizer step. Times are medians after warm-up. Working memory is the peak during
-the step minus what was held before it (weights): on a GPU the allocator's peak; on CPU the
+TP = CP = 1), with the student wrapped as the trainer wraps it (``trainer.per_token_ddp``:
+megatron-core's DDP, fp32 ``main_grad`` buffers): DDP's buffers zeroed, ``teacher_targets`` on
+the teacher sequence x + y + P_r + y (P_r: 20 tokens), then the student's forward on x + y,
+``distill_loss`` (dense) or ``sparse_distill_loss`` (sparse) and the backward through
+``trainer.forward_backward`` (megatron-core's schedule; gradients into ``main_grad``, divided by
+the token count); no optimizer step. Times are medians after warm-up. Working memory is the peak
+during the step minus what was held before it (weights and DDP's gradient buffers): on a GPU the
+allocator's peak; on CPU the
 process's peak RSS (VmHWM, reset through /proc/self/clear_refs before the step), each variant in a
 fresh subprocess so that one variant's allocator cache cannot hide another's peak.
 
@@ -162,20 +166,23 @@ def make_batch(shape: Shape):
     return collate_distill(samples, pad_id=0)
 
 
-def micro_step(student, teacher, batch, head: str, shape: Shape, tail: str):
-    from sdzero_mcore.losses import distill_loss, sparse_distill_loss, student_logits, student_response_hidden
+def micro_step(ddp, teacher, batch, head: str, shape: Shape, tail: str) -> float:
+    """One micro-step as the trainer runs it (``Trainer.train_step`` without the optimizer): DDP's
+    gradient buffers zeroed, the teacher's targets, then the student's forward and backward
+    through megatron-core's schedule (``trainer.forward_backward``) with Phase 2's forward step
+    (``phases.distill.distill_forward_step``): gradients summed into ``main_grad`` and divided by
+    the token count there. Returns the loss summed over the response tokens."""
+    from sdzero_mcore.config import DistillConfig
     from sdzero_mcore.losses import teacher_targets
+    from sdzero_mcore.phases.distill import distill_forward_step
+    from sdzero_mcore.trainer import forward_backward
 
+    ddp.zero_grad_buffer()
     targets = teacher_targets(teacher, batch, k=shape.k, lm_head=head)
-    if head == "dense":
-        loss = distill_loss(student_logits(student, batch), targets, tail=tail)
-    else:
-        hidden, student_head = student_response_hidden(student, batch)
-        loss = sparse_distill_loss(hidden, student_head, targets, tail=tail)
-    loss.loss_sum.backward()
-    for param in student.parameters():
-        param.grad = None
-    return loss.loss_sum.detach()
+    rewards = torch.zeros(shape.batch, device=targets.ids.device)
+    totals = forward_backward(ddp, [(batch, targets, rewards)],
+                              distill_forward_step(DistillConfig(top_k=shape.k, tail=tail, lm_head=head)))
+    return totals["loss"] * totals["num_tokens"]
 
 
 def rss_bytes() -> int:
@@ -205,21 +212,26 @@ def measure_variant(shape: Shape, head: str, tail: str, device: torch.device, wa
 
     init_distributed("nccl" if device.type == "cuda" else "gloo")
     initialize_model_parallel(1, seed=0)
+    from sdzero_mcore.trainer import per_token_ddp
+
     student, teacher = build(shape, device)
+    # as the trainer holds it: megatron-core's DDP with its fp32 main_grad buffers, allocated (and
+    # zeroed) here, before the step, so that they count as held and in neither head's working memory
+    ddp = per_token_ddp(student)
     batch = make_batch(shape)
     timer = Timer(device)
     result = {"head": head, "tail": tail}
     if device.type == "cuda":
-        result["loss_sum"] = float(micro_step(student, teacher, batch, head, shape, tail))
-        result["working_gib"] = timer.peak_extra_bytes(lambda: micro_step(student, teacher, batch, head, shape, tail)) / 2**30
+        result["loss_sum"] = float(micro_step(ddp, teacher, batch, head, shape, tail))
+        result["working_gib"] = timer.peak_extra_bytes(lambda: micro_step(ddp, teacher, batch, head, shape, tail)) / 2**30
     else:
         held = rss_bytes()
         result["peak_rss_reset"] = reset_peak_rss()
-        result["loss_sum"] = float(micro_step(student, teacher, batch, head, shape, tail))  # the first step: its peak
+        result["loss_sum"] = float(micro_step(ddp, teacher, batch, head, shape, tail))  # the first step: its peak
         result["working_gib"] = (peak_rss_bytes() - held) / 2**30
         result["held_gib"] = held / 2**30
         result["peak_rss_gib"] = peak_rss_bytes() / 2**30
-    ms, samples = timer.median_ms(lambda: micro_step(student, teacher, batch, head, shape, tail), warmup, iters)
+    ms, samples = timer.median_ms(lambda: micro_step(ddp, teacher, batch, head, shape, tail), warmup, iters)
     result.update(median_ms=ms, samples_ms=samples)
     return result
 

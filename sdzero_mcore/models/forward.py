@@ -15,10 +15,12 @@ At pipeline-parallel size > 1 the logits exist on the last stage only (``paralle
 
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from sdzero_kernels import main_grad_of
 
 from sdzero_mcore.parallel.context_parallel import gather_from_cp, split_batch_for_cp
 from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
@@ -73,14 +75,23 @@ def final_hidden_states(model, local: Mapping[str, torch.Tensor]) -> torch.Tenso
     decoder (which ends with the final norm); ``output_layer(h, weight=output_weight(model))``
     on them gives :func:`vocab_parallel_logits`' values. A model split into pipeline stages has
     its output layer on the last stage only, which this does not handle.
+
+    Under megatron-core's DDP the word embeddings' gradient goes straight into the embedding
+    weight's ``main_grad`` (:func:`_embedding_lookup_into_main_grad`): the lookup's autograd
+    backward would build a dense [V / TP, H] gradient for the few rows the batch reads.
     """
     gpt = gpt_model(model)
     if not (gpt.pre_process and gpt.post_process):
         raise ValueError("final_hidden_states needs the whole model on one pipeline stage")
     device = model_device(gpt)
-    decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = gpt._preprocess(
-        input_ids=local["input_ids"].to(device), position_ids=local["position_ids"].to(device)
-    )[:6]
+    input_ids = local["input_ids"].to(device)
+    fuse_lookup_grad = _lookup_grad_fusable(gpt)
+    with torch.no_grad() if fuse_lookup_grad else contextlib.nullcontext():
+        decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
+            gpt._preprocess(input_ids=input_ids, position_ids=local["position_ids"].to(device))[:6]
+        )
+    if fuse_lookup_grad:
+        decoder_input = _embedding_lookup_into_main_grad(gpt, decoder_input, input_ids)
     return gpt.decoder(
         hidden_states=decoder_input,
         attention_mask=None,
@@ -90,6 +101,55 @@ def final_hidden_states(model, local: Mapping[str, torch.Tensor]) -> torch.Tenso
         sequence_len_offset=sequence_len_offset,
         padding_mask=padding_mask,
     )
+
+
+def _lookup_grad_fusable(gpt) -> bool:
+    """Whether the embedding's output is the word-embedding lookup alone, as [s, B, H] (no
+    position or token-type embeddings, no dropout, no sequence-parallel scatter), and its weight
+    wants a gradient and has megatron DDP's ``main_grad``: then :func:`_embedding_lookup_into_main_grad`
+    gives the same gradient."""
+    embedding = gpt.embedding
+    weight = embedding.word_embeddings.weight
+    return (
+        torch.is_grad_enabled()
+        and weight.requires_grad
+        and main_grad_of(weight) is not None
+        and all(param is weight for param in embedding.parameters())
+        and not embedding.add_position_embedding
+        and not gpt.config.sequence_parallel
+        and (embedding.embedding_dropout.p == 0.0 or not embedding.training)
+    )
+
+
+class _LookupGradIntoMainGrad(torch.autograd.Function):
+    """Identity on the embeddings [s, B, H] (computed without autograd); the backward adds their
+    gradient into the rows of ``main_grad`` the ids read (index_add_: deterministic on CPU, atomic
+    adds on CUDA) and returns no gradient for the weight, which stays a graph input only so that
+    the backward runs. Ids another TP rank owns carry a zero row (their clamped row gains 0)."""
+
+    @staticmethod
+    def forward(ctx, embeddings, weight, rows, owned):
+        ctx.save_for_backward(rows, owned)
+        ctx.main_grad = main_grad_of(weight)
+        return embeddings
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, owned = ctx.saved_tensors
+        grad = torch.where(owned[:, None], grad.reshape(-1, grad.shape[-1]), 0.0)
+        ctx.main_grad.index_add_(0, rows, grad.to(ctx.main_grad.dtype))
+        return None, None, None, None
+
+
+def _embedding_lookup_into_main_grad(gpt, embeddings: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``embeddings`` [s, B, H], the lookup of ``input_ids`` [B, s] made without autograd, with the
+    gradient path of the lookup into the weight's ``main_grad`` (at TP > 1, the rows of this
+    rank's vocabulary shard; megatron's all-reduce of the output has an identity backward)."""
+    word_embeddings = gpt.embedding.word_embeddings
+    ids = input_ids.t().reshape(-1) - word_embeddings.vocab_start_index  # [s, B] order, as embeddings
+    local_vocab = word_embeddings.weight.shape[0]
+    owned = (ids >= 0) & (ids < local_vocab)
+    return _LookupGradIntoMainGrad.apply(embeddings, word_embeddings.weight, ids.clamp(0, local_vocab - 1), owned)
 
 
 def output_weight(model) -> torch.Tensor:
