@@ -34,7 +34,18 @@ class ModelChunks(list):
     built with ``vp_stage=v``), with what callers ask of a whole model: its parameters (for the
     device and dtype), ``train``/``eval``/``requires_grad_`` on every chunk, and the ``hf_arch``,
     ``padded_vocab_size`` and ``config`` the chunks share. Parameter *names* are per chunk (each
-    names its layers from 0): code that needs them iterates the chunks (:func:`model_chunks`)."""
+    names its layers from 0): code that needs them iterates the chunks (:func:`model_chunks`).
+
+    Hashed and compared by identity, as a model is: callers key per-model state on it (the rollout
+    engine's weight-sync members, a ``WeakKeyDictionary``)."""
+
+    __hash__ = object.__hash__
+
+    def __eq__(self, other) -> bool:
+        return self is other
+
+    def __ne__(self, other) -> bool:
+        return self is not other
 
     @property
     def hf_arch(self):

@@ -90,7 +90,7 @@ def gold_solution_prefixes(questions: Sequence, teacher_prompts: Sequence[Sequen
 @torch.no_grad()
 def sync_teacher(teacher, student) -> None:
     """Copy the student's weights into the teacher (same layout, shard by shard)."""
-    for (name, t), (_, s) in zip(teacher.named_parameters(), student.named_parameters()):
+    for t, s in zip(teacher.parameters(), student.parameters(), strict=True):  # a model or its chunks
         t.copy_(s)
 
 

@@ -55,10 +55,35 @@ def tp2_runs(hf_dir, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("tp,cp", [(1, 1), (2, 1), (1, 2)])
-def test_end_to_end_and_teacher_sync(hf_dir, tmp_path, tp, cp, request):
-    if (tp, cp) == (2, 1):
+@pytest.fixture(scope="module")
+def hf_dir_4_layers(tmp_path_factory):
+    """Four layers: two pipeline stages of two virtual stages hold one layer per chunk."""
+    return save_tiny_hf_model(tmp_path_factory.mktemp("d4") / "hf", vocab_size=VOCAB, num_hidden_layers=4)
+
+
+@pytest.fixture(scope="module")
+def pp1_run(hf_dir_4_layers, tmp_path_factory):
+    run = tmp_path_factory.mktemp("pp1") / "run"
+    run_local_workers(distill_worker, 1, str(hf_dir_4_layers), str(run), [], 3)
+    return run
+
+
+@pytest.fixture(scope="module")
+def vpp_run(hf_dir_4_layers, tmp_path_factory):
+    run = tmp_path_factory.mktemp("vpp") / "run"
+    layout = ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"]
+    run_local_workers(distill_worker, 2, str(hf_dir_4_layers), str(run), layout, 3)
+    return run
+
+
+@pytest.mark.parametrize("tp,cp,pp", [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2)])
+def test_end_to_end_and_teacher_sync(hf_dir, tmp_path, tp, cp, pp, request):
+    if (tp, cp, pp) == (2, 1, 1):
         run = request.getfixturevalue("tp2_runs") / "sparse"
+    elif pp == 2:
+        run = request.getfixturevalue("vpp_run")
+    elif (tp, cp) == (1, 1):
+        run = request.getfixturevalue("pp1_run")
     else:
         run = tmp_path / "run"
         layout = [f"parallel.tensor_model_parallel_size={tp}", f"parallel.context_parallel_size={cp}"]
@@ -75,6 +100,15 @@ def test_end_to_end_and_teacher_sync(hf_dir, tmp_path, tp, cp, request):
     meta = json.loads((final / "sdzero_checkpoint.json").read_text())
     assert meta["final"] and meta["tensor_parallel_size"] == tp
     assert (final / "teacher" / "sdzero_checkpoint.json").is_file()
+
+
+def test_pipeline_stages_give_the_pp1_losses_step_by_step(pp1_run, vpp_run):
+    """The whole phase at PP=2 x VPP=2 (megatron-core's interleaved schedule, the dense head; the
+    teacher synced from the student's chunks at step 2) against PP=1 (the sparse head)."""
+    pp1, vpp = _metrics(pp1_run), _metrics(vpp_run)
+    for key in ("loss", "grad_norm", "kl_per_token"):
+        assert [m[key] for m in vpp] == pytest.approx([m[key] for m in pp1], rel=1e-5), key
+    assert [m["response_tokens"] for m in vpp] == [m["response_tokens"] for m in pp1]
 
 
 def test_sparse_head_gives_the_dense_losses_step_by_step_at_tp2(tp2_runs):
