@@ -5,7 +5,7 @@ The names below load their module on first use (PEP 562): a spawned worker impor
 caller's warning filters.
 """
 
-import importlib
+from sdzero_mcore.lazy_exports import lazy_getattr
 
 _HOME = {
     "apply_cpu_compat": "cpu_compat",
@@ -23,8 +23,4 @@ _HOME = {
 
 __all__ = sorted(_HOME)
 
-
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _HOME)
