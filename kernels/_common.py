@@ -267,7 +267,7 @@ def row_max_sum(x: torch.Tensor, *weights: torch.Tensor):
     accumulated in float64: a float32 sum over ~1e5 ids carries relative errors of ~1e-7, which
     the top-K tail mass (1 - sum of K probabilities) and KL = E[z_s - z_t] - (L_s - L_t) amplify."""
     x_max = x.max(dim=1).values
-    e = torch.exp(x - torch.where(torch.isneginf(x_max), 0.0, x_max)[:, None])
+    e = (x - torch.where(torch.isneginf(x_max), 0.0, x_max)[:, None]).exp_()  # in place: one temporary, not two
     return (
         x_max,
         e.sum(dim=1, dtype=torch.float64),

@@ -39,7 +39,7 @@ from sdzero_kernels._common import (
 from sdzero_kernels.topk_kl import _topk_rows, topk_kl_reference
 
 # Elements of the gathered weight rows [rows, K, H] alive at once on the PyTorch path.
-ROW_ELEMENTS = 1 << 22
+ROW_ELEMENTS = 1 << 21
 
 
 def _row_chunks(num_rows: int, k: int, hidden_size: int):

@@ -148,7 +148,7 @@ def _shard_topk_torch(rows: torch.Tensor, k: int, inv_temp: float, id_offset: in
             x = x * inv_temp
         top, chunk_max = _top_keys(x, ids, local_k)
         shifted = torch.where(torch.isneginf(chunk_max), 0.0, chunk_max)
-        row_sum.append(torch.exp(x - shifted[:, None]).sum(dim=1))
+        row_sum.append((x - shifted[:, None]).exp_().sum(dim=1))  # in place: one [rows, V] temporary, not two
         row_max.append(chunk_max)
         if local_k < k:  # a shard narrower than k: empty slots never win the merge
             top = torch.cat([top, top.new_full((top.shape[0], k - local_k), MIN_KEY)], dim=1)

@@ -15,9 +15,13 @@ the teacher sequence x + y + P_r + y (P_r: 20 tokens), then the student's forwar
 ``trainer.forward_backward`` (megatron-core's schedule; gradients into ``main_grad``, divided by
 the token count); no optimizer step. Times are medians after warm-up. Working memory is the peak
 during the step minus what was held before it (weights and DDP's gradient buffers): on a GPU the
-allocator's peak; on CPU the
-process's peak RSS (VmHWM, reset through /proc/self/clear_refs before the step), each variant in a
-fresh subprocess so that one variant's allocator cache cannot hide another's peak.
+allocator's peak; on CPU the process's peak RSS (VmHWM, reset through /proc/self/clear_refs
+before the step), each variant in a fresh subprocess. On CPU the steps measured are the timed
+ones, after the warm-up (the first step's one-time allocations, thread pools and lazily loaded
+libraries, are no step's working memory), and before each the C allocator returns the memory it
+keeps free to the system (``malloc_trim``), so that what an earlier step freed cannot hide this
+step's allocations; RSS still varies between steps (glibc's per-thread arenas), so the median
+over the timed steps is reported, with each step's value in ``--json``.
 
 FLOPs are counted analytically (2 per multiply-add; attention scores and values over the causal
 half of the square, what flash attention kernels compute), per part: the teacher's and the student's transformer
@@ -31,11 +35,14 @@ gradient checkpointing, full logits, top-64, chunked renorm reverse KL, fused Ad
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
@@ -224,16 +231,42 @@ def measure_variant(shape: Shape, head: str, tail: str, device: torch.device, wa
     if device.type == "cuda":
         result["loss_sum"] = float(micro_step(ddp, teacher, batch, head, shape, tail))
         result["working_gib"] = timer.peak_extra_bytes(lambda: micro_step(ddp, teacher, batch, head, shape, tail)) / 2**30
+        ms, samples = timer.median_ms(lambda: micro_step(ddp, teacher, batch, head, shape, tail), warmup, iters)
     else:
-        held = rss_bytes()
-        result["peak_rss_reset"] = reset_peak_rss()
-        result["loss_sum"] = float(micro_step(ddp, teacher, batch, head, shape, tail))  # the first step: its peak
-        result["working_gib"] = (peak_rss_bytes() - held) / 2**30
-        result["held_gib"] = held / 2**30
-        result["peak_rss_gib"] = peak_rss_bytes() / 2**30
-    ms, samples = timer.median_ms(lambda: micro_step(ddp, teacher, batch, head, shape, tail), warmup, iters)
+        result["loss_sum"] = float(micro_step(ddp, teacher, batch, head, shape, tail))  # the warm-up's first step
+        for _ in range(warmup - 1):
+            micro_step(ddp, teacher, batch, head, shape, tail)
+        samples, working = [], []
+        for _ in range(iters):
+            elapsed_ms, step_bytes, result["peak_rss_reset"] = rss_measured(
+                lambda: micro_step(ddp, teacher, batch, head, shape, tail))
+            samples.append(elapsed_ms)
+            working.append(step_bytes / 2**30)
+        ms = statistics.median(samples)
+        result.update(working_gib=statistics.median(working), working_gib_each=working, held_gib=rss_bytes() / 2**30,
+                      peak_rss_gib=peak_rss_bytes() / 2**30)
     result.update(median_ms=ms, samples_ms=samples)
     return result
+
+
+def rss_measured(fn) -> tuple[float, int, bool]:
+    """``fn()``'s time in ms, its working memory (peak RSS during it minus RSS before it, the C
+    allocator's free memory returned to the system first) and whether the peak could be reset."""
+    trim_free_heap()
+    held = rss_bytes()
+    was_reset = reset_peak_rss()
+    begin = time.perf_counter()
+    fn()
+    elapsed_ms = (time.perf_counter() - begin) * 1e3
+    return elapsed_ms, peak_rss_bytes() - held, was_reset
+
+
+def trim_free_heap() -> None:
+    """glibc's ``malloc_trim(0)``: free heap pages back to the system (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ------------------------------------------------------------------------------------------
@@ -312,6 +345,8 @@ def main(argv: Optional[list] = None) -> int:
     shape = SHAPES[name] if args.dtype is None else replace(SHAPES[name], dtype=args.dtype)
     if device.type == "cpu" and args.dtype is None:
         shape = replace(shape, dtype="float32")  # bf16 matmuls on CPU measure nothing useful
+    if device.type == "cpu":
+        args.warmup = max(1, args.warmup)  # the first step's one-time allocations are not measured (module doc)
 
     if args.variant is not None:  # child: one variant, one JSON line on stdout
         print(json.dumps(measure_variant(shape, args.variant, args.tail, device, args.warmup, args.iters)))
