@@ -55,17 +55,19 @@ def gather_tp(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 def global_grads(model) -> dict[str, torch.Tensor]:
     """Each parameter's gradient gathered over TP into the global megatron layout, padding stripped
-    (a pipeline stage's: its layers under their global names)."""
+    (a pipeline stage's: its layers under their global names, from each of its model chunks)."""
     from sdzero_mcore.checkpoint.mapping import Kind, gather_shards, model_param_mappings
+    from sdzero_mcore.parallel.pipeline import model_chunks
 
-    table = model_param_mappings(model)
     out = {}
-    for name, param in model.named_parameters():
-        mapping = table[name]
-        full = gather_shards(mapping, gather_tp(param.main_grad))
-        if mapping.kind is Kind.VOCAB:
-            full = full[: model.hf_arch.vocab_size]
-        out[mapping.mcore] = full
+    for chunk in model_chunks(model):
+        table = model_param_mappings(chunk)
+        for name, param in chunk.named_parameters():
+            mapping = table[name]
+            full = gather_shards(mapping, gather_tp(param.main_grad))
+            if mapping.kind is Kind.VOCAB:
+                full = full[: chunk.hf_arch.vocab_size]
+            out[mapping.mcore] = full
     return out
 
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from sdzero_mcore.checkpoint import mcore_io
 from sdzero_mcore.checkpoint.hf_io import CheckpointError, HFCheckpointReader
-from sdzero_mcore.checkpoint.mapping import expected_hf_shapes, hf_to_local, model_param_mappings
+from sdzero_mcore.checkpoint.mapping import expected_hf_shapes, hf_to_local, mark_tensor_parallel_params, model_param_mappings
 from sdzero_mcore.models.builder import build_gpt_model
 from sdzero_mcore.models.hf_config import ModelArch
 from sdzero_mcore.parallel.pipeline import model_chunks
@@ -65,6 +65,7 @@ def build_model_from_hf(
     model = build_gpt_model(
         arch, params_dtype=params_dtype or reader.main_dtype(), perform_initialization=False, **build_kwargs
     )
+    mark_tensor_parallel_params(model)  # what the skipped initialisation would have set
     load_hf_weights(model, reader, progress=progress)
     return model
 
@@ -80,5 +81,6 @@ def build_model_from_mcore(
     arch = mcore_io.checkpoint_arch(ckpt_dir)
     dtype = params_dtype or getattr(torch, meta["params_dtype"])
     model = build_gpt_model(arch, params_dtype=dtype, perform_initialization=False, **build_kwargs)
+    mark_tensor_parallel_params(model)  # what the skipped initialisation would have set
     mcore_io.load_model(model, ckpt_dir)
     return model

@@ -27,8 +27,10 @@ from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 import torch
+from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
 from sdzero_mcore.models.hf_config import ModelArch
+from sdzero_mcore.parallel.pipeline import model_chunks
 
 LAYER = "{layer}"
 
@@ -370,6 +372,28 @@ def model_param_mappings(model) -> dict[str, WeightMapping]:
             raise ValueError(f"parameter {name!r} has no HF mapping for {arch.architecture}")
         out[name] = table[key]
     return out
+
+
+# The dimension each kind is split along over TP (megatron-core's ``partition_dim``); REPLICATED: none
+PARTITION_DIM = {Kind.ROW: 1, Kind.VOCAB: 0, Kind.QKV: 0, Kind.GATE_UP: 0, Kind.COLUMN: 0}
+
+
+def mark_tensor_parallel_params(model) -> None:
+    """Set megatron-core's tensor-parallel attributes (``tensor_model_parallel``, ``partition_dim``,
+    ``partition_stride``) on every parameter split over TP, as its weight initialisers do.
+
+    megatron-core sets them only when it initialises a weight (``perform_initialization``). A model
+    built to receive checkpoint weights skips that initialisation, and code that reads the
+    attributes would then take every rank's shard of a split weight for a replica: the distributed
+    optimizer's gradient norm (``param_is_not_tensor_parallel_duplicate``) counted TP rank 0's
+    shards only. Parameters that have them already (biases, which megatron marks unconditionally)
+    are left as they are."""
+    for chunk in model_chunks(model):
+        params = dict(chunk.named_parameters())
+        for name, mapping in model_param_mappings(chunk).items():
+            dim = PARTITION_DIM.get(mapping.kind)
+            if dim is not None and not hasattr(params[name], "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(params[name], True, dim, 1)
 
 
 def is_tied_output_copy(model, name: str) -> bool:

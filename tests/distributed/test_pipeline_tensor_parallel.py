@@ -1,7 +1,8 @@
 """Pipeline x tensor parallelism, PP = 2 x TP = 2 (four gloo ranks), against PP = 1 x TP = 1.
 
 A tiny Qwen2.5 (untied embeddings, QKV biases, 4 layers) from a HF directory. In one world, at
-PP = 1 x TP = 1 (every rank the same model) and at PP = 2 x TP = 2:
+PP = 1 x TP = 1 (every rank the same model) and at PP = 2 x TP = 2 (and, for the combinations
+below, at the other four-rank layouts):
 
 * logits (gathered over TP on the last stage), the per-token loss over micro-batches of different
   lengths, and every parameter's gradient (gathered over TP, stages by global layer);
@@ -9,6 +10,10 @@ PP = 1 x TP = 1 (every rank the same model) and at PP = 2 x TP = 2:
   the student's ``topk_kl`` there, one optimizer step: loss and grad norm;
 * the trainer's checkpoint of that step, written at PP = 2 x TP = 2, loaded at PP = 1 x TP = 1:
   the same logits as the PP = 2 x TP = 2 model after the step.
+
+The same logits, CE loss and gradients, and Phase 2 step (loss, grad norm) at the other layouts of
+four ranks that combine these parallelisms: PP = 2 x CP = 2, PP = 2 x VPP = 2 x TP = 2 (one layer
+per model chunk), and TP = 2 x DP = 2 with megatron-core's distributed optimizer.
 """
 
 import pytest
@@ -19,6 +24,13 @@ from sdzero_mcore.parallel import run_local_workers
 
 LAYERS = 4
 LENGTHS = (7, 12, 4)
+# (TP, PP, CP, VPP, distributed optimizer): the reference, PP x TP (every check), the combinations
+REFERENCE, PP_TP = (1, 1, 1, None, False), (2, 2, 1, None, False)
+COMBINATIONS = {
+    "PP=2 x CP=2": (1, 2, 2, None, False),
+    "PP=2 x VPP=2 x TP=2": (2, 2, 1, 2, False),
+    "TP=2 x DP=2, distributed optimizer": (2, 1, 1, None, True),
+}
 
 
 def _batches():
@@ -50,6 +62,7 @@ class _Tokenizer:
 
 def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from sdzero_mcore.checkpoint.loading import build_model_from_hf, build_model_from_mcore
     from sdzero_mcore.config import DistillConfig, OptimizerConfig
@@ -64,16 +77,18 @@ def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
     probe = batches[1][0]
     dcfg = DistillConfig(prompts_per_step=4, global_batch_size=4, micro_batch_size=2, top_k=8)
     results = {}
-    for tp, pp in ((1, 1), (2, 2)):
-        initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, seed=3)
+    for layout in (REFERENCE, PP_TP, *COMBINATIONS.values()):
+        tp, pp, cp, vpp, distributed = layout
+        initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                  context_parallel_size=cp, virtual_pipeline_model_parallel_size=vpp, seed=3)
         micro = [cp_local_batch(ids, {"labels": labels, "mask": mask}) for ids, labels, mask in batches]
         model = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local")
         teacher = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local").eval()
-        out = results[(tp, pp)] = {}
+        out = results[layout] = {"data_parallel": parallel_state.get_data_parallel_world_size()}
         with torch.no_grad():
             out["logits"] = causal_lm_logits(model, probe)
-        trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=1.0), total_steps=2,
-                          run_dir=run_dir, phase=f"tp{tp}pp{pp}", hf_files_dir=hf_dir)
+        trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=1.0, distributed=distributed), total_steps=2,
+                          run_dir=run_dir, phase=f"tp{tp}pp{pp}cp{cp}vpp{vpp}d{int(distributed)}", hf_files_dir=hf_dir)
         out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
         out["grads"] = global_grads(model)
         # a Phase 2 step: teacher top-K (forward-only schedule at PP > 1), the student's KL, the update
@@ -82,7 +97,7 @@ def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
         out["distill"] = {k: step[k] for k in ("loss", "grad_norm", "num_tokens", "kl_sum_r0", "kl_sum_r1")}
         with torch.no_grad():
             out["logits_after_step"] = causal_lm_logits(model, probe)
-        if pp == 2:
+        if layout == PP_TP:
             checkpoint = trainer.save_checkpoint()
     initialize_model_parallel(seed=3)
     loaded = build_model_from_mcore(checkpoint, params_dtype=torch.float32, transformer_impl="local")
@@ -104,20 +119,20 @@ def results(tmp_path_factory):
     return [torch.load(root / f"out.pt.{rank}", weights_only=False) for rank in range(4)]
 
 
-def _last_stage(results, key):
-    values = [r[(2, 2)][key] for r in results if r[(2, 2)][key] is not None]
-    assert len(values) == 2  # the last stage's two TP ranks, each with the full logits
-    assert torch.equal(values[0], values[1])
+def _last_stage(results, key, layout=PP_TP):
+    values = [r[layout][key] for r in results if r[layout][key] is not None]
+    assert len(values) == 4 // layout[1]  # the last stage's ranks, each with the full logits
+    assert all(torch.equal(value, values[0]) for value in values)
     return values[0]
 
 
 def test_logits_loss_and_gradients_equal_pp1_tp1(results):
-    ref = results[0][(1, 1)]
+    ref = results[0][REFERENCE]
     logits = _last_stage(results, "logits")
     assert max_rel(logits, ref["logits"]) < 1e-5
     grads = {}
     for rank_results in results:
-        got = rank_results[(2, 2)]
+        got = rank_results[PP_TP]
         # PP = 1 x TP = 1 ran as DP = 4 on the same batch: four times the tokens, the same token mean
         assert got["logs"]["num_tokens"] * 4 == ref["logs"]["num_tokens"]
         assert got["logs"]["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
@@ -129,9 +144,9 @@ def test_logits_loss_and_gradients_equal_pp1_tp1(results):
 
 
 def test_phase2_step_equals_pp1_tp1(results):
-    ref = results[0][(1, 1)]["distill"]
+    ref = results[0][REFERENCE]["distill"]
     for rank_results in results:
-        got = rank_results[(2, 2)]["distill"]
+        got = rank_results[PP_TP]["distill"]
         print(f"Phase 2 step: loss {got['loss']:.8f} vs {ref['loss']:.8f}, grad norm {got['grad_norm']:.8f} vs {ref['grad_norm']:.8f}")
         assert got["num_tokens"] == ref["num_tokens"] > 0
         assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
@@ -139,7 +154,7 @@ def test_phase2_step_equals_pp1_tp1(results):
         for r in ("kl_sum_r0", "kl_sum_r1"):
             assert got[r] == pytest.approx(ref[r], rel=1e-5)
     after = _last_stage(results, "logits_after_step")
-    assert max_rel(after, results[0][(1, 1)]["logits_after_step"]) < 1e-4  # one Adam step apart from PP=1
+    assert max_rel(after, results[0][REFERENCE]["logits_after_step"]) < 1e-4  # one Adam step apart from PP=1
 
 
 def test_checkpoint_written_at_pp2_tp2_loads_at_pp1_tp1(results):
@@ -147,3 +162,34 @@ def test_checkpoint_written_at_pp2_tp2_loads_at_pp1_tp1(results):
     assert max_rel(after, _last_stage(results, "logits")) > 1e-4  # the step changed the weights
     for rank_results in results:
         assert max_rel(rank_results["loaded_logits"], after) < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(COMBINATIONS))
+def test_parallelism_combinations_equal_pp1_tp1(results, name):
+    layout = COMBINATIONS[name]
+    ref = results[0][REFERENCE]
+    logits = _last_stage(results, "logits", layout)
+    grads = {}
+    for rank_results in results:
+        got = rank_results[layout]
+        # the reference ran as DP = 4 on the same batch: the same token mean over (4 / DP) x the tokens
+        assert got["logs"]["num_tokens"] * 4 == ref["logs"]["num_tokens"] * got["data_parallel"]
+        assert got["logs"]["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
+        grads.update(got["grads"])
+        assert got["distill"]["num_tokens"] == ref["distill"]["num_tokens"] > 0
+        assert got["distill"]["loss"] == pytest.approx(ref["distill"]["loss"], rel=1e-5)
+        assert got["distill"]["grad_norm"] == pytest.approx(ref["distill"]["grad_norm"], rel=1e-5)
+    assert set(grads) == set(ref["grads"])
+    # the distributed optimizer reduce-scatters: a DP rank's gradient buffer is reduced in its own
+    # shard only, so the gradients are compared through the grad norm and the step's result
+    distributed = layout[4]
+    worst = 0.0 if distributed else max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
+    after = _last_stage(results, "logits_after_step", layout)
+    grad_text = "not compared (sharded)" if distributed else f"{worst:.2e}"
+    print(f"{name}: logits rel {max_rel(logits, ref['logits']):.2e}, max relative grad error {grad_text}, "
+          f"Phase 2 loss {got['distill']['loss']:.8f} vs {ref['distill']['loss']:.8f}, grad norm "
+          f"{got['distill']['grad_norm']:.8f} vs {ref['distill']['grad_norm']:.8f}, "
+          f"logits after the step rel {max_rel(after, ref['logits_after_step']):.2e}")
+    assert max_rel(logits, ref["logits"]) < 1e-5
+    assert worst < 1e-5
+    assert max_rel(after, ref["logits_after_step"]) < 1e-4  # one Adam step apart from the reference

@@ -165,3 +165,24 @@ def test_olmo3_full_width_qk_norm_follows_the_heads(tp):
         k_local = hf_to_local(k_map, DictSource(hf), arch, rank, tp, arch.padded_vocab_size(tp))
         assert torch.equal(q_local, q_norm[rank * heads * HEAD_DIM : (rank + 1) * heads * HEAD_DIM])
         assert torch.equal(k_local, k_norm[rank * groups * HEAD_DIM : (rank + 1) * groups * HEAD_DIM])
+
+
+@pytest.mark.parametrize("architecture", ["Qwen2ForCausalLM", "Olmo3ForCausalLM"])
+def test_a_loaded_model_carries_megatron_tensor_parallel_attributes(megatron_single_rank, tmp_path, architecture):
+    """Built without initialisation (its weights come from the checkpoint), a model still marks its
+    split weights as megatron-core's initialisers would; code such as the distributed optimizer's
+    gradient norm reads them to tell a TP shard from a replica."""
+    from sdzero_mcore.checkpoint.loading import build_model_from_hf
+    from sdzero_mcore.checkpoint.mapping import PARTITION_DIM, model_param_mappings
+    from sdzero_mcore.models.tiny import save_tiny_hf_model
+
+    hf_dir = save_tiny_hf_model(tmp_path / "hf", architecture, vocab_size=VOCAB)
+    model = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local")
+    params = dict(model.named_parameters())
+    marked = {name: (getattr(params[name], "tensor_model_parallel", False), getattr(params[name], "partition_dim", None))
+              for name in params}
+    for name, mapping in model_param_mappings(model).items():
+        dim = PARTITION_DIM.get(mapping.kind)
+        assert marked[name] == ((True, dim) if dim is not None else (False, None)), (name, mapping.kind)
+    assert marked["embedding.word_embeddings.weight"] == (True, 0)
+    assert marked["decoder.layers.0.self_attention.linear_proj.weight"] == (True, 1)
