@@ -257,8 +257,9 @@ def distill_loss(
 
 @dataclass
 class StudentHead:
-    """The student's side of the sparse head for one micro-batch: the output weight (a parameter,
-    tied or not) and where this rank's response positions sit in its [B, s_local] layout."""
+    """A model's side of the sparse head for one micro-batch (the student's, or a frozen model's
+    in the teacher's top-K and GRPO's fixed passes): the output weight (a parameter, tied or not)
+    and where this rank's response positions sit in its [B, s_local] layout."""
 
     weight: torch.Tensor  # [V_padded / TP, H]
     rows: torch.Tensor  # [T_local] flat indices into [B, s_local], row-major
