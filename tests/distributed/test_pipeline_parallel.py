@@ -71,14 +71,27 @@ def _distill_samples():
 
 
 def distill_case(build, grads_of, run_dir: str, hf_dir: str) -> dict:
+    """:func:`_distill_case` with the kernels' PyTorch paths (their Triton ones, in Triton's slow
+    CPU interpreter, are tested against them in tests/unit)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDZERO_KERNELS_BACKEND", "torch")
+        return _distill_case(build, grads_of, run_dir, hf_dir)
+
+
+def _distill_case(build, grads_of, run_dir: str, hf_dir: str) -> dict:
     """At this layout: the teacher's top-K (sparse; at PP = 1 dense too) on two micro-batches of
-    different shapes, and one sparse-head Phase 2 forward-backward of a fresh student on them: its
-    loss, every gradient after ``finalize_model_grads`` (``grads_of``), and the output shape of
-    each of its forward steps (the sparse head hands on [T, H] rows from the last stage only)."""
-    from sdzero_mcore.config import DistillConfig, OptimizerConfig
+    different shapes, the eval's token KL between a fresh student and the teacher (likewise), and
+    one sparse-head Phase 2 forward-backward of the student on the micro-batches: its loss, every
+    gradient after ``finalize_model_grads`` (``grads_of``), and the output shape of each of its
+    forward steps (the sparse head hands on [T, H] rows from the last stage only)."""
+    from sdzero_mcore.checkpoint.source import ModelSource
+    from sdzero_mcore.config import DistillConfig, OptimizerConfig, load_config
+    from sdzero_mcore.eval.evaluate import token_reverse_kl
     from sdzero_mcore.losses.distill import collate_distill, teacher_targets_for
+    from sdzero_mcore.models.tiny import build_char_tokenizer
     from sdzero_mcore.parallel.pipeline import model_chunks, pipeline_parallel_size
     from sdzero_mcore.phases.distill import distill_forward_step
+    from sdzero_mcore.run_setup import run_prompts
     from sdzero_mcore.trainer import Trainer, forward_backward
 
     def sharpened(model, scale: float):
@@ -93,11 +106,17 @@ def distill_case(build, grads_of, run_dir: str, hf_dir: str) -> dict:
     samples = _distill_samples()
     batches = [collate_distill(samples[:2], 0), collate_distill(samples[2:], 0)]
     dcfg = DistillConfig(top_k=8, kl="mixed", mixed_weight=0.3, temperature=0.9)
+    heads = ("sparse", "dense") if pipeline_parallel_size() == 1 else ("sparse",)
     teacher = sharpened(build(), 8.0).eval().requires_grad_(False)
     out = {"targets": {head: teacher_targets_for(teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature,
-                                                 lm_head=head)
-                       for head in (("sparse", "dense") if pipeline_parallel_size() == 1 else ("sparse",))}}
+                                                 lm_head=head) for head in heads}}
     student = sharpened(build(), 3.0)
+    # the eval's localisation: the student as generator, the teacher as reviser (its P_r phrases
+    # from the HF directory's architecture)
+    run = run_prompts(load_config(), ModelSource(hf_dir, "hf"), build_char_tokenizer())
+    attempts = [{"x_ids": s.prompt_ids, "y_ids": s.response_ids, "reward": s.reward} for s in samples]
+    out["eval_kl"] = {head: torch.tensor(sum(token_reverse_kl(student, teacher, attempts, run, lm_head=head), []))
+                      for head in heads}
     trainer = Trainer(student, OptimizerConfig(lr=1e-2, clip_grad=0.0), total_steps=1, run_dir=run_dir,
                       phase="distill", hf_files_dir=hf_dir)
     forward_step, out["output_shapes"] = distill_forward_step(dcfg), []
@@ -116,15 +135,23 @@ def distill_case(build, grads_of, run_dir: str, hf_dir: str) -> dict:
 
 
 def check_distill_case(ref: dict, stages: list[dict], layout: str) -> None:
-    """``stages``: the pipeline ranks' :func:`distill_case` (first to last) against PP = 1's ``ref``."""
+    """``stages``: the pipeline ranks' :func:`_distill_case` (first to last) against PP = 1's ``ref``."""
     assert all(targets is None for stage in stages[:-1] for targets in stage["targets"]["sparse"])
-    worst_logprob = 0.0
-    for got, dense in zip(stages[-1]["targets"]["sparse"], ref["targets"]["dense"]):
+    worst_logprob = worst_logprob_dense = 0.0
+    for got, sparse, dense in zip(stages[-1]["targets"]["sparse"], ref["targets"]["sparse"], ref["targets"]["dense"]):
         mask = dense.loss_mask
         assert torch.equal(got.loss_mask, mask) and mask.sum() > 0
         assert torch.equal(got.ids[mask], dense.ids[mask])
-        worst_logprob = max(worst_logprob, (got.logprobs[mask] - dense.logprobs[mask]).abs().max().item())
-    assert worst_logprob < 1e-6
+        worst_logprob = max(worst_logprob, (got.logprobs[mask] - sparse.logprobs[mask]).abs().max().item())
+        # the dense head's within a float32 ulp (the sums of a chunked and of a full row differ)
+        worst_logprob_dense = max(worst_logprob_dense, max_rel(got.logprobs[mask], dense.logprobs[mask]))
+    assert worst_logprob < 1e-6 and worst_logprob_dense < 1e-6
+    # the eval's token KLs, on every stage (the last stage's, broadcast)
+    dense_kl = ref["eval_kl"]["dense"]
+    assert len(dense_kl) == sum(ref["response_tokens"]) and dense_kl.min() > 0
+    worst_kl = max(max_rel(stage["eval_kl"]["sparse"], ref["eval_kl"]["sparse"]) for stage in stages)
+    dense_kl_rel = max(max_rel(stage["eval_kl"]["sparse"], dense_kl) for stage in stages)
+    assert worst_kl < 1e-6 and dense_kl_rel < 1e-6
     # the student's forward steps: the stage's [s, B, H] activation before the last stage, the
     # response rows [T, H] (not [B, s, V] logits) on it
     # (with virtual stages the last rank's first chunk hands on activations too)
@@ -140,7 +167,9 @@ def check_distill_case(ref: dict, stages: list[dict], layout: str) -> None:
     grads = {k: v for stage in stages for k, v in stage["grads"].items()}
     assert set(grads) == set(ref["grads"]) | {"output_layer.weight"}
     worst = max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
-    print(f"{layout} sparse head: teacher top-K |logprob - PP=1 dense| {worst_logprob:.1e}, Phase 2 loss "
+    print(f"{layout} sparse head: teacher top-K |logprob - PP=1| {worst_logprob:.1e} (PP=1 dense: relative "
+          f"{worst_logprob_dense:.1e}), eval token KL rel "
+          f"{worst_kl:.1e} (PP=1 dense {dense_kl_rel:.1e}), Phase 2 loss "
           f"{stages[-1]['logs']['loss']:.8f} vs {ref['logs']['loss']:.8f}, max relative grad error {worst:.2e}")
     assert worst < 1e-5
     # what the optimizer sees: the tied copy on the last stage holds the embedding's whole gradient
@@ -293,7 +322,7 @@ def test_grpo_update_equals_pp1(results):
 # One launch, four layouts in turn: PP = 1, PP = 2 x VPP = 2 (each rank two chunks of one layer:
 # rank 0 global layers 1 and 3, rank 1 layers 2 and 4), plain PP = 2 (Olmo-3 only), PP = 1 again
 # (loading what PP = 2 x VPP = 2 saved); the sparse LM head's Phase 2 case at PP = 1 and
-# PP = 2 x VPP = 2 (:func:`distill_case`). Three micro-batches: the interleaved schedule runs a
+# PP = 2 x VPP = 2 (:func:`_distill_case`). Three micro-batches: the interleaved schedule runs a
 # multiple of PP, so the trainer repeats the last one at zero weight.
 
 VPP_LAYOUTS = (("pp1", 1, None), ("vpp", 2, 2), ("pp2", 2, None), ("pp1_load", 1, None))
