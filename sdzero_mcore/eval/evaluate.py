@@ -34,7 +34,6 @@ from sdzero_mcore.data.question_sets import heldout_questions
 from sdzero_mcore.eval.budget import read_budget
 from sdzero_mcore.eval.metrics import avg_at_k, correction_rate, keyword_stats, localization_buckets, pass_at_k_dataset
 from sdzero_mcore.eval.report import plot_localization, token_kl_html, write_localization_csv, write_run
-from sdzero_mcore.losses.distill import lm_head_for
 from sdzero_mcore.models.forward import (
     causal_lm_logits,
     cp_local_batch,
@@ -43,7 +42,7 @@ from sdzero_mcore.models.forward import (
     real_vocab_size,
 )
 from sdzero_mcore.parallel.context_parallel import gather_from_cp
-from sdzero_mcore.parallel.pipeline import broadcast_from_last_stage
+from sdzero_mcore.parallel.pipeline import broadcast_from_last_stage, last_stage_output
 from sdzero_mcore.parallel.rank0 import barrier, is_rank0, run_on_rank0
 from sdzero_mcore.rewards import reward_fn_for, reward_target
 from sdzero_mcore.rollout import SamplingParams
@@ -110,11 +109,14 @@ def _generate_and_score(cfg: SDZeroConfig, engine, run: RunPrompts, questions: S
     return result
 
 
-def _hidden_at(model, ids: list[int], start: int, stop: int) -> torch.Tensor:
+def _hidden_at(model, ids: list[int], start: int, stop: int) -> Optional[torch.Tensor]:
     """The final-norm hidden states [stop - start, H] at positions [start, stop) of one sequence,
-    gathered over CP (hidden states: H numbers per position, not V)."""
-    hidden = final_hidden_states(model, cp_local_batch(torch.tensor([ids])))  # [s_local, 1, H]
-    return gather_from_cp(hidden.transpose(0, 1).contiguous(), dim=1)[0, start:stop]
+    gathered over CP (hidden states: H numbers per position, not V); at pipeline-parallel size > 1
+    on the last stage, None on the others."""
+    def rows(hidden, _):  # [s_local, 1, H]
+        return gather_from_cp(hidden.transpose(0, 1).contiguous(), dim=1)[0, start:stop]
+
+    return last_stage_output(model, cp_local_batch(torch.tensor([ids])), final_hidden_states, rows)
 
 
 @torch.no_grad()
@@ -122,19 +124,21 @@ def token_reverse_kl(student, reviser, attempts: Sequence[dict], run: RunPrompts
                      lm_head: str = "dense") -> list[list[float]]:
     """Per response token: KL(student(. | x, y_<t) || reviser(. | x, y, P_r, y_<t)), full vocabulary;
     the reviser reads the Phase 2 teacher's context around the eval prompt x. At pipeline-parallel
-    size > 1 the logits and the KL are computed on the last stage, and the KL lists (not the
-    logits) are sent to the other stages. ``lm_head="sparse"`` (whole model on one pipeline stage)
-    applies the output layers at the response positions only (the module doc)."""
+    size > 1 the logits (or hidden states) and the KL are computed on the last stage, and the KL
+    lists (not the logits) are sent to the other stages. ``lm_head="sparse"`` applies the output
+    layers at the response positions only (the module doc)."""
     per_token = []
     for attempt in attempts:
         x, y = attempt["x_ids"], attempt["y_ids"]
         context = run.teacher("", y, attempt["reward"], x_ids=x)
         if lm_head == "sparse":
+            s_hidden = _hidden_at(student, x + y, len(x) - 1, len(x) + len(y) - 1)
+            t_hidden = _hidden_at(reviser, context.ids, context.response_start - 1, context.response_end - 1)
+            if s_hidden is None:  # not the last pipeline stage
+                continue
             kl = fused_linear_full_kl(
-                _hidden_at(student, x + y, len(x) - 1, len(x) + len(y) - 1), output_weight(student),
-                _hidden_at(reviser, context.ids, context.response_start - 1, context.response_end - 1),
-                output_weight(reviser), kl="reverse", tp_group=parallel_state.get_tensor_model_parallel_group(),
-                vocab_size=real_vocab_size(student))
+                s_hidden, output_weight(student), t_hidden, output_weight(reviser), kl="reverse",
+                tp_group=parallel_state.get_tensor_model_parallel_group(), vocab_size=real_vocab_size(student))
             per_token.append(kl.clamp_min(0.0).tolist())
             continue
         s_logits = causal_lm_logits(student, torch.tensor([x + y]))
@@ -156,7 +160,7 @@ def localization(cfg: SDZeroConfig, source, reviser_source, attempts: Sequence[d
     tokenizer = run.tokenizer
     student = build_model(cfg, source).eval()
     reviser = student if reviser_source is None else build_model(cfg, reviser_source).eval()
-    kls = token_reverse_kl(student, reviser, attempts, run, lm_head=lm_head_for(cfg.eval.lm_head))
+    kls = token_reverse_kl(student, reviser, attempts, run, lm_head=cfg.eval.lm_head)
     buckets = {r: localization_buckets([kl for kl, a in zip(kls, attempts) if a["reward"] == r])
                for r in (0, 1) if any(a["reward"] == r for a in attempts)}
     if is_rank0():

@@ -9,14 +9,15 @@ from sdzero_mcore.losses.distill import (
     TeacherTargets,
     collate_distill,
     distill_loss,
-    lm_head_for,
     local_response_rows,
     response_hidden,
     response_mask,
     sparse_distill_loss,
     student_logits,
     student_response_hidden,
+    teacher_output,
     teacher_targets,
+    teacher_targets_for,
 )
 from sdzero_mcore.losses.masked import masked_token_sum
 
@@ -28,7 +29,6 @@ __all__ = [
     "TeacherTargets",
     "collate_distill",
     "distill_loss",
-    "lm_head_for",
     "local_response_rows",
     "masked_token_sum",
     "response_hidden",
@@ -36,5 +36,7 @@ __all__ = [
     "sparse_distill_loss",
     "student_logits",
     "student_response_hidden",
+    "teacher_output",
     "teacher_targets",
+    "teacher_targets_for",
 ]

@@ -27,9 +27,9 @@ Two LM heads (``distill.lm_head``):
 At pipeline-parallel size > 1, :func:`teacher_targets_for` runs the teacher's micro-batches
 through megatron-core's forward-only schedule and computes the top-K on its last stage. The
 student (same layout) computes its loss on its last stage, the same ranks: the targets stay there,
-and the other stages, which never run the loss, get None. The sparse head runs the whole model
-up to the final norm in one call, so at pipeline-parallel size > 1 the dense head runs instead
-(:func:`lm_head_for`).
+and the other stages, which never run the loss, get None. Both heads run there alike: every stage
+(every chunk, with virtual stages) runs its layers and hands its output to the schedule, and only
+the last one's output (logits, or the final-norm hidden states) reaches the top-K or the loss.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from sdzero_mcore.models.forward import (
     cp_local_batch,
     cp_size_rank,
     final_hidden_states,
+    gpt_model,
     output_weight,
     real_vocab_size,
     rows_at,
@@ -132,29 +133,27 @@ def check_lm_head(lm_head: str) -> None:
         raise ValueError(f"lm_head must be one of {', '.join(LM_HEADS)}; got {lm_head!r}")
 
 
-def _sparse_teacher_topk(teacher, batch: DistillBatch, k: int, temperature: float, tp_group,
-                         vocab_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's top-K [B, s_local, K] on this CP rank's part of its sequence, computed only at
-    the positions of the second y (elsewhere 0: those positions are never read)."""
-    hidden = final_hidden_states(teacher, cp_local_batch(batch.teacher_ids))  # [s_local, B, H]
-    rows_bs, rows_sb = local_response_rows(batch.teacher_start, batch.response_len, batch.teacher_ids.shape[1])
-    logprobs, ids = fused_linear_teacher_topk(
-        rows_at(hidden, rows_sb), output_weight(teacher), k, temperature=temperature, tp_group=tp_group,
-        vocab_size=real_vocab_size(teacher), vocab_chunk=vocab_chunk,
-    )
-    local_len, batch_size = hidden.shape[:2]
-    rows_bs = rows_bs.to(hidden.device)
-    logprobs = logprobs.new_zeros(batch_size * local_len, k).index_copy_(0, rows_bs, logprobs)
-    ids = ids.new_zeros(batch_size * local_len, k).index_copy_(0, rows_bs, ids)
+def _sparse_teacher_topk(hidden: torch.Tensor, teacher, batch: DistillBatch, k: int, temperature: float,
+                         tp_group, vocab_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-K [B, s_local, K] from its final-norm ``hidden`` states [s_local, B, H] on
+    this CP rank's part of its sequence, computed only at the positions of the second y (elsewhere
+    0: those positions are never read)."""
+    rows, head = response_rows_and_head(
+        teacher, hidden, *local_response_rows(batch.teacher_start, batch.response_len, batch.teacher_ids.shape[1]))
+    logprobs, ids = fused_linear_teacher_topk(rows, head.weight, k, temperature=temperature, tp_group=tp_group,
+                                              vocab_size=head.vocab_size, vocab_chunk=vocab_chunk)
+    batch_size, local_len = head.local_shape
+    logprobs = logprobs.new_zeros(batch_size * local_len, k).index_copy_(0, head.rows, logprobs)
+    ids = ids.new_zeros(batch_size * local_len, k).index_copy_(0, head.rows, ids)
     return logprobs.view(batch_size, local_len, k), ids.view(batch_size, local_len, k)
 
 
 @torch.no_grad()
 def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float = 1.0,
-                    logits: Optional[torch.Tensor] = None, lm_head: str = "dense",
+                    output: Optional[torch.Tensor] = None, lm_head: str = "dense",
                     vocab_chunk: int = VOCAB_CHUNK) -> TeacherTargets:
-    """Run the teacher on its sequences (or take its vocab-parallel ``logits`` on them) and place
-    its top-K log-probs at the student's positions.
+    """Run the teacher on its sequences (or take its ``output`` on them, :func:`teacher_output`:
+    what the last pipeline stage computed) and place its top-K log-probs at the student's positions.
 
     Positions without a loss (prompt, padding) get a harmless uniform distribution over ids 0..K-1,
     so the kernels see finite inputs everywhere and the mask alone decides what counts.
@@ -164,12 +163,12 @@ def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float 
     check_lm_head(lm_head)
     tp_group = parallel_state.get_tensor_model_parallel_group()
     teacher_len = batch.teacher_ids.shape[1]
-    if lm_head == "sparse" and logits is None:
-        logprobs, ids = _sparse_teacher_topk(teacher, batch, k, temperature, tp_group, vocab_chunk)
+    if output is None:
+        output = teacher_output(teacher, batch, lm_head)
+    if lm_head == "sparse":
+        logprobs, ids = _sparse_teacher_topk(output, teacher, batch, k, temperature, tp_group, vocab_chunk)
     else:
-        if logits is None:
-            logits = teacher_logits(teacher, batch)
-        logprobs, ids = teacher_topk(logits, k, temperature=temperature, tp_group=tp_group)
+        logprobs, ids = teacher_topk(output, k, temperature=temperature, tp_group=tp_group)
     logprobs = gather_from_cp(logprobs, dim=1)[:, :teacher_len]
     ids = gather_from_cp(ids, dim=1)[:, :teacher_len]
 
@@ -190,31 +189,26 @@ def teacher_targets(teacher, batch: DistillBatch, *, k: int, temperature: float 
     )
 
 
-def teacher_logits(teacher, batch: DistillBatch) -> torch.Tensor:
-    """The teacher's vocab-parallel logits on this rank's CP part of its sequences (at PP > 1: the
-    stage's output)."""
-    return vocab_parallel_logits(teacher, cp_local_batch(batch.teacher_ids))
-
-
-def lm_head_for(lm_head: str) -> str:
-    """The head that runs for ``distill.lm_head`` (and ``grpo.lm_head``, ``eval.lm_head``): ``sparse``
-    needs the whole model on one pipeline stage (:func:`~sdzero_mcore.models.forward.final_hidden_states`);
-    at pipeline-parallel size > 1 the dense head runs."""
-    check_lm_head(lm_head)
-    return lm_head if pipeline_parallel_size() == 1 else "dense"
+def teacher_output(teacher, batch: DistillBatch, lm_head: str) -> torch.Tensor:
+    """The teacher's stage output on this rank's CP part of its sequences: its vocab-parallel logits
+    (``dense``) or its final-norm hidden states [s_local, B, H] (``sparse``); at PP > 1 on the
+    stages before the last, the activation the schedule sends on."""
+    local = cp_local_batch(batch.teacher_ids)
+    return final_hidden_states(teacher, local) if lm_head == "sparse" else vocab_parallel_logits(teacher, local)
 
 
 def teacher_targets_for(teacher, batches: Sequence[DistillBatch], *, k: int, temperature: float = 1.0,
                         lm_head: str = "dense") -> list[Optional[TeacherTargets]]:
     """:func:`teacher_targets` of each batch. At pipeline-parallel size > 1 the batches go through
     megatron-core's forward-only schedule as micro-batches, and the targets are computed on the
-    last stage, where the student's loss runs; the other stages get None for each (and the dense
-    head runs: :func:`lm_head_for`)."""
+    last stage, where the student's loss runs; the other stages get None for each."""
+    check_lm_head(lm_head)
     if pipeline_parallel_size() == 1:
         return [teacher_targets(teacher, batch, k=k, temperature=temperature, lm_head=lm_head) for batch in batches]
     targets = forward_only_outputs(
-        teacher, batches, teacher_logits,
-        lambda logits, batch: teacher_targets(teacher, batch, k=k, temperature=temperature, logits=logits),
+        teacher, batches, lambda stage, batch: teacher_output(stage, batch, lm_head),
+        lambda output, batch: teacher_targets(teacher, batch, k=k, temperature=temperature, output=output,
+                                              lm_head=lm_head),
     )
     return targets or [None] * len(batches)
 
@@ -263,8 +257,9 @@ def distill_loss(
 
 @dataclass
 class StudentHead:
-    """The student's side of the sparse head for one micro-batch: the output weight (a parameter,
-    tied or not) and where this rank's response positions sit in its [B, s_local] layout."""
+    """A model's side of the sparse head for one micro-batch (the student's, or a frozen model's
+    in the teacher's top-K and GRPO's fixed passes): the output weight (a parameter, tied or not)
+    and where this rank's response positions sit in its [B, s_local] layout."""
 
     weight: torch.Tensor  # [V_padded / TP, H]
     rows: torch.Tensor  # [T_local] flat indices into [B, s_local], row-major
@@ -272,20 +267,36 @@ class StudentHead:
     vocab_size: Optional[int]  # real ids; the rows above are megatron's padding
 
 
-def response_hidden(model, local, rows_bs: torch.Tensor, rows_sb: torch.Tensor) -> tuple[torch.Tensor, StudentHead]:
+def response_hidden(model, local, rows_bs: torch.Tensor,
+                    rows_sb: torch.Tensor) -> tuple[torch.Tensor, Optional[StudentHead]]:
     """The model's final-norm hidden states [T_local, H] at the rows ``rows_bs`` / ``rows_sb`` (as
     :func:`local_response_rows` gives them) of a batch prepared by ``cp_local_batch``, and the
-    :class:`StudentHead` that applies the output layer to them."""
+    :class:`StudentHead` that applies the output layer to them.
+
+    ``model`` is what a forward step receives: at pipeline-parallel size > 1 one stage (one chunk,
+    with virtual stages). One without the output layer (not ``post_process``) returns its whole
+    output [s_local, B, H], which the schedule sends to the next stage, and no head: the loss
+    function never runs there."""
     hidden = final_hidden_states(model, local)  # [s_local, B, H]
+    if not gpt_model(model).post_process:
+        return hidden, None
+    return response_rows_and_head(model, hidden, rows_bs, rows_sb)
+
+
+def response_rows_and_head(model, hidden: torch.Tensor, rows_bs: torch.Tensor,
+                           rows_sb: torch.Tensor) -> tuple[torch.Tensor, StudentHead]:
+    """The final-norm ``hidden`` states [s_local, B, H] of ``model`` (at PP > 1: what its last stage
+    computed) at the rows ``rows_bs`` / ``rows_sb``, [T_local, H], and their :class:`StudentHead`."""
     local_len, batch_size = hidden.shape[:2]
     head = StudentHead(weight=output_weight(model), rows=rows_bs.to(hidden.device),
                        local_shape=(batch_size, local_len), vocab_size=real_vocab_size(model))
     return rows_at(hidden, rows_sb), head
 
 
-def student_response_hidden(student, batch: DistillBatch) -> tuple[torch.Tensor, StudentHead]:
+def student_response_hidden(student, batch: DistillBatch) -> tuple[torch.Tensor, Optional[StudentHead]]:
     """The student's final-norm hidden states [T_local, H] at this rank's positions that predict
-    response tokens (x + y, its CP part), and the :class:`StudentHead` its loss needs."""
+    response tokens (x + y, its CP part), and the :class:`StudentHead` its loss needs (before the
+    last pipeline stage: the stage's output and None, :func:`response_hidden`)."""
     rows_bs, rows_sb = local_response_rows(batch.student_start, batch.response_len, batch.student_ids.shape[1])
     return response_hidden(student, cp_local_batch(batch.student_ids), rows_bs, rows_sb)
 

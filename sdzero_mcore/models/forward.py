@@ -9,8 +9,10 @@ at every position) and :func:`final_hidden_states` + :func:`output_weight` (the 
 up to the final norm, and the vocab-parallel output weight, tied or not), for losses that apply
 the output layer themselves, only where they need it (``sdzero_kernels``' fused-linear ops).
 
-At pipeline-parallel size > 1 the logits exist on the last stage only (``parallel.pipeline``):
-:func:`causal_lm_logits` runs megatron-core's forward-only schedule and returns them there.
+At pipeline-parallel size > 1 the logits and the final-norm hidden states exist on the last stage
+only (``parallel.pipeline``): both ways out run one stage (one chunk, with virtual stages) and
+return its output, which megatron-core's schedules send to the next stage; :func:`causal_lm_logits`
+runs the forward-only schedule and returns the logits on the last stage.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from megatron.core import parallel_state, tensor_parallel
 from sdzero_kernels import main_grad_of
 
 from sdzero_mcore.parallel.context_parallel import gather_from_cp, split_batch_for_cp
-from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
+from sdzero_mcore.parallel.pipeline import last_stage_output, model_chunks
 
 
 def position_ids_for(input_ids: torch.Tensor) -> torch.Tensor:
@@ -69,23 +71,25 @@ def gpt_model(model):
 
 
 def final_hidden_states(model, local: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Hidden states [s_local, B, H] after the final norm, for a batch prepared by :func:`cp_local_batch`.
+    """This pipeline stage's output [s_local, B, H] for a batch prepared by :func:`cp_local_batch`:
+    on the last stage (the model's ``post_process``; with virtual stages, its last chunk) the
+    hidden states after the final norm, elsewhere the activation the schedule sends to the next stage.
 
-    The GPTModel's own forward up to the output layer: ``_preprocess`` (embedding, RoPE) and the
-    decoder (which ends with the final norm); ``output_layer(h, weight=output_weight(model))``
-    on them gives :func:`vocab_parallel_logits`' values. A model split into pipeline stages has
-    its output layer on the last stage only, which this does not handle.
+    The GPTModel's own forward up to the output layer: ``_preprocess`` (the embedding on the first
+    stage; RoPE on every stage, sized by the decoder's input) and the decoder (which ends with the
+    final norm on the last stage); ``output_layer(h, weight=output_weight(model))`` on the last
+    stage's gives :func:`vocab_parallel_logits`' values. A stage without the embedding
+    (``pre_process`` False) reads its input from the decoder's ``input_tensor``, which megatron-core's
+    schedule sets (``set_input_tensor``) before it calls the forward step.
 
     Under megatron-core's DDP the word embeddings' gradient goes straight into the embedding
     weight's ``main_grad`` (:func:`_embedding_lookup_into_main_grad`): the lookup's autograd
     backward would build a dense [V / TP, H] gradient for the few rows the batch reads.
     """
     gpt = gpt_model(model)
-    if not (gpt.pre_process and gpt.post_process):
-        raise ValueError("final_hidden_states needs the whole model on one pipeline stage")
     device = model_device(gpt)
     input_ids = local["input_ids"].to(device)
-    fuse_lookup_grad = _lookup_grad_fusable(gpt)
+    fuse_lookup_grad = gpt.pre_process and _lookup_grad_fusable(gpt)
     with torch.no_grad() if fuse_lookup_grad else contextlib.nullcontext():
         decoder_input, rotary_pos_emb, rotary_pos_cos, rotary_pos_sin, sequence_len_offset, padding_mask = (
             gpt._preprocess(input_ids=input_ids, position_ids=local["position_ids"].to(device))[:6]
@@ -93,7 +97,7 @@ def final_hidden_states(model, local: Mapping[str, torch.Tensor]) -> torch.Tenso
     if fuse_lookup_grad:
         decoder_input = _embedding_lookup_into_main_grad(gpt, decoder_input, input_ids)
     return gpt.decoder(
-        hidden_states=decoder_input,
+        hidden_states=decoder_input,  # None after the first stage: the decoder reads its input_tensor
         attention_mask=None,
         rotary_pos_emb=rotary_pos_emb,
         rotary_pos_cos=rotary_pos_cos,
@@ -154,8 +158,16 @@ def _embedding_lookup_into_main_grad(gpt, embeddings: torch.Tensor, input_ids: t
 
 def output_weight(model) -> torch.Tensor:
     """The output layer's weight [V_padded / TP, H] on this rank: the embedding's when tied (one
-    parameter, so both uses' gradients add up in it), the output layer's otherwise."""
-    gpt = gpt_model(model)
+    parameter, so both uses' gradients add up in it), the output layer's otherwise.
+
+    At pipeline-parallel size > 1 only the last stage has one (of a model in chunks, the last
+    chunk). Tied, it is the last stage's copy of the embedding (``output_layer.weight``, what
+    ``shared_embedding_or_output_weight`` returns there): its gradient, added into its
+    ``main_grad`` by the fused-linear ops, is what megatron-core's ``finalize_model_grads``
+    all-reduces with the first stage's embedding gradient over the embedding group."""
+    gpt = gpt_model(model_chunks(model)[-1])
+    if not gpt.post_process:
+        raise ValueError("output_weight: this pipeline stage has no output layer (the last stage's last chunk has)")
     if gpt.output_layer.bias is not None:
         raise ValueError("output_weight: an output layer with a bias is not supported by the fused-linear losses")
     if gpt.share_embeddings_and_output_weights:
@@ -179,11 +191,8 @@ def causal_lm_logits(model, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
 
     At pipeline-parallel size > 1 every stage calls it; the last stage gets the logits, the
     others None."""
-    if pipeline_parallel_size() > 1:
-        outputs = forward_only_outputs(model, [cp_local_batch(input_ids)], vocab_parallel_logits,
-                                       lambda logits, _: gathered_logits(model, logits, input_ids.shape[1]))
-        return outputs[0] if outputs else None
-    return gathered_logits(model, vocab_parallel_logits(model, cp_local_batch(input_ids)), input_ids.shape[1])
+    return last_stage_output(model, cp_local_batch(input_ids), vocab_parallel_logits,
+                             lambda logits, _: gathered_logits(model, logits, input_ids.shape[1]))
 
 
 def gathered_logits(model, logits: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -3,9 +3,11 @@
 At pipeline-parallel size PP > 1 a model is one stage of layers (``models.builder``); only the last
 stage produces logits, and only there do loss functions and output collectors run. Training goes
 through the trainer's schedule call; forward-only passes that need outputs (the teacher's top-K,
-log-probs of a frozen model, evaluation logits) go through :func:`forward_only_outputs`, which
-runs megatron-core's forward-only schedule and returns what a collector computed from each
-micro-batch's output on the last stage. At PP = 1 none of this is used: the callers keep calling
+log-probs of a frozen model, evaluation logits or hidden states) go through
+:func:`forward_only_outputs`, which runs megatron-core's forward-only schedule and returns what a
+collector computed from each micro-batch's output on the last stage. A stage's output is what
+its forward returns: the logits or, for the sparse LM heads, the final-norm hidden states on the
+last stage (``models.forward.final_hidden_states``), the activation sent on before it. At PP = 1 none of this is used: the callers keep calling
 the model directly, as they did before pipeline parallelism existed.
 
 Virtual (interleaved) pipeline stages (``parallel.virtual_pipeline_model_parallel_size`` = VPP):
@@ -156,6 +158,16 @@ def forward_only_outputs(model, micro_batches: Sequence[Any], forward: Callable[
         collect_non_loss_data=True,
     )
     return outputs[:real]  # the repeats' outputs come last (the last stage sees micro-batches in order)
+
+
+def last_stage_output(model, micro_batch: Any, forward: Callable[[Any, Any], torch.Tensor],
+                      collect: Callable[[torch.Tensor, Any], Any]) -> Any:
+    """``collect(forward(model, micro_batch), micro_batch)``; at pipeline-parallel size > 1 through
+    :func:`forward_only_outputs`: the value on the last stage, None on the others."""
+    if pipeline_parallel_size() == 1:
+        return collect(forward(model, micro_batch), micro_batch)
+    outputs = forward_only_outputs(model, [micro_batch], forward, collect)
+    return outputs[0] if outputs else None
 
 
 def data_iterators(micro_batches: Sequence[Any], model):

@@ -30,7 +30,6 @@ from sdzero_mcore.losses.distill import (
     DistillLoss,
     collate_distill,
     distill_loss,
-    lm_head_for,
     sparse_distill_loss,
     student_logits,
     student_response_hidden,
@@ -129,7 +128,7 @@ def distill_micro_batches(teacher, samples: Sequence[Sample], tokenizer, dcfg) -
     batches = [collate_distill(chunk, pad_id(tokenizer)) for chunk, _ in chunks]
     micro = []
     for (chunk, is_filler), batch, targets in zip(chunks, batches, teacher_targets_for(
-            teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature, lm_head=lm_head_for(dcfg.lm_head))):
+            teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature, lm_head=dcfg.lm_head)):
         if is_filler and targets is not None:
             targets.loss_mask.zero_()
         micro.append((batch, targets, torch.tensor([s.reward for s in chunk], device=device)))
@@ -152,12 +151,14 @@ def distill_forward_step(dcfg):
     """The student's forward step: logits on x + y, then ``topk_kl`` summed over its response
     tokens; the logs split the KL by the reward of the response (r = 0 / r = 1). With
     ``distill.lm_head=sparse`` the output is the final-norm hidden states at the response
-    positions and the loss applies the output layer to them (losses/distill.py)."""
+    positions and the loss applies the output layer to them (losses/distill.py). At
+    pipeline-parallel size > 1 ``model`` is one stage (one chunk, with virtual stages); before the
+    last its output goes to the next stage and the loss function is never called."""
     options = dict(kl=dcfg.kl, mixed_weight=dcfg.mixed_weight, tail=dcfg.tail, temperature=dcfg.temperature)
 
     def forward_step(model, micro_batch):
         batch, targets, rewards = micro_batch
-        if lm_head_for(dcfg.lm_head) == "sparse":
+        if dcfg.lm_head == "sparse":
             hidden, head = student_response_hidden(model, batch)
 
             def sparse_loss_fn(hidden):

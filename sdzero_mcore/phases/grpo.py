@@ -12,7 +12,8 @@ baseline can be run at the same budget as SD-Zero.
 the entropy from them (``vocab_parallel_logprobs_entropy``); ``sparse`` runs it to the final norm
 and applies the output layer only at the positions that predict response tokens, over vocabulary
 chunks (``sparse_logprobs_entropy``), in the training step and in the old / reference log-prob
-passes alike. At pipeline-parallel size > 1 the dense head runs (``lm_head_for``).
+passes alike, at every pipeline-parallel size (before the last stage both heads run the stage's
+layers only).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.question_sets import phase_questions
 from sdzero_mcore.data.sample import Sample
-from sdzero_mcore.losses.distill import lm_head_for, local_response_rows, response_hidden
+from sdzero_mcore.losses.distill import local_response_rows, response_hidden, response_rows_and_head
 from sdzero_mcore.losses.masked import masked_token_sum
 from sdzero_mcore.losses.policy import (
     group_advantages,
@@ -38,7 +39,7 @@ from sdzero_mcore.losses.policy import (
     sparse_logprobs_entropy,
     vocab_parallel_logprobs_entropy,
 )
-from sdzero_mcore.models.forward import cp_local_batch, model_device
+from sdzero_mcore.models.forward import cp_local_batch, final_hidden_states, model_device
 from sdzero_mcore.parallel.pipeline import forward_only_outputs, pipeline_parallel_size
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
@@ -73,18 +74,31 @@ def collate_policy(samples: Sequence[Sample], pad_id: int) -> dict:
             "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32)}
 
 
-def _policy_logprobs(model, mb: dict, vocab_size: int, logits: Optional[torch.Tensor] = None):
-    if logits is None:
-        logits = model(mb["input_ids"], mb["position_ids"], None)
+def _policy_logprobs(logits: torch.Tensor, mb: dict, vocab_size: int):
+    """(logprobs, entropy) [B, s_local] from the dense head's vocab-parallel ``logits``."""
     return vocab_parallel_logprobs_entropy(logits, mb["labels"], parallel_state.get_tensor_model_parallel_group(), vocab_size)
 
 
-def _sparse_policy_logprobs(model, mb: dict, hidden: Optional[torch.Tensor] = None, head=None):
-    """(logprobs, entropy) [B, s_local] from the sparse head: the final-norm hidden states at the
-    micro-batch's ``response_rows`` (run here unless given with their ``head``), 0 elsewhere."""
-    if hidden is None:
-        hidden, head = response_hidden(model, mb, *mb["response_rows"])
+def _sparse_policy_logprobs(hidden: torch.Tensor, head, mb: dict):
+    """(logprobs, entropy) [B, s_local] from the sparse head: the final-norm ``hidden`` states
+    [T_local, H] at the micro-batch's ``response_rows`` and their ``head``, 0 elsewhere."""
     return sparse_logprobs_entropy(hidden, head, mb["labels"], parallel_state.get_tensor_model_parallel_group())
+
+
+def _fixed_logprobs_forward(model, mb: dict, *, sparse: bool) -> torch.Tensor:
+    """A frozen pass's stage output (the logits, or the final-norm hidden states for the sparse
+    head; before the last pipeline stage, the activation the schedule sends on)."""
+    if sparse:
+        return final_hidden_states(model, mb)
+    return model(mb["input_ids"], mb["position_ids"], None)
+
+
+def _fixed_logprobs(model, mb: dict, output: torch.Tensor, *, sparse: bool, vocab_size: int) -> torch.Tensor:
+    """The log-probs [B, s_local] of ``model`` (an old policy or the reference) from its last
+    stage's ``output`` (:func:`_fixed_logprobs_forward`)."""
+    if sparse:
+        return _sparse_policy_logprobs(*response_rows_and_head(model, output, *mb["response_rows"]), mb)[0]
+    return _policy_logprobs(output, mb, vocab_size)[0]
 
 
 def grpo_step(loop: OnPolicyLoop, reference, step: int, *, vocab_size: int, pad_id: int, gcfg) -> dict:
@@ -144,8 +158,10 @@ def grpo_forward_step(gcfg, vocab_size: int):
     """The policy's forward step: logits, then the clipped surrogate (+ KL, - entropy) summed over
     this rank's response tokens; the logs are the parts' sums. With ``grpo.lm_head=sparse`` the
     output is the final-norm hidden states at the response positions and the loss applies the
-    output layer to them (``sparse_logprobs_entropy``)."""
-    sparse = lm_head_for(gcfg.lm_head) == "sparse"
+    output layer to them (``sparse_logprobs_entropy``). At pipeline-parallel size > 1 ``model`` is
+    one stage (one chunk, with virtual stages); before the last its output goes to the next stage
+    and the loss function is never called."""
+    sparse = gcfg.lm_head == "sparse"
 
     def forward_step(model, mb):
         def policy_loss(logprobs, entropy):
@@ -163,9 +179,9 @@ def grpo_forward_step(gcfg, vocab_size: int):
 
         if sparse:
             hidden, head = response_hidden(model, mb, *mb["response_rows"])
-            return hidden, lambda hidden: policy_loss(*_sparse_policy_logprobs(model, mb, hidden, head))
+            return hidden, lambda hidden: policy_loss(*_sparse_policy_logprobs(hidden, head, mb))
         return (model(mb["input_ids"], mb["position_ids"], None),
-                lambda logits: policy_loss(*_policy_logprobs(model, mb, vocab_size, logits)))
+                lambda logits: policy_loss(*_policy_logprobs(logits, mb, vocab_size)))
 
     return forward_step
 
@@ -174,7 +190,7 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
     """``updates_per_batch`` optimizer steps over the rollout batch, each on an equal slice of it."""
     device = model_device(trainer.model)
     per_update = math.ceil(len(samples) / gcfg.updates_per_batch)
-    sparse = lm_head_for(gcfg.lm_head) == "sparse"
+    sparse = gcfg.lm_head == "sparse"
 
     def prepare(chunk: Sequence[Sample], filler: bool) -> dict:
         batch = collate_policy(chunk, pad_id)
@@ -196,17 +212,7 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
             data_parallel_shard(chunk), gcfg.micro_batch_size, gcfg.max_tokens_per_micro_batch,
             lambda s: len(s.prompt_ids) + len(s.response_ids))]
         prepared = [prepare(c, filler) for c, filler in micro or [(chunk[:1], True)]]
-        if pipeline_parallel_size() > 1:
-            _pipelined_fixed_logprobs(trainer.model, reference, prepared, vocab_size, gcfg)
-            prepared_slices.append(prepared)
-            continue
-        fixed_logprobs = _sparse_policy_logprobs if sparse else partial(_policy_logprobs, vocab_size=vocab_size)
-        with torch.no_grad():
-            for mb in prepared:
-                if gcfg.updates_per_batch > 1:
-                    mb["old_logprobs"] = fixed_logprobs(trainer.model, mb)[0]
-                if reference is not None:
-                    mb["ref_logprobs"] = fixed_logprobs(reference, mb)[0]
+        _add_fixed_logprobs(trainer.model, reference, prepared, vocab_size, gcfg)
         prepared_slices.append(prepared)
     while len(prepared_slices) < gcfg.updates_per_batch:  # fewer samples than updates: repeat the last slice
         prepared_slices.append(prepared_slices[-1])
@@ -224,17 +230,24 @@ def train_on_groups(trainer, reference, samples: Sequence[Sample], vocab_size: i
     return totals
 
 
-def _pipelined_fixed_logprobs(policy, reference, prepared: Sequence[dict], vocab_size: int, gcfg) -> None:
-    """At pipeline-parallel size > 1: the old policy's and the reference's log-probs of every
-    micro-batch through megatron-core's forward-only schedule, kept in the micro-batches on the
-    last stage, where the loss reads them (the other stages never run the loss)."""
-    models = {"ref_logprobs": reference}
+def _add_fixed_logprobs(policy, reference, prepared: Sequence[dict], vocab_size: int, gcfg) -> None:
+    """The old policy's (with more than one update per batch) and the reference's log-probs of every
+    micro-batch, kept in it as ``old_logprobs`` / ``ref_logprobs``. At pipeline-parallel size > 1
+    they go through megatron-core's forward-only schedule and are kept on the last stage, where the
+    loss reads them (the other stages never run the loss)."""
+    models = {}
     if gcfg.updates_per_batch > 1:
         models["old_logprobs"] = policy
+    if reference is not None:
+        models["ref_logprobs"] = reference
+    options = dict(sparse=gcfg.lm_head == "sparse", vocab_size=vocab_size)
+    forward = partial(_fixed_logprobs_forward, sparse=options["sparse"])
     for key, model in models.items():
-        if model is None:
-            continue
-        logprobs = forward_only_outputs(model, prepared, lambda m, mb: m(mb["input_ids"], mb["position_ids"], None),
-                                        lambda logits, mb, m=model: _policy_logprobs(m, mb, vocab_size, logits)[0])
-        for mb, value in zip(prepared, logprobs):  # empty on all but the last stage
+        if pipeline_parallel_size() > 1:
+            logprobs = forward_only_outputs(model, prepared, forward,
+                                            lambda output, mb, m=model: _fixed_logprobs(m, mb, output, **options))
+        else:
+            with torch.no_grad():
+                logprobs = [_fixed_logprobs(model, mb, forward(model, mb), **options) for mb in prepared]
+        for mb, value in zip(prepared, logprobs):  # at PP > 1 empty on all but the last stage
             mb[key] = value

@@ -11,7 +11,11 @@ A tiny Qwen3 (tied embeddings, QK-norm, 4 layers: 2 per stage) from a HF directo
   too, and afterwards the tied copies are still equal.
 * Resharding at PP = 2 streams exactly the tensors (names, order, values) of the PP = 1 model.
 * GRPO's forward-only log-probs of the old policy and the reference at PP = 2, and its update,
-  equal PP = 1.
+  equal PP = 1 (both with the sparse head, the default).
+* The sparse LM head at PP = 2 (and below at PP = 2 x VPP = 2): the teacher's top-K through the
+  forward-only schedule equals PP = 1's dense one; a Phase 2 forward-backward (the student's KL
+  from its last stage's hidden states) gives PP = 1's loss and every gradient, the tied copies'
+  after megatron's embedding all-reduce among them.
 """
 
 import pytest
@@ -51,6 +55,125 @@ def _grpo_samples():
     return [Sample(i, torch.randint(5, VOCAB, (3 + i,), generator=g).tolist(),
                    torch.randint(5, VOCAB, (4 + 2 * i,), generator=g).tolist(), reward=i % 2, advantage=(-1.0) ** i)
             for i in range(4)]
+
+
+def _distill_samples():
+    from sdzero_mcore.data.sample import Sample
+
+    g = torch.Generator().manual_seed(8)
+    samples = []
+    for i in range(3):
+        prompt = torch.randint(5, VOCAB, (3 + i,), generator=g).tolist()
+        response = torch.randint(5, VOCAB, (5 + 2 * i,), generator=g).tolist()
+        prefix = prompt + response + torch.randint(5, VOCAB, (4 - i,), generator=g).tolist()
+        samples.append(Sample(i, prompt, response, reward=i % 2, teacher_prefix_ids=prefix))
+    return samples
+
+
+def distill_case(build, grads_of, run_dir: str, hf_dir: str) -> dict:
+    """:func:`_distill_case` with the kernels' PyTorch paths (their Triton ones, in Triton's slow
+    CPU interpreter, are tested against them in tests/unit)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SDZERO_KERNELS_BACKEND", "torch")
+        return _distill_case(build, grads_of, run_dir, hf_dir)
+
+
+def _distill_case(build, grads_of, run_dir: str, hf_dir: str) -> dict:
+    """At this layout: the teacher's top-K (sparse; at PP = 1 dense too) on two micro-batches of
+    different shapes, the eval's token KL between a fresh student and the teacher (likewise), and
+    one sparse-head Phase 2 forward-backward of the student on the micro-batches: its loss, every
+    gradient after ``finalize_model_grads`` (``grads_of``), and the output shape of each of its
+    forward steps (the sparse head hands on [T, H] rows from the last stage only)."""
+    from sdzero_mcore.checkpoint.source import ModelSource
+    from sdzero_mcore.config import DistillConfig, OptimizerConfig, load_config
+    from sdzero_mcore.eval.evaluate import token_reverse_kl
+    from sdzero_mcore.losses.distill import collate_distill, teacher_targets_for
+    from sdzero_mcore.models.tiny import build_char_tokenizer
+    from sdzero_mcore.parallel.pipeline import model_chunks, pipeline_parallel_size
+    from sdzero_mcore.phases.distill import distill_forward_step
+    from sdzero_mcore.run_setup import run_prompts
+    from sdzero_mcore.trainer import Trainer, forward_backward
+
+    def sharpened(model, scale: float):
+        """Logits of a trained model's scale (the final norm's weight scaled): a random init's are
+        near-uniform, and its top-K would be decided by float32 ties."""
+        with torch.no_grad():
+            for chunk in model_chunks(model):
+                if chunk.decoder.final_layernorm is not None:  # the last stage's last chunk
+                    chunk.decoder.final_layernorm.weight.mul_(scale)
+        return model
+
+    samples = _distill_samples()
+    batches = [collate_distill(samples[:2], 0), collate_distill(samples[2:], 0)]
+    dcfg = DistillConfig(top_k=8, kl="mixed", mixed_weight=0.3, temperature=0.9)
+    heads = ("sparse", "dense") if pipeline_parallel_size() == 1 else ("sparse",)
+    teacher = sharpened(build(), 8.0).eval().requires_grad_(False)
+    out = {"targets": {head: teacher_targets_for(teacher, batches, k=dcfg.top_k, temperature=dcfg.temperature,
+                                                 lm_head=head) for head in heads}}
+    student = sharpened(build(), 3.0)
+    # the eval's localisation: the student as generator, the teacher as reviser (its P_r phrases
+    # from the HF directory's architecture)
+    run = run_prompts(load_config(), ModelSource(hf_dir, "hf"), build_char_tokenizer())
+    attempts = [{"x_ids": s.prompt_ids, "y_ids": s.response_ids, "reward": s.reward} for s in samples]
+    out["eval_kl"] = {head: torch.tensor(sum(token_reverse_kl(student, teacher, attempts, run, lm_head=head), []))
+                      for head in heads}
+    trainer = Trainer(student, OptimizerConfig(lr=1e-2, clip_grad=0.0), total_steps=1, run_dir=run_dir,
+                      phase="distill", hf_files_dir=hf_dir)
+    forward_step, out["output_shapes"] = distill_forward_step(dcfg), []
+
+    def recorded_forward_step(model, micro_batch):
+        output, loss_fn = forward_step(model, micro_batch)
+        out["output_shapes"].append(tuple(output.shape))
+        return output, loss_fn
+
+    micro = [(batch, targets, torch.tensor([s.reward for s in chunk]))
+             for batch, targets, chunk in zip(batches, out["targets"]["sparse"], (samples[:2], samples[2:]))]
+    out["logs"] = forward_backward(trainer.ddp, micro, recorded_forward_step)
+    out["grads"] = grads_of(student)
+    out["response_tokens"] = [batch.num_response_tokens for batch in batches]
+    return out
+
+
+def check_distill_case(ref: dict, stages: list[dict], layout: str) -> None:
+    """``stages``: the pipeline ranks' :func:`_distill_case` (first to last) against PP = 1's ``ref``."""
+    assert all(targets is None for stage in stages[:-1] for targets in stage["targets"]["sparse"])
+    worst_logprob = worst_logprob_dense = 0.0
+    for got, sparse, dense in zip(stages[-1]["targets"]["sparse"], ref["targets"]["sparse"], ref["targets"]["dense"]):
+        mask = dense.loss_mask
+        assert torch.equal(got.loss_mask, mask) and mask.sum() > 0
+        assert torch.equal(got.ids[mask], dense.ids[mask])
+        worst_logprob = max(worst_logprob, (got.logprobs[mask] - sparse.logprobs[mask]).abs().max().item())
+        # the dense head's within a float32 ulp (the sums of a chunked and of a full row differ)
+        worst_logprob_dense = max(worst_logprob_dense, max_rel(got.logprobs[mask], dense.logprobs[mask]))
+    assert worst_logprob < 1e-6 and worst_logprob_dense < 1e-6
+    # the eval's token KLs, on every stage (the last stage's, broadcast)
+    dense_kl = ref["eval_kl"]["dense"]
+    assert len(dense_kl) == sum(ref["response_tokens"]) and dense_kl.min() > 0
+    worst_kl = max(max_rel(stage["eval_kl"]["sparse"], ref["eval_kl"]["sparse"]) for stage in stages)
+    dense_kl_rel = max(max_rel(stage["eval_kl"]["sparse"], dense_kl) for stage in stages)
+    assert worst_kl < 1e-6 and dense_kl_rel < 1e-6
+    # the student's forward steps: the stage's [s, B, H] activation before the last stage, the
+    # response rows [T, H] (not [B, s, V] logits) on it
+    # (with virtual stages the last rank's first chunk hands on activations too)
+    rows = [shape for shape in stages[-1]["output_shapes"] if len(shape) == 2]
+    assert [shape[0] for shape in rows] == ref["response_tokens"] == [shape[0] for shape in ref["output_shapes"]]
+    hidden_size = rows[0][1]
+    activations = [shape for stage in stages for shape in stage["output_shapes"] if len(shape) != 2]
+    assert len(activations) > 0 and all(len(shape) == 3 and shape[-1] == hidden_size for shape in activations)
+    assert ref["logs"]["loss"] > 0
+    for stage in stages:
+        assert stage["logs"]["num_tokens"] * 2 == ref["logs"]["num_tokens"]  # PP = 1 ran as DP = 2
+        assert stage["logs"]["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
+    grads = {k: v for stage in stages for k, v in stage["grads"].items()}
+    assert set(grads) == set(ref["grads"]) | {"output_layer.weight"}
+    worst = max(max_rel(grads[k], ref["grads"][k]) for k in ref["grads"])
+    print(f"{layout} sparse head: teacher top-K |logprob - PP=1| {worst_logprob:.1e} (PP=1 dense: relative "
+          f"{worst_logprob_dense:.1e}), eval token KL rel "
+          f"{worst_kl:.1e} (PP=1 dense {dense_kl_rel:.1e}), Phase 2 loss "
+          f"{stages[-1]['logs']['loss']:.8f} vs {ref['logs']['loss']:.8f}, max relative grad error {worst:.2e}")
+    assert worst < 1e-5
+    # what the optimizer sees: the tied copy on the last stage holds the embedding's whole gradient
+    assert torch.equal(grads["output_layer.weight"], grads["embedding.word_embeddings.weight"])
 
 
 def pipeline_worker(hf_dir: str, mcore_pp2_dir: str, run_dir: str, out_path: str) -> None:
@@ -108,6 +231,9 @@ def pipeline_worker(hf_dir: str, mcore_pp2_dir: str, run_dir: str, out_path: str
         reference = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local").eval()
         grpo = train_on_groups(trainer, reference, _grpo_samples(), model.hf_arch.vocab_size, 0, gcfg)
         out["grpo"] = {k: grpo[k] for k in ("loss", "grad_norm", "pg_loss", "kl", "entropy")}
+        out["distill"] = distill_case(
+            lambda: build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local"),
+            _grads, f"{run_dir}/pp{pp}_distill", hf_dir)
     torch.save(results, f"{out_path}.{rank}")
     destroy_distributed()
 
@@ -180,6 +306,10 @@ def test_resharding_streams_the_pp1_weights(results):
     assert "lm_head.weight" not in dict(ref)  # tied: the embedding is the one weight
 
 
+def test_sparse_head_at_pp2_equals_pp1(results):
+    check_distill_case(results[0][1]["distill"], [results[rank][2]["distill"] for rank in range(2)], "PP=2")
+
+
 def test_grpo_update_equals_pp1(results):
     ref = results[0][1]["grpo"]
     for rank in range(2):
@@ -191,7 +321,8 @@ def test_grpo_update_equals_pp1(results):
 # --- virtual (interleaved) pipeline stages: PP = 2 x VPP = 2 -------------------------------------
 # One launch, four layouts in turn: PP = 1, PP = 2 x VPP = 2 (each rank two chunks of one layer:
 # rank 0 global layers 1 and 3, rank 1 layers 2 and 4), plain PP = 2 (Olmo-3 only), PP = 1 again
-# (loading what PP = 2 x VPP = 2 saved). Three micro-batches: the interleaved schedule runs a
+# (loading what PP = 2 x VPP = 2 saved); the sparse LM head's Phase 2 case at PP = 1 and
+# PP = 2 x VPP = 2 (:func:`_distill_case`). Three micro-batches: the interleaved schedule runs a
 # multiple of PP, so the trainer repeats the last one at zero weight.
 
 VPP_LAYOUTS = (("pp1", 1, None), ("vpp", 2, 2), ("pp2", 2, None), ("pp1_load", 1, None))
@@ -278,6 +409,8 @@ def virtual_pipeline_worker(hf_dir: str, olmo_dir: str, run_dir: str, out_path: 
         reference = build_model_from_hf(hf_dir, **build).eval()
         grpo = train_on_groups(trainer, reference, _grpo_samples(), trainer.model.hf_arch.vocab_size, 0, gcfg)
         out["grpo"] = {k: grpo[k] for k in ("loss", "grad_norm", "pg_loss", "kl", "entropy")}
+        out["distill"] = distill_case(lambda: build_model_from_hf(hf_dir, **build), _chunk_grads,
+                                      f"{run_dir}/{layout}_distill", hf_dir)
         # the distributed optimizer with clipping over both chunks
         sharded = Trainer(build_model_from_hf(hf_dir, **build), OptimizerConfig(lr=1e-2, clip_grad=0.05, distributed=True),
                           total_steps=4, run_dir=f"{run_dir}/{layout}_dist", phase="vpp", hf_files_dir=hf_dir)
@@ -331,6 +464,8 @@ def test_vpp_trainer_steps_equal_pp1(vpp_results):
         assert got["step"]["loss"] == pytest.approx(ref["step"]["loss"], rel=1e-6)
         assert got["step"]["grad_norm"] == pytest.approx(ref["step"]["grad_norm"], rel=1e-5)
         assert got["step2"] == pytest.approx(ref["step2"], rel=1e-5)
+        print(f"PP=2 x VPP=2 GRPO (sparse head), rank {rank}: max relative error "
+              f"{max(abs(got['grpo'][k] - ref['grpo'][k]) / max(abs(ref['grpo'][k]), 1e-30) for k in ref['grpo']):.1e}")
         for key in ref["grpo"]:
             assert got["grpo"][key] == pytest.approx(ref["grpo"][key], rel=1e-5, abs=1e-7), key
         for key in ("loss", "grad_norm"):
@@ -340,6 +475,11 @@ def test_vpp_trainer_steps_equal_pp1(vpp_results):
     assert max_rel(first["embedding_after_step"], ref["embedding_after_step"]) < 1e-5
     assert max_rel(first["dist_embedding_after_step"], ref["dist_embedding_after_step"]) < 1e-5
     assert max_rel(last["logits_after_step"], ref["logits_after_step"]) < 1e-5
+
+
+def test_vpp_sparse_head_equals_pp1(vpp_results):
+    check_distill_case(vpp_results[0]["pp1"]["distill"], [vpp_results[rank]["vpp"]["distill"] for rank in range(2)],
+                       "PP=2 x VPP=2")
 
 
 def test_vpp_checkpoints_load_at_pp1_and_back_and_resume(vpp_results):

@@ -6,8 +6,9 @@ below, at the other four-rank layouts):
 
 * logits (gathered over TP on the last stage), the per-token loss over micro-batches of different
   lengths, and every parameter's gradient (gathered over TP, stages by global layer);
-* a Phase 2 step: the frozen teacher's top-K through the forward-only schedule on the last stage,
-  the student's ``topk_kl`` there, one optimizer step: loss and grad norm;
+* a Phase 2 step with the sparse LM head (the default; untied output layer): the frozen teacher's
+  top-K through the forward-only schedule on the last stage, the student's ``topk_kl`` there from
+  its final-norm hidden states, one optimizer step: loss and grad norm;
 * the trainer's checkpoint of that step, written at PP = 2 x TP = 2, loaded at PP = 1 x TP = 1:
   the same logits as the PP = 2 x TP = 2 model after the step.
 

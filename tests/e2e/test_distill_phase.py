@@ -103,9 +103,12 @@ def test_end_to_end_and_teacher_sync(hf_dir, tmp_path, tp, cp, pp, request):
 
 
 def test_pipeline_stages_give_the_pp1_losses_step_by_step(pp1_run, vpp_run):
-    """The whole phase at PP=2 x VPP=2 (megatron-core's interleaved schedule, the dense head; the
-    teacher synced from the student's chunks at step 2) against PP=1 (the sparse head)."""
+    """The whole phase at PP=2 x VPP=2 (megatron-core's interleaved schedule; the teacher synced
+    from the student's chunks at step 2) against PP=1, both with the sparse head (the default)."""
     pp1, vpp = _metrics(pp1_run), _metrics(vpp_run)
+    for a, b in zip(vpp, pp1):
+        print(f"step {a['step']}: loss PP=2 x VPP=2 {a['loss']:.10f} PP=1 {b['loss']:.10f}; "
+              f"grad_norm {a['grad_norm']:.10f} / {b['grad_norm']:.10f}")
     for key in ("loss", "grad_norm", "kl_per_token"):
         assert [m[key] for m in vpp] == pytest.approx([m[key] for m in pp1], rel=1e-5), key
     assert [m["response_tokens"] for m in vpp] == [m["response_tokens"] for m in pp1]
