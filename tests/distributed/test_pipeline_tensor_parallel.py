@@ -14,7 +14,8 @@ below, at the other four-rank layouts):
 
 The same logits, CE loss and gradients, and Phase 2 step (loss, grad norm) at the other layouts of
 four ranks that combine these parallelisms: PP = 2 x CP = 2, PP = 2 x VPP = 2 x TP = 2 (one layer
-per model chunk), and TP = 2 x DP = 2 with megatron-core's distributed optimizer.
+per model chunk), in fp32 and against a bf16 reference in bf16, and TP = 2 x DP = 2 with
+megatron-core's distributed optimizer.
 """
 
 import pytest
@@ -25,12 +26,14 @@ from sdzero_mcore.parallel import run_local_workers
 
 LAYERS = 4
 LENGTHS = (7, 12, 4)
-# (TP, PP, CP, VPP, distributed optimizer): the reference, PP x TP (every check), the combinations
-REFERENCE, PP_TP = (1, 1, 1, None, False), (2, 2, 1, None, False)
+# (TP, PP, CP, VPP, distributed optimizer, dtype): the references, PP x TP (every check), the combinations
+REFERENCE, PP_TP = (1, 1, 1, None, False, "float32"), (2, 2, 1, None, False, "float32")
+REFERENCE_BF16 = (1, 1, 1, None, False, "bfloat16")
 COMBINATIONS = {
-    "PP=2 x CP=2": (1, 2, 2, None, False),
-    "PP=2 x VPP=2 x TP=2": (2, 2, 1, 2, False),
-    "TP=2 x DP=2, distributed optimizer": (2, 1, 1, None, True),
+    "PP=2 x CP=2": (1, 2, 2, None, False, "float32"),
+    "PP=2 x VPP=2 x TP=2": (2, 2, 1, 2, False, "float32"),
+    "TP=2 x DP=2, distributed optimizer": (2, 1, 1, None, True, "float32"),
+    "PP=2 x VPP=2 x TP=2, bf16": (2, 2, 1, 2, False, "bfloat16"),
 }
 
 
@@ -78,18 +81,18 @@ def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
     probe = batches[1][0]
     dcfg = DistillConfig(prompts_per_step=4, global_batch_size=4, micro_batch_size=2, top_k=8)
     results = {}
-    for layout in (REFERENCE, PP_TP, *COMBINATIONS.values()):
-        tp, pp, cp, vpp, distributed = layout
+    for layout in (REFERENCE, PP_TP, REFERENCE_BF16, *COMBINATIONS.values()):
+        tp, pp, cp, vpp, distributed, dtype = layout
         initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                   context_parallel_size=cp, virtual_pipeline_model_parallel_size=vpp, seed=3)
         micro = [cp_local_batch(ids, {"labels": labels, "mask": mask}) for ids, labels, mask in batches]
-        model = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local")
-        teacher = build_model_from_hf(hf_dir, params_dtype=torch.float32, transformer_impl="local").eval()
+        model = build_model_from_hf(hf_dir, params_dtype=getattr(torch, dtype), transformer_impl="local")
+        teacher = build_model_from_hf(hf_dir, params_dtype=getattr(torch, dtype), transformer_impl="local").eval()
         out = results[layout] = {"data_parallel": parallel_state.get_data_parallel_world_size()}
         with torch.no_grad():
             out["logits"] = causal_lm_logits(model, probe)
         trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=1.0, distributed=distributed), total_steps=2,
-                          run_dir=run_dir, phase=f"tp{tp}pp{pp}cp{cp}vpp{vpp}d{int(distributed)}", hf_files_dir=hf_dir)
+                          run_dir=run_dir, phase=f"tp{tp}pp{pp}cp{cp}vpp{vpp}d{int(distributed)}{dtype}", hf_files_dir=hf_dir)
         out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
         out["grads"] = global_grads(model)
         # a Phase 2 step: teacher top-K (forward-only schedule at PP > 1), the student's KL, the update
@@ -165,21 +168,33 @@ def test_checkpoint_written_at_pp2_tp2_loads_at_pp1_tp1(results):
         assert max_rel(rank_results["loaded_logits"], after) < 1e-6
 
 
+# Relative tolerances against the reference of the same dtype. fp32: other summation orders. bf16
+# (8-bit mantissa, 3.9e-3 per rounding; measured: logits 6.8e-3, gradients 2.0e-2, Phase 2 grad norm
+# 4.6e-3): other orders of bf16 roundings through four layers. The weights after one step are not
+# compared in bf16: Adam's first step is about lr x sign(g) per element, and gradient elements
+# below bf16's rounding change sign between summation orders.
+TOLERANCES = {
+    "float32": {"loss": 1e-6, "distill": 1e-5, "logits": 1e-5, "grads": 1e-5, "after_step": 1e-4},
+    "bfloat16": {"loss": 1e-3, "distill": 2e-2, "logits": 2e-2, "grads": 5e-2, "after_step": None},
+}
+
+
 @pytest.mark.parametrize("name", sorted(COMBINATIONS))
 def test_parallelism_combinations_equal_pp1_tp1(results, name):
     layout = COMBINATIONS[name]
-    ref = results[0][REFERENCE]
+    ref = results[0][REFERENCE_BF16 if layout[5] == "bfloat16" else REFERENCE]
+    tol = TOLERANCES[layout[5]]
     logits = _last_stage(results, "logits", layout)
     grads = {}
     for rank_results in results:
         got = rank_results[layout]
         # the reference ran as DP = 4 on the same batch: the same token mean over (4 / DP) x the tokens
         assert got["logs"]["num_tokens"] * 4 == ref["logs"]["num_tokens"] * got["data_parallel"]
-        assert got["logs"]["loss"] == pytest.approx(ref["logs"]["loss"], rel=1e-6)
+        assert got["logs"]["loss"] == pytest.approx(ref["logs"]["loss"], rel=tol["loss"])
         grads.update(got["grads"])
         assert got["distill"]["num_tokens"] == ref["distill"]["num_tokens"] > 0
-        assert got["distill"]["loss"] == pytest.approx(ref["distill"]["loss"], rel=1e-5)
-        assert got["distill"]["grad_norm"] == pytest.approx(ref["distill"]["grad_norm"], rel=1e-5)
+        assert got["distill"]["loss"] == pytest.approx(ref["distill"]["loss"], rel=tol["distill"])
+        assert got["distill"]["grad_norm"] == pytest.approx(ref["distill"]["grad_norm"], rel=tol["distill"])
     assert set(grads) == set(ref["grads"])
     # the distributed optimizer reduce-scatters: a DP rank's gradient buffer is reduced in its own
     # shard only, so the gradients are compared through the grad norm and the step's result
@@ -188,9 +203,11 @@ def test_parallelism_combinations_equal_pp1_tp1(results, name):
     after = _last_stage(results, "logits_after_step", layout)
     grad_text = "not compared (sharded)" if distributed else f"{worst:.2e}"
     print(f"{name}: logits rel {max_rel(logits, ref['logits']):.2e}, max relative grad error {grad_text}, "
+          f"CE loss {got['logs']['loss']:.8f} vs {ref['logs']['loss']:.8f}, "
           f"Phase 2 loss {got['distill']['loss']:.8f} vs {ref['distill']['loss']:.8f}, grad norm "
           f"{got['distill']['grad_norm']:.8f} vs {ref['distill']['grad_norm']:.8f}, "
           f"logits after the step rel {max_rel(after, ref['logits_after_step']):.2e}")
-    assert max_rel(logits, ref["logits"]) < 1e-5
-    assert worst < 1e-5
-    assert max_rel(after, ref["logits_after_step"]) < 1e-4  # one Adam step apart from the reference
+    assert max_rel(logits, ref["logits"]) < tol["logits"]
+    assert worst < tol["grads"]
+    if tol["after_step"] is not None:
+        assert max_rel(after, ref["logits_after_step"]) < tol["after_step"]  # one Adam step apart from the reference
