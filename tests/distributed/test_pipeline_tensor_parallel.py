@@ -72,7 +72,7 @@ def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
     from sdzero_mcore.config import DistillConfig, OptimizerConfig
     from sdzero_mcore.models.forward import causal_lm_logits, cp_local_batch
     from sdzero_mcore.parallel import destroy_distributed, init_distributed, initialize_model_parallel
-    from sdzero_mcore.phases.distill import distill_forward_step, distill_micro_batches
+    from sdzero_mcore.phases.distill import distill_forward_step, distill_micro_batches, weights_checksum
     from sdzero_mcore.trainer import Trainer, forward_backward
 
     init_distributed("gloo")
@@ -91,6 +91,7 @@ def pp_tp_worker(hf_dir: str, run_dir: str, out_path: str) -> None:
         out = results[layout] = {"data_parallel": parallel_state.get_data_parallel_world_size()}
         with torch.no_grad():
             out["logits"] = causal_lm_logits(model, probe)
+        out["checksum"] = weights_checksum(model)  # the whole model's, on every rank
         trainer = Trainer(model, OptimizerConfig(lr=1e-2, clip_grad=1.0, distributed=distributed), total_steps=2,
                           run_dir=run_dir, phase=f"tp{tp}pp{pp}cp{cp}vpp{vpp}d{int(distributed)}{dtype}", hf_files_dir=hf_dir)
         out["logs"] = forward_backward(trainer.ddp, micro, ce_forward_step)
@@ -196,6 +197,8 @@ def test_parallelism_combinations_equal_pp1_tp1(results, name):
         assert got["distill"]["loss"] == pytest.approx(ref["distill"]["loss"], rel=tol["distill"])
         assert got["distill"]["grad_norm"] == pytest.approx(ref["distill"]["grad_norm"], rel=tol["distill"])
     assert set(grads) == set(ref["grads"])
+    # every rank reports the whole model's weight sum (TP shards once, replicas once, all stages)
+    assert all(r[layout]["checksum"] == pytest.approx(ref["checksum"], rel=1e-12) for r in results)
     # the distributed optimizer reduce-scatters: a DP rank's gradient buffer is reduced in its own
     # shard only, so the gradients are compared through the grad norm and the step's result
     distributed = layout[4]

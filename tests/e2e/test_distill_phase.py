@@ -109,7 +109,8 @@ def test_pipeline_stages_give_the_pp1_losses_step_by_step(pp1_run, vpp_run):
     for a, b in zip(vpp, pp1):
         print(f"step {a['step']}: loss PP=2 x VPP=2 {a['loss']:.10f} PP=1 {b['loss']:.10f}; "
               f"grad_norm {a['grad_norm']:.10f} / {b['grad_norm']:.10f}")
-    for key in ("loss", "grad_norm", "kl_per_token"):
+    # teacher_checksum: the whole teacher's weights, summed over the stages (synced at step 2)
+    for key in ("loss", "grad_norm", "kl_per_token", "teacher_checksum"):
         assert [m[key] for m in vpp] == pytest.approx([m[key] for m in pp1], rel=1e-5), key
     assert [m["response_tokens"] for m in vpp] == [m["response_tokens"] for m in pp1]
 
