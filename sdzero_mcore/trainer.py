@@ -283,7 +283,7 @@ class Trainer:
         self.ckpt_cfg = checkpoint_cfg
         self.distributed_optimizer = getattr(optim_cfg, "distributed", False)
         self.ddp = per_token_ddp(model, use_distributed_optimizer=self.distributed_optimizer)
-        parameters = _chunk_parameters(model)
+        parameters = chunk_parameters(model)
         named = [(name, p) for name, _, _, p in parameters if p.requires_grad]
         if any(p.dtype == torch.float16 for _, p in named):
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; use bfloat16 or float32")
@@ -315,10 +315,7 @@ class Trainer:
             tensorboard=getattr(logging_cfg, "tensorboard", False),
             wandb_cfg=getattr(logging_cfg, "wandb", None),
         )
-        self._replicated = _replicated_param_names(parameters)
-        # the last pipeline stage's copy of a tied embedding: counted once, on the first stage
-        self._pipeline_copies = {name for name, chunk, chunk_name, p in parameters
-                                 if p.requires_grad and is_tied_output_copy(chunk, chunk_name)}
+        self._counted_in_norm = counted_once(parameters)
         self._last_log = time.perf_counter()
         # checkpoint names that keep_last pruning leaves alone whatever their age (the best ones by validation)
         self.protected: set[str] = set()
@@ -411,18 +408,12 @@ class Trainer:
     def grad_norm(self) -> float:
         """The L2 norm of the whole model's gradient: TP shards once each, replicated tensors once,
         every pipeline stage's parameters (a tied embedding once)."""
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
         # summed on the device: one host sync for the whole model, not one per parameter
         total = torch.zeros((), dtype=torch.float64, device=next(self.model.parameters()).device)
         for name, master in self.masters.items():
-            if master.grad is None or (name in self._replicated and tp_rank != 0) or name in self._pipeline_copies:
-                continue
-            total += float64_sum_of_squares(master.grad)  # chunk by chunk: no float64 copy of the gradient
-        if parallel_state.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-        if pipeline_parallel_size() > 1:
-            dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-        return float(total.sqrt())
+            if master.grad is not None and name in self._counted_in_norm:
+                total += float64_sum_of_squares(master.grad)  # chunk by chunk: no float64 copy of the gradient
+        return float(sum_over_model_parallel(total).sqrt())
 
     def log(self, metrics: dict, *, tokens: Optional[float] = None, untimed_s: float = 0.0) -> None:
         """Write a step's metrics, with its wall time (since the previous log: rollout and training,
@@ -602,7 +593,26 @@ def prune_checkpoints(root: Path, keep_last: int, protect: Iterable[str] = ()) -
     return doomed
 
 
-def _chunk_parameters(model) -> list[tuple[str, Any, str, torch.nn.Parameter]]:
+def counted_once(parameters) -> set[str]:
+    """The names among :func:`chunk_parameters` whose tensors a whole-model sum takes on this rank,
+    so that :func:`sum_over_model_parallel` counts every weight once: a tensor replicated over TP
+    from TP rank 0 only, and not the last pipeline stage's copy of a tied embedding (the first
+    stage has it)."""
+    replicated = set() if parallel_state.get_tensor_model_parallel_rank() == 0 else _replicated_param_names(parameters)
+    return {name for name, chunk, chunk_name, _ in parameters
+            if name not in replicated and not is_tied_output_copy(chunk, chunk_name)}
+
+
+def sum_over_model_parallel(total: torch.Tensor) -> torch.Tensor:
+    """``total`` summed in place over this rank's TP group, then its pipeline group (a collective)."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
+    if pipeline_parallel_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
+    return total
+
+
+def chunk_parameters(model) -> list[tuple[str, Any, str, torch.nn.Parameter]]:
     """(name in the Trainer, its chunk, name in the chunk, parameter) for every parameter: the
     GPTModel's own names, prefixed with ``chunk<v>.`` for a model in chunks (each chunk names its
     layers from 0)."""
@@ -613,7 +623,7 @@ def _chunk_parameters(model) -> list[tuple[str, Any, str, torch.nn.Parameter]]:
 
 
 def _replicated_param_names(parameters) -> set[str]:
-    """The names (in the Trainer) among :func:`_chunk_parameters` of the tensors replicated over TP."""
+    """The names (in the Trainer) among :func:`chunk_parameters` of the tensors replicated over TP."""
     tables = {id(chunk): model_param_mappings(chunk) for _, chunk, _, _ in parameters}
     return {name for name, chunk, chunk_name, _ in parameters if tables[id(chunk)][chunk_name].kind is Kind.REPLICATED}
 

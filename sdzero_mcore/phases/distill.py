@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
 
-from sdzero_mcore.checkpoint.mapping import is_tied_output_copy
 from sdzero_mcore.checkpoint.source import start_source
 from sdzero_mcore.config import ConfigError, SDZeroConfig
 from sdzero_mcore.data.prompts import RunPrompts, control_ids, solution_ids
@@ -39,11 +36,10 @@ from sdzero_mcore.losses.distill import (
     teacher_targets_for,
 )
 from sdzero_mcore.models.forward import model_device
-from sdzero_mcore.parallel.pipeline import model_chunks, pipeline_parallel_size
 from sdzero_mcore.parallel.rank0 import data_parallel_shard
 from sdzero_mcore.phases.on_policy import OnPolicyLoop
 from sdzero_mcore.run_setup import build_model, check_layout, load_tokenizer, pad_id, run_prompts, setup_parallel
-from sdzero_mcore.trainer import Trainer, split_micro_batches
+from sdzero_mcore.trainer import Trainer, chunk_parameters, counted_once, split_micro_batches, sum_over_model_parallel
 
 PHASE = "distill"
 
@@ -98,20 +94,13 @@ def sync_teacher(teacher, student) -> None:
 
 
 def weights_checksum(model) -> float:
-    """The sum of the whole model's weights, the same number at every layout: each tensor-parallel
-    shard once, a tensor replicated over TP once (from TP rank 0), every pipeline stage's weights,
-    a tied embedding's last-stage copy not again. A collective over the TP and PP groups."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    """The sum of the whole model's weights, the same number at every layout: each weight once
+    (``trainer.counted_once``), summed over TP and the pipeline stages. A collective over both."""
+    parameters = chunk_parameters(model)
+    counted = counted_once(parameters)
     total = sum(float64_sum(param)  # chunked: no float64 copy of a weight
-                for chunk in model_chunks(model) for name, param in chunk.named_parameters()
-                if not is_tied_output_copy(chunk, name)
-                and (tp_rank == 0 or getattr(param, "tensor_model_parallel", False)))
-    total = torch.as_tensor(total, dtype=torch.float64, device=model_device(model))
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
-    if pipeline_parallel_size() > 1:
-        dist.all_reduce(total, group=parallel_state.get_pipeline_model_parallel_group())
-    return float(total)
+                for name, _, _, param in parameters if name in counted)
+    return float(sum_over_model_parallel(torch.as_tensor(total, dtype=torch.float64, device=model_device(model))))
 
 
 def teacher_sample(rollout: Sample, teacher_prompts: Sequence[Sequence[int]], gold_prefixes: Optional[list],
