@@ -14,13 +14,14 @@ caller's environment as it is at the call (the server's is that of its start).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
 import pickle
 import socket
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.multiprocessing as mp
@@ -34,6 +35,19 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A free local port, kept bound (SO_REUSEADDR, not listening) until the block ends. A port
+    from :func:`free_port` is free again until rank 0's TCPStore listens on it, and another
+    process binding port 0 meanwhile (a concurrent job, gloo's own connections) can take it:
+    EADDRINUSE in the workers. Held, no other bind to port 0 gets it, while the TCPStore, which
+    sets SO_REUSEADDR too, can still listen on it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def _worker(local_rank: int, fn_ref: tuple[str, str], nprocs: int, port: int, environ: dict, warning_filters: list,
@@ -73,11 +87,12 @@ def run_local_workers(fn: Callable, nprocs: int, *args: Any) -> None:
     if nprocs < 1:
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     mp.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # no effect once the server runs
-    mp.start_processes(
-        _worker,
-        args=((fn.__module__, fn.__qualname__), nprocs, free_port(), dict(os.environ), list(warnings.filters),
-              pickle.dumps(tuple(args))),
-        nprocs=nprocs,
-        join=True,
-        start_method="forkserver",
-    )
+    with reserved_port() as port:
+        mp.start_processes(
+            _worker,
+            args=((fn.__module__, fn.__qualname__), nprocs, port, dict(os.environ), list(warnings.filters),
+                  pickle.dumps(tuple(args))),
+            nprocs=nprocs,
+            join=True,
+            start_method="forkserver",
+        )
